@@ -1,0 +1,29 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+
+
+class RespecError(Exception):
+    """Base class of every error caused by user input (bad files, bad values)."""
+
+
+class CheckpointError(RespecError):
+    """A checkpoint directory is missing, corrupt, unsupported or holds non-finite weights."""
+
+
+class ConfigError(RespecError):
+    """A configuration value is invalid."""
+
+
+class DrafterMismatchError(RespecError):
+    """A drafter does not fit the target it is paired with."""
+
+
+class PromptError(RespecError):
+    """A prompt is empty, holds invalid token ids or does not fit the context."""
+
+
+class SamplingError(RespecError):
+    """Sampling parameters are invalid."""
+
+
+class DataError(RespecError):
+    """A data file (tasks, prompts) is missing or malformed."""

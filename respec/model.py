@@ -1,0 +1,498 @@
+"""The target model: one PyTorch decoder for the Llama / Qwen2 / Qwen2.5 / Qwen3 family, its KV cache,
+and Hugging Face checkpoint loading and saving.
+
+Module and parameter names mirror `transformers` (`model.layers.3.self_attn.q_proj.weight`), so a checkpoint
+maps onto this model by stripping the `model.` prefix, and `save_model` writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from respec.errors import CheckpointError, ConfigError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder; field names follow the HF config.json keys."""
+
+    model_type: str = "qwen2"  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int = 256
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v/o bias (Llama, Qwen3); Qwen2 always has q/k/v bias and no o bias
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture '{self.model_type}': respec supports {', '.join(ARCHITECTURES)}"
+            )
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope_scaling type '{rope_type}': respec supports {', '.join(ROPE_TYPES)}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ModelConfig:
+        """Returns the config described by an HF config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            archs = hf.get("architectures") or [model_type]
+            raise ConfigError(
+                f"unsupported architecture '{archs[0]}': respec supports {', '.join(ARCHITECTURES.values())}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act '{hf['hidden_act']}' (only silu)")
+        if hf.get("use_sliding_window"):
+            raise ConfigError("sliding-window attention is not supported; set use_sliding_window to false")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "rope_scaling", "rope_theta")}
+        fields = {k: hf[k] for k in known if k in hf and hf[k] is not None}
+        skip = known | {"rope_theta", "rope_scaling", "rope_parameters", "architectures", "transformers_version"}
+        extra = {k: v for k, v in hf.items() if k not in skip}
+        return cls(**fields, rope_theta=float(theta), rope_scaling=scaling, extra=extra)
+
+    def to_hf(self) -> dict:
+        """Returns the config.json dict for this config, readable by transformers 4.x and 5.x."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        d = {k: v for k, v in d.items() if v is not None}
+        return {**extra, **d, "architectures": [ARCHITECTURES[self.model_type]], "hidden_act": "silu"}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with one length per row.
+
+    Row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
+    rolling back rejected draft tokens is just lowering lengths[b] (no copy). Rows that finish are dropped
+    with `keep`, so attention cost follows the live batch.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, capacity, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.extent = 0  # host-side upper bound of lengths.max(): attention reads positions [0, extent)
+        self.capacity = capacity
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
+                  device: torch.device | str, num_layers: int | None = None) -> KVCache:
+        """Returns an empty cache shaped for `cfg` (or for `num_layers` layers of its attention shape)."""
+        layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        return cls(layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim, dtype, device)
+
+    def set_lengths(self, lengths: torch.Tensor, extent: int | None = None) -> None:
+        """Moves each row's length (rollback or prompt lengths); `extent` is max(lengths) if known on the host."""
+        self.lengths = lengths.to(self.lengths.device, torch.long)
+        self.extent = int(lengths.max()) if extent is None else extent
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only `rows` (indices into the batch), in that order."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.lengths = self.lengths[rows]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inverse frequencies [D/2], attention scaling of cos/sin) for the config's RoPE variant."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn (Peng et al. 2023): interpolate low frequencies, extrapolate high ones, ramp in between.
+    old_len = scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        def mscale(s: float, m: float = 1.0) -> float:
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv, float(attn)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as transformers does; the difference shows in bf16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Returns x [B, H, T, D] rotated by cos/sin [B, 1, T, D] (the rotate-half convention of HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            # Write the T new entries of each row at its own positions lengths[b] + t.
+            idx = (cache.lengths[:, None] + torch.arange(T, device=x.device))  # [B, T]
+            idx = idx[:, None, :, None].expand(B, self.n_kv, T, self.head_dim)
+            cache.k[layer].scatter_(2, idx, k)
+            cache.v[layer].scatter_(2, idx, v)
+            S = mask.shape[-1]
+            out = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :S], cache.v[layer, :, :, :S],
+                                                 attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(cache: KVCache, T: int) -> torch.Tensor:
+    """Returns the boolean mask [B, 1, T, S] letting new token t of row b see cache positions <= lengths[b] + t."""
+    S = cache.extent + T
+    if S > cache.capacity:
+        raise RuntimeError(f"KV cache overflow: {S} positions needed, capacity {cache.capacity}")
+    pos = cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)  # [B, T]
+    keys = torch.arange(S, device=pos.device)
+    return (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: embed -> L x (attention + SwiGLU) -> norm; `lm_head` gives logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns cos, sin [B, 1, T, D] for integer positions [B, T] (computed in fp32, like transformers)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (final-normed hidden states [B, T, H], aux features [B, T, len(aux_layers) * H] or None).
+
+        Without a cache the batch is a plain causal forward from position 0 (right padding is harmless).
+        With a cache, row b's tokens take positions lengths[b] .. lengths[b] + T - 1, are written to the cache,
+        and the cache lengths advance by T. Aux feature j is the residual stream entering layer j (HF's
+        `hidden_states[j]`), the EAGLE-3 input, gathered in the same forward.
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        if cache is None:
+            positions = torch.arange(T, device=x.device).expand(B, T)
+            mask = None
+        else:
+            positions = cache.lengths[:, None] + torch.arange(T, device=x.device)
+            mask = attention_mask(cache, T)
+        cos, sin = self.rope(positions, x.dtype)
+        aux = []
+        for i, layer in enumerate(self.layers):
+            if i in aux_layers:
+                aux.append(x)
+            x = layer(x, cos, sin, cache, i, mask)
+        if len(self.layers) in aux_layers:
+            aux.append(x)
+        if cache is not None:
+            cache.lengths = cache.lengths + T
+            cache.extent += T
+        return self.norm(x), (torch.cat(aux, dim=-1) if aux else None)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Returns logits [B, T, V] of a full causal forward (no cache)."""
+        return self.lm_head(self(input_ids)[0])
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Returns a randomly initialised model (normal(0, 0.02) weights, unit norms), reproducible from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(dtype)
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt config.json ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Returns every tensor of a checkpoint directory (model.safetensors, a sharded index, or any *.safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        hint = " (convert .bin weights to safetensors)" if list(path.glob("*.bin")) else ""
+        raise CheckpointError(f"{path}: no safetensors weights found{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(path / name)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path / name}: corrupt safetensors file ({e})") from None
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Raises CheckpointError naming the first tensor that holds NaN or Inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or Inf values")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """Returns the torch dtype for a name like "bf16" or "float32"; None means fp32 on CPU, bf16 on GPU."""
+    if dtype is None:
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype '{dtype}': use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str = "cpu") -> Transformer:
+    """Returns the model stored in an HF checkpoint directory (config.json + safetensors), in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    hf = _read_config(path)
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json: invalid config ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    tensors = read_safetensors(path)
+    check_finite(tensors, path)
+    state = {k.removeprefix("model."): v for k, v in tensors.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, t in expected.items():
+        if state[name].shape != t.shape:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, config implies {tuple(t.shape)}")
+    target_dtype = resolve_dtype(dtype, device)
+    state = {k: state[k].to(target_dtype) for k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    inv_freq, _ = rope_inv_freq(cfg)
+    model.inv_freq = inv_freq
+    return model.to(device).eval()
+
+
+def atomic_directory(path: Path) -> Path:
+    """Returns a fresh temp directory beside `path`; `commit_directory` moves it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def commit_directory(tmp: Path, path: Path) -> None:
+    """Replaces `path` by `tmp` so readers see either the old or the new directory, never a half-written one."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def save_model(model: Transformer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Writes `model` as an HF checkpoint directory (config.json + model.safetensors) atomically; returns it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = atomic_directory(path)
+    try:
+        state = {}
+        for name, t in model.state_dict().items():
+            if name == "lm_head.weight":
+                if model.config.tie_word_embeddings:
+                    continue
+                state[name] = t
+            else:
+                state["model." + name] = t
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        hf = model.config.to_hf()
+        hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        commit_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

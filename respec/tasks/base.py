@@ -1,0 +1,69 @@
+"""The task protocol: problems with a reference answer, and a scorer that turns a completion into a reward.
+
+Every completion ends with a final line ``Answer: <value>``; scorers read the text after
+the LAST ``Answer:`` so that a model which restates or corrects itself is judged on what
+it finally says.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+ANSWER_PREFIX = "Answer:"
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # the text the policy continues, e.g. "Q: 47+385=?\n"
+    answer: str  # the reference answer (for countdown: one expression that reaches the target)
+    meta: dict = field(default_factory=dict)  # task-specific facts (operands, numbers, target, ...)
+
+
+@dataclass(frozen=True)
+class Score:
+    reward: float  # in [0, 1]
+    parsed: str | None  # what the scorer read as the final answer, None if nothing was found
+    reason: str  # one short phrase: "correct", "wrong value 431", "no Answer: line", ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Anything with deterministic problems and a scorer that never raises."""
+
+    name: str
+
+    def problems(self, n: int, seed: int) -> list[Problem]: ...
+
+    def score(self, problem: Problem, completion: str) -> Score: ...
+
+
+@runtime_checkable
+class SyntheticTask(Task, Protocol):
+    """A generated task that can also write training completions in several solution styles."""
+
+    styles: tuple[str, ...]
+
+    def sft_completion(
+        self, problem: Problem, rng: random.Random, style: str | None = None
+    ) -> tuple[str, bool]: ...
+
+
+def final_answer(completion: str) -> str | None:
+    """Return the stripped text after the last ``Answer:`` up to the end of its line, or None."""
+    at = completion.rfind(ANSWER_PREFIX)
+    if at < 0:
+        return None
+    rest = completion[at + len(ANSWER_PREFIX) :]
+    return rest.split("\n", 1)[0].strip()
+
+
+def pick_style(styles: tuple[str, ...], weights: tuple[float, ...], rng: random.Random) -> str:
+    """Return one style name drawn with the given weights."""
+    return rng.choices(styles, weights=weights, k=1)[0]
+
+
+def clip(text: str, limit: int = 24) -> str:
+    """Return repr(text) shortened to about `limit` characters, for reasons that quote user text."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
