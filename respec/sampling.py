@@ -100,6 +100,22 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def accept_prob(p_draft: torch.Tensor, q_draft: torch.Tensor) -> torch.Tensor:
+    """Returns min(1, p(x)/q(x)), the probability of accepting a draft x drawn from q."""
+    return (p_draft / q_draft.clamp_min(1e-30)).clamp(max=1.0)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Returns norm(max(p - q, 0)) [..., V], the distribution sampled after a rejection.
+
+    A rejection implies p(x) < q(x) for the drafted x, so p != q and the residual has mass; where it has
+    none (p == q, or fp underflow) p itself is returned, which is never reached by a rejection.
+    """
+    r = (p - q).clamp_min(0)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 1e-12, r / mass.clamp_min(1e-30), p)
+
+
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (accepted [B], next_token [B]) of the exact chain rejection rule.
@@ -115,14 +131,9 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]
     q_draft = q.gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]
     u = torch.rand(B, k, generator=generator, device=p.device)
-    # u < p/q written without a division: q_draft > 0 for any token drafted from q.
-    accept = u * q_draft < p_draft  # [B, k]
+    accept = u < accept_prob(p_draft, q_draft)  # [B, k]
     accepted = accept.long().cumprod(-1).sum(-1)  # [B] leading accepts
     # A zero row for q at the bonus position turns the residual max(p - q, 0) into p itself.
     q_full = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)  # [B, k+1, V]
     rows = torch.arange(B, device=p.device)
-    residual = (p[rows, accepted] - q_full[rows, accepted]).clamp_min(0)  # [B, V]
-    mass = residual.sum(-1, keepdim=True)
-    # A rejection implies p(x) < q(x), so p != q and the residual has mass; the guard only catches fp underflow.
-    residual = torch.where(mass > 1e-12, residual / mass.clamp_min(1e-30), p[rows, accepted])
-    return accepted, sample(residual, generator)
+    return accepted, sample(residual(p[rows, accepted], q_full[rows, accepted]), generator)
