@@ -1,0 +1,130 @@
+"""The `respec` command line: thin wrappers that map flags onto the library's dataclasses and functions.
+
+User errors (`RespecError`) are printed as one line, `error: <message>`, with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from respec.errors import ConfigError, PromptError, RespecError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="respec: exact, adaptive speculative decoding for RL rollouts (ReSpec).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; results go to JSON with a PNG beside it.")
+app.add_typer(bench_app, name="bench")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    """Returns the integers of a comma-separated flag value like "1,8,32"."""
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers like 1,8,32, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty: give comma-separated integers like 1,8,32")
+    return values
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    batch_sizes: str = typer.Option("1,8,32", help="generate() batch sizes, ours vs transformers"),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per row"),
+    repeats: int = typer.Option(1, help="timed generate runs per batch size; the fastest is kept"),
+    verify_batches: str = typer.Option("1,4,16,64", help="batch sizes of the verification cost curve"),
+    verify_max_n: int = typer.Option(9, help="largest number of tokens per row in one verify forward"),
+    verify_repeats: int = typer.Option(5, help="timed forwards per (batch, n); the median is kept"),
+    model: Path | None = typer.Option(None, help="HF checkpoint directory (default: a random ~27M Qwen2 model)"),
+    dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16 (default fp32 on CPU, bf16 on CUDA)"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    seed: int = typer.Option(0),
+    json_path: Path = typer.Option(Path("runs/bench/engine.json"), "--json", help="where the results go"),
+) -> None:
+    """Plain decoding vs transformers generate, and the verification cost t(B, n) / t(B, 1)."""
+    from respec.bench import EngineBenchConfig, bench_engine
+
+    cfg = EngineBenchConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens,
+                            gen_repeats=repeats, verify_batches=_ints(verify_batches, "--verify-batches"),
+                            verify_max_n=verify_max_n, verify_repeats=verify_repeats,
+                            model=str(model) if model is not None else None, dtype=dtype, device=device, seed=seed)
+    console = Console()
+    bench_engine(cfg, json_path, console)
+    console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@app.command()
+def plot(
+    path: Path = typer.Argument(..., help="JSONL metrics file, one JSON object per line"),
+    out: Path | None = typer.Option(None, help="PNG to write (default: beside the JSONL)"),
+) -> None:
+    """Plot every numeric metric of a JSONL file, one panel per key, against "step" (or the line index)."""
+    from respec.plot import plot_metrics
+
+    Console().print(f"wrote {plot_metrics(path, out)}")
+
+
+def _prompts(text: str) -> list[list[int]]:
+    """Returns the prompts of "1,2,3;4,5" (prompts separated by ';', token ids by ',')."""
+    try:
+        prompts = [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";")]
+    except ValueError:
+        raise PromptError(f"--prompt-ids must be token ids like 1,2,3 (';' between prompts), got '{text}'") from None
+    if any(not p for p in prompts):
+        raise PromptError(f"--prompt-ids holds an empty prompt: '{text}'")
+    return prompts
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="HF checkpoint directory of the target"),
+    drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter directory (enables --mode static)"),
+    prompt_ids: str = typer.Option(..., help="prompt token ids, e.g. 1,2,3 (';' separates prompts)"),
+    temperature: float = typer.Option(1.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, help="0 = off"),
+    max_new_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(4, help="draft tokens per step"),
+    mode: str | None = typer.Option(None, help="off | static (default: static with a drafter, else off)"),
+    dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Generate from a checkpoint (optionally with a drafter) and print the new token ids."""
+    from respec.engine import Engine
+    from respec.model import load_model
+    from respec.sampling import SamplingParams, SpecConfig
+
+    # Validate every flag before the (slow) checkpoint load.
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                            seed=seed)
+    spec = SpecConfig(mode=mode or ("static" if drafter is not None else "off"), k=k)
+    prompts = _prompts(prompt_ids)
+    target = load_model(model, dtype, device)
+    draft = None
+    if drafter is not None:
+        from respec.drafter import load_drafter
+
+        draft = load_drafter(drafter, target)
+    out = Engine(target, draft).generate(prompts, params, spec)
+    for i, seq in enumerate(out.sequences):
+        typer.echo(f"{i}: {','.join(map(str, seq.tokens))} ({seq.finish_reason})")
+    typer.echo(f"{out.num_tokens} tokens in {out.seconds:.3f} s ({out.tokens_per_s:.1f} tokens/s, "
+               f"{out.mean_emitted_per_step:.2f} tokens per row per step)", err=True)
+
+
+def main() -> None:
+    """Console entry point: runs the app, printing user errors as one `error:` line (exit code 2)."""
+    try:
+        app()
+    except RespecError as e:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

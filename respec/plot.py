@@ -1,0 +1,101 @@
+"""Plots: numeric metrics of a JSONL log (one panel per key) and the engine benchmark figure.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display needed) and saved atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from respec.errors import DataError
+
+
+def _save(fig: Figure, png: Path) -> Path:
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, png)
+    return png
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Returns the JSON objects of a JSONL file, one per non-empty line."""
+    if not path.is_file():
+        raise DataError(f"{path}: metrics file does not exist")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object per line")
+        records.append(record)
+    return records
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_metrics(path: str | os.PathLike, png: str | os.PathLike | None = None) -> Path:
+    """Returns the PNG (default: beside the JSONL) plotting each numeric key against "step" or the line index."""
+    path = Path(path)
+    records = read_metrics(path)
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"
+            and any(_is_number(r.get(k)) for r in records)]
+    if not keys:
+        raise DataError(f"{path}: no numeric metrics to plot")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig = Figure(figsize=(4.5 * cols, 3 * rows), layout="constrained")
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        points = [(r.get("step", j), r[key]) for j, r in enumerate(records) if _is_number(r.get(key))]
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step" if any("step" in r for r in records) else "line")
+        ax.grid(alpha=0.3)
+    return _save(fig, Path(png) if png is not None else path.with_suffix(".png"))
+
+
+def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `bench_engine` results: tokens/s ours vs transformers, and verify cost vs n."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    rows = data["engine_vs_hf"]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["ours_tokens_per_s"] for r in rows], 0.4, label="respec Engine")
+    ax.bar([x + 0.2 for x in xs], [r["hf_tokens_per_s"] for r in rows], 0.4, label="transformers generate")
+    for x, r in zip(xs, rows, strict=True):
+        ax.annotate(f"{r['ratio']:.2f}x", (x - 0.2, r["ours_tokens_per_s"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [str(r["batch"]) for r in rows])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Plain greedy decoding")
+    ax.legend()
+    ax = fig.add_subplot(1, 2, 2)
+    curve = data["verify_cost"]
+    for batch in sorted({c["batch"] for c in curve}):
+        pts = sorted((c["n"], c["ratio_to_n1"]) for c in curve if c["batch"] == batch)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {batch}")
+    ax.set_xlabel("tokens per row in one target forward (n = k + 1)")
+    ax.set_ylabel("time / time at n = 1")
+    ax.set_title("Verification cost")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    device = data.get("machine", {}).get("device_name", "")
+    if device:
+        fig.suptitle(device, fontsize=9)
+    return _save(fig, Path(png))

@@ -1,0 +1,193 @@
+"""Multi-digit integer arithmetic (+, -, x) with worked solutions in three styles.
+
+Prompt and completion, e.g.::
+
+    Q: 47+385=?
+    7+5=12;4+8+1=13;0+3+1=4
+    Answer: 432
+
+Operands have `min_digits`..`max_digits` digits; for ``x`` the second operand is a single
+digit (2-9) so a worked solution stays one short line; for ``-`` the larger operand comes
+first so results are never negative.
+
+Solution styles written by `sft_completion` (a small policy is pretrained on a *mixture*,
+and RL should visibly move it toward the style that is right):
+
+- ``worked``: column-wise steps, always correct. Addition ``x+y(+1)=s`` per column from the
+  units up (``+1`` is the carry in); subtraction ``(1)x(-1)-y=d`` per column (a leading 1
+  marks a borrow out, ``-1`` the borrow in), e.g. ``15-7=8;8-1-4=3;3-0=3``; multiplication
+  one partial product per digit, then their place-valued sum, e.g. ``7x6=42;4x6=24;240+42=282``.
+- ``direct``: just ``Answer: <value>``; right with probability `direct_accuracy`, otherwise
+  a plausible value one digit off.
+- ``sloppy``: looks like ``worked`` but drops one carry (or borrow), and the answer follows
+  the slip, so it is wrong. A problem with no carry at all gets a final answer one digit off.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from respec.errors import ConfigError
+from respec.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, pick_style
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    min_digits: int = 2  # fewest digits of an operand (the 1-digit factor of x excepted)
+    max_digits: int = 3  # most digits of an operand
+    ops: str = "+-x"  # which operations to draw from, uniformly
+    style_weights: tuple[float, float, float] = (0.35, 0.35, 0.30)  # worked, direct, sloppy
+    direct_accuracy: float = 0.4  # chance that a "direct" completion is right
+
+    name = "arithmetic"
+    styles = ("worked", "direct", "sloppy")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= self.max_digits <= 18:
+            raise ConfigError(
+                f"arithmetic digits must satisfy 1 <= min_digits <= max_digits <= 18, "
+                f"got min_digits={self.min_digits}, max_digits={self.max_digits}"
+            )
+        if not self.ops or set(self.ops) - set("+-x"):
+            raise ConfigError(f"arithmetic ops must be a non-empty subset of '+-x', got {self.ops!r}")
+        if len(self.style_weights) != 3 or min(self.style_weights) < 0 or sum(self.style_weights) <= 0:
+            raise ConfigError(
+                f"style_weights must be 3 non-negative weights (worked, direct, sloppy) with a positive "
+                f"sum, got {self.style_weights}"
+            )
+        if not 0.0 <= self.direct_accuracy <= 1.0:
+            raise ConfigError(f"direct_accuracy must be in [0, 1], got {self.direct_accuracy}")
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        """Return `n` problems, the same ones for the same seed."""
+        rng = random.Random(seed)
+        return [self._problem(rng) for _ in range(n)]
+
+    def _problem(self, rng: random.Random) -> Problem:
+        op = rng.choice(self.ops)
+        a = self._operand(rng)
+        if op == "x":
+            b = rng.randint(2, 9)
+            value = a * b
+        else:
+            b = self._operand(rng)
+            if op == "-":
+                a, b = max(a, b), min(a, b)
+                value = a - b
+            else:
+                value = a + b
+        return Problem(prompt=f"Q: {a}{op}{b}=?\n", answer=str(value), meta={"a": a, "b": b, "op": op})
+
+    def _operand(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+    def score(self, problem: Problem, completion: str) -> Score:
+        """Return reward 1.0 when the last ``Answer:`` is the right integer, else 0.0 with the reason."""
+        parsed = final_answer(completion)
+        if parsed is None:
+            return Score(0.0, None, "no Answer: line")
+        if not _INTEGER.fullmatch(parsed):
+            return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
+        if int(parsed) != int(problem.answer):
+            return Score(0.0, parsed, f"wrong value {int(parsed)}")
+        return Score(1.0, parsed, "correct")
+
+    def sft_completion(
+        self, problem: Problem, rng: random.Random, style: str | None = None
+    ) -> tuple[str, bool]:
+        """Return (completion text, whether it is correct) in `style`, drawn from `style_weights` if None."""
+        if style is None:
+            style = pick_style(self.styles, self.style_weights, rng)
+        if style not in self.styles:
+            raise ConfigError(f"unknown arithmetic style {style!r}; choose one of {', '.join(self.styles)}")
+        a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
+        value = int(problem.answer)
+        if style == "direct":
+            shown = value if rng.random() < self.direct_accuracy else _near_miss(value, rng)
+            text = f"{ANSWER_PREFIX} {shown}"
+        else:
+            steps, shown = _worked(a, b, op, rng if style == "sloppy" else None)
+            if style == "sloppy" and shown == value:  # nothing to drop: slip on the last line
+                shown = _near_miss(value, rng)
+            text = f"{steps}\n{ANSWER_PREFIX} {shown}"
+        return text, self.score(problem, text).reward == 1.0
+
+
+def _worked(a: int, b: int, op: str, slip: random.Random | None) -> tuple[str, int]:
+    """Return (the steps on one line, the value they reach); with `slip`, one carry/borrow is dropped."""
+    if op == "+":
+        return _worked_add(a, b, slip)
+    if op == "-":
+        return _worked_sub(a, b, slip)
+    return _worked_mul(a, b, slip)
+
+
+def _digits(x: int, n: int) -> list[int]:
+    """Return the n lowest decimal digits of x, units first."""
+    return [(x // 10**i) % 10 for i in range(n)]
+
+
+def _worked_add(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
+    n = max(len(str(a)), len(str(b)))
+    da, db = _digits(a, n), _digits(b, n)
+    # Columns (1..n, n being the final carry-out) that receive a carry in the correct sum.
+    carried = [i + 1 for i in range(n) if da[i] + db[i] + (1 if a % 10**i + b % 10**i >= 10**i else 0) >= 10]
+    drop = slip.choice(carried) if slip is not None and carried else None
+    steps, value, carry = [], 0, 0
+    for i in range(n):
+        carry_in = 0 if i == drop else carry
+        s = da[i] + db[i] + carry_in
+        steps.append(f"{da[i]}+{db[i]}" + ("+1" if carry_in else "") + f"={s}")
+        value += (s % 10) * 10**i
+        carry = s // 10
+    if carry and drop != n:
+        value += 10**n
+    return ";".join(steps), value
+
+
+def _worked_sub(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
+    n = len(str(a))  # a >= b
+    da, db = _digits(a, n), _digits(b, n)
+    # Columns that receive a borrow in the correct difference.
+    borrowed = [i + 1 for i in range(n - 1) if a % 10 ** (i + 1) < b % 10 ** (i + 1)]
+    drop = slip.choice(borrowed) if slip is not None and borrowed else None
+    steps, value, borrow = [], 0, 0
+    for i in range(n):
+        borrow_in = 0 if i == drop else borrow
+        top = da[i] - borrow_in
+        borrow = 1 if top < db[i] else 0
+        d = top + 10 * borrow - db[i]
+        steps.append(("1" if borrow else "") + f"{da[i]}" + ("-1" if borrow_in else "") + f"-{db[i]}={d}")
+        value += d * 10**i
+    return ";".join(steps), value
+
+
+def _worked_mul(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
+    n = len(str(a))
+    da = _digits(a, n)
+    partials = [d * b for d in da]
+    # Dropping a carry keeps only the units digit of one two-digit partial product.
+    carried = [i for i, p in enumerate(partials) if p >= 10]
+    drop = slip.choice(carried) if slip is not None and carried else None
+    terms = [(p % 10 if i == drop else p) * 10**i for i, p in enumerate(partials)]
+    steps = [f"{d}x{b}={p}" for d, p in zip(da, partials, strict=True)]
+    total = sum(terms)
+    if n > 1:
+        steps.append("+".join(str(t) for t in reversed(terms)) + f"={total}")
+    return ";".join(steps), total
+
+
+def _near_miss(value: int, rng: random.Random) -> int:
+    """Return a plausible wrong value: `value` with one digit moved by one, same number of digits."""
+    width = len(str(value))
+    for _ in range(20):
+        j = rng.randrange(width)
+        candidate = value + rng.choice((-1, 1)) * 10**j
+        if candidate >= 0 and len(str(candidate)) == width:
+            return candidate
+    return value + 1

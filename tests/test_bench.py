@@ -1,0 +1,43 @@
+"""bench_engine on a tiny model: runs in seconds and writes the documented JSON keys and a PNG."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from respec.bench import EngineBenchConfig, bench_engine
+from respec.errors import ConfigError
+from respec.model import ModelConfig
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def test_bench_engine_writes_json_and_png(tmp_path):
+    cfg = EngineBenchConfig(batch_sizes=(1, 3), max_new_tokens=4, prompt_len=(2, 6), verify_batches=(1, 2),
+                            verify_max_n=3, verify_prefill=8, verify_repeats=2, model_config=TINY)
+    path = tmp_path / "out" / "engine.json"
+    data = bench_engine(cfg, path, Console(quiet=True))
+    assert json.loads(path.read_text()) == json.loads(json.dumps(data))
+    assert set(data) == {"engine_vs_hf", "verify_cost", "machine", "config"}
+    assert [r["batch"] for r in data["engine_vs_hf"]] == [1, 3]
+    for r in data["engine_vs_hf"]:
+        assert {"batch", "ours_tokens_per_s", "hf_tokens_per_s", "ratio"} <= set(r)
+        assert r["ours_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["hf_tokens_per_s"])
+        assert r["tokens"] == r["batch"] * 4  # eos ignored: every row generates max_new_tokens
+    assert [(c["batch"], c["n"]) for c in data["verify_cost"]] == [(b, n) for b in (1, 2) for n in (1, 2, 3)]
+    for c in data["verify_cost"]:
+        assert {"batch", "n", "seconds", "ratio_to_n1"} <= set(c) and c["seconds"] > 0
+        assert c["ratio_to_n1"] == 1.0 if c["n"] == 1 else c["ratio_to_n1"] > 0
+    assert {"platform", "cpu_count", "torch", "device_name"} <= set(data["machine"])
+    assert data["config"]["model_config"]["hidden_size"] == 32
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["engine.json", "engine.png"]  # no temp files left
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_sizes": (0,)}, {"prompt_len": (5, 2)}, {"verify_max_n": 0},
+                                    {"device": "tpu"}, {"dtype": "fp8"}])
+def test_bench_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        EngineBenchConfig(**kwargs)

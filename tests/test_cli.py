@@ -1,0 +1,99 @@
+"""CLI: user errors are one `error:` line with a non-zero exit, never a traceback; plot writes a PNG."""
+
+import json
+import sys
+
+import pytest
+
+from respec.cli import main
+from respec.model import ModelConfig, init_model, save_model
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Returns (exit code, stdout, stderr) of `respec *args` run in-process through main()."""
+    monkeypatch.setattr(sys, "argv", ["respec", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_model(init_model(TINY, seed=0), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_checkpoint_is_one_error_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(tmp_path / "nonexistent"),
+                           "--prompt-ids", "1,2")
+    assert code == 2
+    assert_one_error_line(code, err, "does not exist")
+
+
+def test_negative_temperature_is_one_error_line(monkeypatch, capsys, checkpoint):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(checkpoint), "--prompt-ids", "1,2",
+                           "--temperature", "-1")
+    assert_one_error_line(code, err, "temperature")
+
+
+@pytest.mark.parametrize("ids, needle", [("1,x", "--prompt-ids"), ("1,2;", "empty"), ("1,999", "vocabulary")])
+def test_bad_prompt_ids_are_one_error_line(monkeypatch, capsys, checkpoint, ids, needle):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(checkpoint), "--prompt-ids", ids)
+    assert_one_error_line(code, err, needle)
+
+
+def test_static_mode_without_drafter_is_one_error_line(monkeypatch, capsys, checkpoint):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(checkpoint), "--prompt-ids", "1,2",
+                           "--mode", "static")
+    assert_one_error_line(code, err, "drafter")
+
+
+def test_generate_prints_tokens(monkeypatch, capsys, checkpoint):
+    code, out, _ = run_cli(monkeypatch, capsys, "generate", "--model", str(checkpoint), "--prompt-ids", "1,2,3;4",
+                           "--max-new-tokens", "5", "--temperature", "0")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        head, rest = line.split(": ", 1)
+        assert head == str(i)
+        tokens = rest.split(" ")[0].split(",")
+        assert 1 <= len(tokens) <= 5 and all(0 <= int(t) < TINY.vocab_size for t in tokens)
+
+
+def test_bench_rejects_bad_batch_sizes(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "engine", "--batch-sizes", "1,zero",
+                           "--json", str(tmp_path / "e.json"))
+    assert_one_error_line(code, err, "--batch-sizes")
+
+
+def test_plot_writes_png(monkeypatch, capsys, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "reward": s / 10, "loss": 1 / (s + 1), "tag": "a"}) + "\n"
+                               for s in range(5)))
+    out = tmp_path / "plots" / "m.png"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "plot", str(metrics), "--out", str(out))
+    assert code == 0 and str(out) in stdout.replace("\n", "")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_bad_jsonl_is_one_error_line(monkeypatch, capsys, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "reward": 1}\nnot json\n')
+    code, _, err = run_cli(monkeypatch, capsys, "plot", str(metrics))
+    assert_one_error_line(code, err, ":2:")

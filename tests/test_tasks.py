@@ -1,0 +1,301 @@
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from respec.errors import ConfigError, DataError
+from respec.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
+from respec.tasks.countdown import InvalidExpression, evaluate
+from respec.tasks.jsonl import completion_answer, equivalent, reference_answer
+
+SYNTHETIC = [ArithmeticTask(), CountdownTask()]
+
+
+def test_final_answer_reads_the_last_answer_line():
+    assert final_answer("Answer: 1\nthen\nAnswer:  22 \nmore") == "22"
+    assert final_answer("no answer here") is None
+    assert final_answer("Answer:") == ""
+
+
+# ---- arithmetic ----
+
+
+def test_arithmetic_problems_are_deterministic_and_compact():
+    task = ArithmeticTask()
+    assert task.problems(50, seed=3) == task.problems(50, seed=3)
+    assert task.problems(50, seed=3) != task.problems(50, seed=4)
+    for p in task.problems(200, seed=0):
+        a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
+        assert p.prompt == f"Q: {a}{op}{b}=?\n"
+        assert int(p.answer) == {"+": a + b, "-": a - b, "x": a * b}[op] >= 0
+        if op == "x":
+            assert 2 <= b <= 9
+
+
+def test_arithmetic_score():
+    task = ArithmeticTask()
+    p = Problem("Q: 47+385=?\n", "432", {"a": 47, "b": 385, "op": "+"})
+    assert task.score(p, "7+5=12;4+8+1=13;0+3+1=4\nAnswer: 432").reward == 1.0
+    assert task.score(p, "Answer: 431\nAnswer: 432").reward == 1.0  # the last one counts
+    assert task.score(p, "Answer: 432\nAnswer: 431").reward == 0.0
+    wrong = task.score(p, "Answer: 431")
+    assert (wrong.reward, wrong.parsed) == (0.0, "431") and "wrong" in wrong.reason
+    assert task.score(p, "432").reason == "no Answer: line"
+    for junk in ["Answer: 4 3 2", "Answer: 432.0", "Answer: 9" * 100, "Answer: \x00", "Answer: ４３２", ""]:
+        assert task.score(p, junk).reward == 0.0
+
+
+def test_arithmetic_worked_example_matches_the_docs():
+    task = ArithmeticTask()
+    p = Problem("Q: 47x6=?\n", "282", {"a": 47, "b": 6, "op": "x"})
+    text, correct = task.sft_completion(p, random.Random(0), style="worked")
+    assert text == "7x6=42;4x6=24;240+42=282\nAnswer: 282" and correct
+    p = Problem("Q: 385-47=?\n", "338", {"a": 385, "b": 47, "op": "-"})
+    assert task.sft_completion(p, random.Random(0), style="worked")[0] == "15-7=8;8-1-4=3;3-0=3\nAnswer: 338"
+
+
+@pytest.mark.parametrize("task", SYNTHETIC, ids=lambda t: t.name)
+def test_sft_styles_and_correct_flag_agree_with_score(task):
+    rng = random.Random(0)
+    seen = {style: [] for style in task.styles}
+    for p in task.problems(300, seed=1):
+        for style in task.styles:
+            text, correct = task.sft_completion(p, rng, style=style)
+            assert correct == (task.score(p, text).reward == 1.0)
+            assert text.rsplit("\n", 1)[-1].startswith("Answer: ")
+            seen[style].append(correct)
+    assert all(seen["worked"])
+    assert not any(seen["sloppy"])
+    assert 0.25 < sum(seen["direct"]) / len(seen["direct"]) < 0.55  # direct_accuracy = 0.4
+
+
+@pytest.mark.parametrize("task", SYNTHETIC, ids=lambda t: t.name)
+def test_sft_mixture_holds_right_and_wrong_completions(task):
+    rng = random.Random(0)
+    flags = [task.sft_completion(p, rng)[1] for p in task.problems(400, seed=2)]
+    assert 0.4 < sum(flags) / len(flags) < 0.7  # 0.35 worked + 0.35 * 0.4 direct = 0.49
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_arithmetic_score_never_raises_on_any_text(text):
+    p = ArithmeticTask().problems(1, seed=0)[0]
+    for completion in (text, f"Answer: {text}"):
+        assert ArithmeticTask().score(p, completion).reward in (0.0, 1.0)
+
+
+def test_arithmetic_completions_are_short():
+    task = ArithmeticTask()
+    rng = random.Random(0)
+    lengths = [len(task.sft_completion(p, rng, "worked")[0]) for p in task.problems(300, seed=0)]
+    assert max(lengths) <= 60
+
+
+def test_arithmetic_sloppy_drops_a_carry():
+    task = ArithmeticTask()
+    p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
+    texts = {task.sft_completion(p, random.Random(seed), style="sloppy") for seed in range(20)}
+    assert texts == {("2+9=11;7+5=12\nAnswer: 121", False), ("2+9=11;7+5+1=13\nAnswer: 31", False)}
+
+
+def test_arithmetic_config_errors():
+    with pytest.raises(ConfigError, match="digits"):
+        ArithmeticTask(min_digits=4, max_digits=2)
+    with pytest.raises(ConfigError, match="ops"):
+        ArithmeticTask(ops="+^")
+    with pytest.raises(ConfigError, match="style"):
+        ArithmeticTask().sft_completion(ArithmeticTask().problems(1, 0)[0], random.Random(0), "fancy")
+
+
+# ---- countdown ----
+
+
+def _countdown(numbers, target):
+    return Problem(
+        f"Q: use {' '.join(map(str, numbers))} to make {target}\n", "", {"numbers": numbers, "target": target}
+    )
+
+
+def test_countdown_problems_are_solvable_and_deterministic():
+    task = CountdownTask()
+    problems = task.problems(200, seed=0)
+    assert problems == task.problems(200, seed=0)
+    for p in problems:
+        assert 3 <= len(p.meta["numbers"]) <= 4
+        assert p.prompt.startswith("Q: use ") and p.prompt.endswith(f" to make {p.meta['target']}\n")
+        assert task.score(p, f"Answer: {p.answer}").reward == 1.0
+
+
+def test_countdown_score_rules():
+    task = CountdownTask()
+    p = _countdown([3, 5, 7], 22)
+    assert task.score(p, "3*5=15;15+7=22\nAnswer: 3*5+7").reward == 1.0
+    assert task.score(p, "Answer: 7 + 3 * 5 = 22").reward == 1.0  # spaces and a "= target" tail
+    assert task.score(p, "Answer: (7x3)+5-(5-5)").reward == 0.0  # 5 used three times
+    assert task.score(p, "Answer: 3*5+7\nAnswer: 3+5+7").reward == 0.0
+    assert task.score(_countdown([2, 6, 4], 3), "Answer: 6/(4-2)").reward == 1.0
+    assert task.score(_countdown([7, 2, 2], 7), "Answer: 7/2*2").reward == 1.0  # exact fractions
+    assert task.score(_countdown([4, 4, 1], 8), "Answer: 4+4").reward == 1.0  # not all numbers needed
+    assert "not the target" in task.score(p, "Answer: 3+5+7").reason
+    assert "not given" in task.score(p, "Answer: 22").reason
+    assert "too often" in task.score(_countdown([3, 5, 7], 10), "Answer: 5+5").reason
+
+
+@pytest.mark.parametrize(
+    "expression, reason",
+    [
+        ("__import__('os').system('ls')", "bad character"),
+        ("9**9**9", "unexpected"),
+        ("7/(5-5)", "division by zero"),
+        ("", "empty"),
+        ("-3+5", "unexpected"),
+        ("(3+5", "unbalanced"),
+        ("3+5)", "unexpected"),
+        ("3+", "ends too early"),
+        ("3 5", "unexpected"),
+        ("٣+5", "bad character"),
+        ("3.5+7", "bad character"),
+        ("1" * 30, "too long"),
+        ("(" * 50 + "3" + ")" * 50, "nested too deeply"),
+        ("3+" * 150 + "3", "longer than 200"),
+    ],
+)
+def test_countdown_rejects_malformed_answers(expression, reason):
+    score = CountdownTask().score(_countdown([3, 5, 7, 5, 9], 22), f"Answer: {expression}")
+    assert score.reward == 0.0
+    assert reason in score.reason
+
+
+def test_countdown_rejects_huge_intermediates():
+    with pytest.raises(InvalidExpression, match="1e12"):
+        evaluate("999999*999999*999999", [999999] * 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_countdown_score_never_raises_on_any_text(text):
+    task = CountdownTask()
+    p = _countdown([3, 5, 7, 11], 22)
+    for completion in (text, f"Answer: {text}"):
+        score = task.score(p, completion)
+        assert score.reward in (0.0, 1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789+-*/()x÷ =3571", max_size=60))
+def test_countdown_score_never_raises_on_expression_like_text(text):
+    score = CountdownTask().score(_countdown([3, 5, 7, 11], 22), f"Answer: {text}")
+    assert 0.0 <= score.reward <= 1.0
+
+
+# ---- jsonl ----
+
+
+def _write(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_reference_answers():
+    assert reference_answer("She has 3+4=7 apples.\n#### 1,042") == "1042"
+    assert reference_answer("so $x = \\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
+    assert reference_answer("\\boxed{\\{1, 2\\}} and \\boxed{a_{b}}") == "a_{b}"
+    assert reference_answer(" 17 ") == "17"
+
+
+def test_completion_answers():
+    assert completion_answer("work\nAnswer: 42") == "42"
+    assert completion_answer("Answer: \\boxed{7}") == "7"
+    assert completion_answer("so \\boxed{\\frac{3}{4}} is it") == "\\frac{3}{4}"
+    assert completion_answer("steps\n#### 12\n") == "12"
+    assert completion_answer("I don't know") is None
+
+
+def test_jsonl_task_loads_gsm8k_and_math(tmp_path):
+    path = _write(
+        tmp_path,
+        [
+            json.dumps({"question": "What is 6*7?", "answer": "6*7=42\n#### 42"}),
+            "",
+            json.dumps({"question": "Half of one?", "answer": "It is $\\boxed{\\frac{1}{2}}$."}),
+            json.dumps({"question": "Three?", "answer": 3}),
+        ],
+    )
+    task = get_task("jsonl", path=str(path))
+    assert [p.answer for p in task.all_problems] == ["42", "\\frac{1}{2}", "3"]
+    assert task.all_problems[0].prompt == "Q: What is 6*7?\n"
+    assert task.problems(10, seed=0) == task.problems(10, seed=0)
+    assert len(task.problems(10, seed=0)) == 3 and len(task.problems(2, seed=0)) == 2
+    gsm, math, three = task.all_problems
+    assert task.score(gsm, "6*7=42\nAnswer: 42").reward == 1.0
+    assert task.score(gsm, "Answer: 41").reward == 0.0
+    assert task.score(math, "Answer: 0.5").reward == 1.0  # math-verify equivalence
+    assert task.score(math, "the answer is \\boxed{1/2}").reward == 1.0
+    assert task.score(math, "Answer: 0.6").reward == 0.0
+    assert task.score(three, "nothing").reason.startswith("no final answer")
+
+
+def test_jsonl_custom_fields(tmp_path):
+    path = _write(tmp_path, [json.dumps({"problem": "1+1?", "solution": "\\boxed{2}"})])
+    task = JsonlTask(path, question_field="problem", answer_field="solution")
+    assert task.all_problems[0].answer == "2"
+
+
+def test_math_verify_equivalence():
+    assert equivalent("\\frac{1}{2}", "0.5")
+    assert equivalent("0.5", "\\frac{1}{2}")
+    assert equivalent("1000", "1,000")
+    assert not equivalent("42", "43")
+
+
+def test_jsonl_score_works_outside_the_main_thread(tmp_path):
+    # math-verify's default timeout uses signal.alarm, which fails in other threads.
+    task = JsonlTask(_write(tmp_path, [json.dumps({"question": "q", "answer": "\\boxed{\\frac{1}{2}}"})]))
+    with ThreadPoolExecutor(1) as pool:
+        score = pool.submit(task.score, task.all_problems[0], "Answer: 0.5").result()
+    assert score.reward == 1.0, score.reason
+
+
+@pytest.mark.parametrize(
+    "completion", ["", "Answer:", "Answer: \\boxed{", "Answer: " + "{" * 500, "\x00\ud800"]
+)
+def test_jsonl_score_never_raises(tmp_path, completion):
+    task = JsonlTask(_write(tmp_path, [json.dumps({"question": "q", "answer": "#### 5"})]))
+    assert task.score(task.all_problems[0], completion).reward == 0.0
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([json.dumps({"question": "q", "answer": "1"}), "{not json"], r"data\.jsonl:2: invalid JSON"),
+        ([json.dumps({"question": "q"})], r"data\.jsonl:1: missing field 'answer'"),
+        (["", json.dumps({"answer": "1"})], r"data\.jsonl:2: missing field 'question'"),
+        (["[1, 2]"], r"data\.jsonl:1: expected a JSON object"),
+        ([""], "empty"),
+    ],
+)
+def test_jsonl_bad_files_name_the_line(tmp_path, lines, message):
+    path = _write(tmp_path, lines)
+    with pytest.raises(DataError, match=message):
+        get_task("jsonl", path=str(path))
+
+
+def test_jsonl_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        JsonlTask(tmp_path / "nope.jsonl").problems(1, 0)
+
+
+# ---- get_task ----
+
+
+def test_get_task():
+    assert isinstance(get_task("arithmetic", max_digits=4), ArithmeticTask)
+    assert isinstance(get_task("countdown"), CountdownTask)
+    with pytest.raises(ConfigError, match="arithmetic, countdown, jsonl"):
+        get_task("chess")
+    with pytest.raises(ConfigError, match="bogus"):
+        get_task("arithmetic", bogus=1)
