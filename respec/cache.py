@@ -1,0 +1,50 @@
+"""The artifact cache: built policies and drafters live in directories keyed by the config that built them.
+
+A directory is used only if it holds the marker file written last, after the atomic rename, so a run killed
+mid-build never leaves a cache entry that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MARKER = "RESPEC_COMPLETE"
+
+
+def cache_root() -> Path:
+    """Returns $RESPEC_CACHE, or ~/.cache/respec."""
+    return Path(os.environ.get("RESPEC_CACHE") or Path.home() / ".cache" / "respec")
+
+
+def cache_key(key: dict) -> str:
+    """Returns a short stable hash of a JSON-able config dict."""
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_path(kind: str, key: dict) -> Path:
+    """Returns the cache directory of an artifact of `kind` ("policy", "drafter") built from `key`."""
+    return cache_root() / f"{kind}-{cache_key(key)}"
+
+
+def is_complete(path: Path) -> bool:
+    """Returns whether `path` is a finished artifact (its marker exists)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def mark_complete(path: Path, key: dict) -> None:
+    """Writes the marker (holding the key, for humans) into a finished artifact directory."""
+    tmp = Path(path) / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(key, sort_keys=True, indent=2, default=str) + "\n")
+    os.replace(tmp, Path(path) / MARKER)
+
+
+def discard_partial(path: Path) -> None:
+    """Removes an artifact directory that lacks its marker (a build that was interrupted)."""
+    path = Path(path)
+    if path.exists() and not is_complete(path):
+        shutil.rmtree(path, ignore_errors=True)
