@@ -169,7 +169,7 @@ class _Run:
         last = self.prompt_lens - 1
         rows = torch.arange(B, device=dev)
         logits = self.target.lm_head(hidden[rows, last])  # [B, V]
-        first = sample(target_probs(logits, self.params), self.gen)  # [B]
+        first = self.sample(logits)  # [B]
         self.last = first
         if self.drafter is not None:
             # Drafter position t pairs the target feature at t with token t+1: the prompt shifted left, with the
@@ -183,10 +183,16 @@ class _Run:
         _, live = self.commit(emitted, logprobs, torch.ones(B, dtype=torch.long, device=dev), None)
         return live
 
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns one token per row of logits [B, V] under the sampling params."""
+        if self.params.greedy:
+            return logits.argmax(-1)
+        return sample(target_probs(logits, self.params), self.gen)
+
     def plain_step(self):
         hidden, _ = self.target(self.last[:, None], self.cache)  # [B, 1, H]
         logits = self.target.lm_head(hidden[:, 0])  # [B, V]
-        token = sample(target_probs(logits, self.params), self.gen)
+        token = self.sample(logits)
         self.last = token
         ones = torch.ones_like(token)
         return token[:, None], token_logprobs(logits, token, self.params)[:, None], ones, None
