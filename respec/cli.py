@@ -35,13 +35,14 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def bench_engine_cmd(
     batch_sizes: str = typer.Option("1,8,32", help="generate() batch sizes, ours vs transformers"),
     max_new_tokens: int = typer.Option(64, help="tokens generated per row"),
-    repeats: int = typer.Option(1, help="timed generate runs per batch size; the fastest is kept"),
+    repeats: int = typer.Option(3, help="timed generate runs per batch size and side; the fastest is kept"),
     verify_batches: str = typer.Option("1,4,16,64", help="batch sizes of the verification cost curve"),
     verify_max_n: int = typer.Option(9, help="largest number of tokens per row in one verify forward"),
     verify_repeats: int = typer.Option(5, help="timed forwards per (batch, n); the median is kept"),
     model: Path | None = typer.Option(None, help="HF checkpoint directory (default: a random ~27M Qwen2 model)"),
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16 (default fp32 on CPU, bf16 on CUDA)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     seed: int = typer.Option(0),
     json_path: Path = typer.Option(Path("runs/bench/engine.json"), "--json", help="where the results go"),
 ) -> None:
@@ -51,7 +52,8 @@ def bench_engine_cmd(
     cfg = EngineBenchConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens,
                             gen_repeats=repeats, verify_batches=_ints(verify_batches, "--verify-batches"),
                             verify_max_n=verify_max_n, verify_repeats=verify_repeats,
-                            model=str(model) if model is not None else None, dtype=dtype, device=device, seed=seed)
+                            model=str(model) if model is not None else None, dtype=dtype, device=device,
+                            threads=threads, seed=seed)
     console = Console()
     bench_engine(cfg, json_path, console)
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
@@ -115,6 +117,102 @@ def generate(
         typer.echo(f"{i}: {','.join(map(str, seq.tokens))} ({seq.finish_reason})")
     typer.echo(f"{out.num_tokens} tokens in {out.seconds:.3f} s ({out.tokens_per_s:.1f} tokens/s, "
                f"{out.mean_emitted_per_step:.2f} tokens per row per step)", err=True)
+
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """Returns the numbers of a comma-separated flag value like "0,0.7,1.0"."""
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers like 0,0.7,1.0, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty: give comma-separated numbers like 0,0.7,1.0")
+    return values
+
+
+@bench_app.command("spec")
+def bench_spec_cmd(
+    policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
+    drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
+    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    batch_sizes: str = typer.Option("1,4,16,64"),
+    temperatures: str = typer.Option("0,0.7,1.0"),
+    ks: str = typer.Option("1,2,4,6,8", help="static draft lengths compared with plain decoding"),
+    max_new_tokens: int = typer.Option(64),
+    repeats: int = typer.Option(2, help="timed runs per cell; the fastest is kept"),
+    threads: int | None = typer.Option(1, help="torch CPU threads"),
+    device: str = typer.Option("cpu"),
+    dtype: str | None = typer.Option(None),
+    json_path: Path = typer.Option(Path("runs/bench/spec.json"), "--json", help="where the results go"),
+) -> None:
+    """Speculative (static k) vs plain decoding on the same engine, prompts and seeds: tokens/s and speedup."""
+    from respec.bench_spec import SpecBenchConfig, bench_spec
+
+    cfg = SpecBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
+                          task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+                          temperatures=_floats(temperatures, "--temperatures"), ks=_ints(ks, "--ks"),
+                          max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, device=device,
+                          dtype=dtype)
+    console = Console()
+    bench_spec(cfg, json_path, console)
+    console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@app.command()
+def pretrain(
+    task: str = typer.Option("arithmetic", help="synthetic task: arithmetic | countdown"),
+    out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
+    steps: int | None = typer.Option(None, help="optimiser steps (default: PretrainConfig's)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the small policy of the embedded default; prints the directory it wrote."""
+    from dataclasses import replace
+
+    from respec.pretrain import PretrainConfig
+    from respec.pretrain import pretrain as run
+
+    cfg = PretrainConfig(task=task, seed=seed)
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    typer.echo(str(run(cfg, out=out)))
+
+
+@app.command("train-drafter")
+def train_drafter(
+    target: Path = typer.Option(..., help="target (policy) directory with its tokenizer"),
+    out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
+    task: str = typer.Option("arithmetic", help="task whose prompts the target's rollouts answer"),
+    steps: int | None = typer.Option(None, help="optimiser steps (default: DistillConfig's)"),
+) -> None:
+    """Distil an EAGLE-3 drafter from the target's rollouts; prints the directory it wrote."""
+    from dataclasses import replace
+
+    from respec.distill import DistillConfig, build_drafter
+
+    cfg = DistillConfig() if steps is None else replace(DistillConfig(), steps=steps)
+    typer.echo(str(build_drafter(target, cfg, out=out, task=task)))
+
+
+@app.command()
+def demo(
+    json_path: Path = typer.Option(Path("runs/demo/spec.json"), "--json", help="where the results go"),
+    full: bool = typer.Option(False, help="the full grid of `respec bench spec` instead of the quick one"),
+) -> None:
+    """Build (or reuse) the embedded policy and drafter, then compare speculative and plain decoding."""
+    from dataclasses import replace
+
+    from respec.bench_spec import SpecBenchConfig, bench_spec, resolve_models
+
+    console = Console()
+    console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
+    cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 4, 16, 64), temperatures=(0.0, 1.0),
+                                                         ks=(1, 2, 4, 6), repeats=1)
+    policy, drafter = resolve_models(cfg)
+    console.print(f"policy:  {policy}\ndrafter: {drafter}")
+    console.rule("speculative vs plain decoding")
+    bench_spec(replace(cfg, policy=str(policy), drafter=str(drafter)), json_path, console)
+    console.print(f"results: {json_path} and plot: {json_path.with_suffix('.png')}")
 
 
 def main() -> None:

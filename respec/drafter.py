@@ -326,7 +326,7 @@ class Eagle3Drafter(nn.Module):
             mask = None
         else:
             positions = cache.lengths[:, None] + torch.arange(T, device=embeds.device)
-            mask = attention_mask(cache, T)
+            mask = attention_mask(cache, T, embeds.dtype)
         cos, sin = self.rope(positions, embeds.dtype)
         hidden = self.midlayer(embeds, feature, cos, sin, cache, mask)  # [B, T, H]
         if cache is not None:

@@ -275,14 +275,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(cache: KVCache, T: int) -> torch.Tensor:
-    """Returns the boolean mask [B, 1, T, S] letting new token t of row b see cache positions <= lengths[b] + t."""
+def attention_mask(cache: KVCache, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Returns the additive mask [B, 1, T, S] (0 where visible, -inf elsewhere) letting new token t of row b see
+    cache positions <= lengths[b] + t. Built once per forward in the compute dtype, so the layers don't convert it.
+    """
     S = cache.extent + T
     if S > cache.capacity:
         raise RuntimeError(f"KV cache overflow: {S} positions needed, capacity {cache.capacity}")
     pos = cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)  # [B, T]
     keys = torch.arange(S, device=pos.device)
-    return (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]
+    hidden = keys[None, None, :] > pos[:, :, None]  # [B, T, S]
+    return torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))[:, None]
 
 
 class Transformer(nn.Module):
@@ -322,7 +325,7 @@ class Transformer(nn.Module):
             mask = None
         else:
             positions = cache.lengths[:, None] + torch.arange(T, device=x.device)
-            mask = attention_mask(cache, T)
+            mask = attention_mask(cache, T, x.dtype)
         cos, sin = self.rope(positions, x.dtype)
         aux = []
         for i, layer in enumerate(self.layers):

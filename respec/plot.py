@@ -99,3 +99,26 @@ def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
     if device:
         fig.suptitle(device, fontsize=9)
     return _save(fig, Path(png))
+
+
+def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `bench_spec` results: speedup vs k, one panel per temperature, one line per batch."""
+    cells = data["cells"]
+    temps = sorted({c["temperature"] for c in cells})
+    fig = Figure(figsize=(4.5 * len(temps), 4), layout="constrained")
+    for i, temperature in enumerate(temps):
+        ax = fig.add_subplot(1, len(temps), i + 1)
+        for batch in sorted({c["batch"] for c in cells}):
+            pts = sorted((c["k"], c["speedup_vs_plain"]) for c in cells
+                         if c["batch"] == batch and c["temperature"] == temperature)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {batch}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("draft length k (0 = plain)")
+        ax.set_ylabel("tokens/s vs plain decoding")
+        ax.set_title(f"temperature {temperature:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    device = data.get("machine", {}).get("device_name", "")
+    if device:
+        fig.suptitle(f"Speculative decoding speedup ({device})", fontsize=9)
+    return _save(fig, Path(png))

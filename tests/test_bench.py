@@ -15,8 +15,11 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidd
 
 def test_bench_engine_writes_json_and_png(tmp_path):
     cfg = EngineBenchConfig(batch_sizes=(1, 3), max_new_tokens=4, prompt_len=(2, 6), verify_batches=(1, 2),
-                            verify_max_n=3, verify_prefill=8, verify_repeats=2, model_config=TINY)
+                            verify_max_n=3, verify_prefill=8, verify_repeats=1, gen_repeats=1,
+                            model_config=TINY, threads=1)
     path = tmp_path / "out" / "engine.json"
+    # One thread: tiny ops gain nothing from two, and on a busy shared machine an OpenMP barrier waiting for a
+    # descheduled thread costs milliseconds per op.
     data = bench_engine(cfg, path, Console(quiet=True))
     assert json.loads(path.read_text()) == json.loads(json.dumps(data))
     assert set(data) == {"engine_vs_hf", "verify_cost", "machine", "config"}
@@ -31,13 +34,15 @@ def test_bench_engine_writes_json_and_png(tmp_path):
         assert {"batch", "n", "seconds", "ratio_to_n1"} <= set(c) and c["seconds"] > 0
         assert c["ratio_to_n1"] == 1.0 if c["n"] == 1 else c["ratio_to_n1"] > 0
     assert {"platform", "cpu_count", "torch", "device_name"} <= set(data["machine"])
+    assert data["machine"]["torch_threads"] == 1
     assert data["config"]["model_config"]["hidden_size"] == 32
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["engine.json", "engine.png"]  # no temp files left
 
 
 @pytest.mark.parametrize("kwargs", [{"batch_sizes": (0,)}, {"prompt_len": (5, 2)}, {"verify_max_n": 0},
-                                    {"device": "tpu"}, {"dtype": "fp8"}])
+                                    {"device": "tpu"}, {"dtype": "fp8"},
+                                    {"threads": 0}])
 def test_bench_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):
         EngineBenchConfig(**kwargs)
