@@ -117,6 +117,16 @@ class ArithmeticTask:
             text = f"{steps}\n{ANSWER_PREFIX} {shown}"
         return text, self.score(problem, text).reward == 1.0
 
+    def style_of(self, problem: Problem, completion: str) -> str:
+        """Return the style a completion follows: "direct" (no steps), "worked" (the correct steps and answer),
+        else "sloppy" (steps with a slip, or right steps then a wrong answer)."""
+        at = completion.rfind(ANSWER_PREFIX)
+        steps = (completion[:at] if at >= 0 else completion).strip()
+        if not steps:
+            return "direct"
+        correct, _ = _worked(problem.meta["a"], problem.meta["b"], problem.meta["op"], None)
+        return "worked" if steps == correct and self.score(problem, completion).reward == 1.0 else "sloppy"
+
 
 def _worked(a: int, b: int, op: str, slip: random.Random | None) -> tuple[str, int]:
     """Return (the steps on one line, the value they reach); with `slip`, one carry/borrow is dropped."""
