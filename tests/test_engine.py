@@ -83,7 +83,7 @@ def test_speculative_matches_target_distribution(target, drafter, temperature, t
     engine = Engine(target, drafter)
     spec_counts = first3_counts(engine, params, SpecConfig(mode="static", k=k), N)
     plain_counts = first3_counts(engine, params, SpecConfig(mode="off"), N)
-    for prompt, sc, pc in zip(PROMPTS, spec_counts, plain_counts):
+    for prompt, sc, pc in zip(PROMPTS, spec_counts, plain_counts, strict=False):
         exact = exact_joint(target, prompt, params)
         assert chi2_pvalue(sc, exact) > 1e-3, "speculative samples do not follow the target distribution"
         assert chi2_pvalue(pc, exact) > 1e-3, "plain samples do not follow the target distribution"
@@ -116,7 +116,7 @@ def test_greedy_plain_equals_transformers_generate(target, tmp_path):
     save_model(target, tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     out = Engine(target).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
-    for prompt, seq in zip(PROMPTS, out.sequences):
+    for prompt, seq in zip(PROMPTS, out.sequences, strict=False):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert seq.tokens == ref[0, len(prompt):].tolist()
 
@@ -126,7 +126,7 @@ def test_logprobs_equal_a_fresh_forward(target, drafter, mode):
     params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=20, seed=3, ignore_eos=True)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [2], [5, 4, 3]]
     out = Engine(target, drafter).generate(prompts, params, SpecConfig(mode=mode, k=3))
-    for prompt, seq in zip(prompts, out.sequences):
+    for prompt, seq in zip(prompts, out.sequences, strict=False):
         with torch.no_grad():
             logits = target.logits(torch.tensor([prompt + seq.tokens]))[0, len(prompt) - 1:-1]
         ref = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(seq.tokens)[:, None]).squeeze(-1)
@@ -143,7 +143,7 @@ def test_stop_tokens_budgets_and_compaction(target, drafter):
     stopped = SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=(stop,), ignore_eos=True)
     for spec in [SpecConfig(mode="off"), SpecConfig(mode="static", k=4)]:
         out = engine.generate(prompts, stopped, spec)
-        for ref, seq in zip(full, out.sequences):
+        for ref, seq in zip(full, out.sequences, strict=False):
             if stop in ref.tokens:
                 cut = ref.tokens.index(stop) + 1
                 assert seq.tokens == ref.tokens[:cut] and seq.finish_reason == "stop"
