@@ -128,8 +128,8 @@ def _time_hf(hf, prompts: list[list[int]], max_new: int, pad: int,
     ids, mask = _left_pad(prompts, pad, device)
     _sync(device)
     t0 = time.perf_counter()
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                      do_sample=False, pad_token_id=pad)
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                      pad_token_id=pad)
     _sync(device)
     seconds = time.perf_counter() - t0
     new = out[:, ids.shape[1]:]  # [B, max_new]
@@ -175,7 +175,12 @@ def _load_hf(path: str, dtype: torch.dtype, device: str):
 
     transformers.logging.set_verbosity_error()  # generation-config chatter, not results
     transformers.logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # Generate exactly max_new_tokens, past eos, as our side does with ignore_eos (min_new_tokens would instead
+    # forbid eos and change the greedy tokens of a trained model).
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.bos_token_id = None
+    return hf
 
 
 def bench_engine(cfg: EngineBenchConfig | None = None, json_path: str | os.PathLike | None = None,

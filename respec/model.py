@@ -236,14 +236,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        else:
+        if cache is not None:
             # Write the T new entries of each row at its own positions lengths[b] + t.
             idx = (cache.lengths[:, None] + torch.arange(T, device=x.device))  # [B, T]
             idx = idx[:, None, :, None].expand(B, self.n_kv, T, self.head_dim)
             cache.k[layer].scatter_(2, idx, k)
             cache.v[layer].scatter_(2, idx, v)
+        if mask is None:  # no cache, or an empty one: plain causal attention over the new tokens
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:
             S = mask.shape[-1]
             out = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :S], cache.v[layer, :, :, :S],
                                                  attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
@@ -320,7 +321,9 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
-        if cache is None:
+        if cache is None or cache.extent == 0:
+            # From position 0 (a forward without cache, or the prefill of an empty one): causal attention
+            # needs no mask, and right padding only adds positions that no real token attends to.
             positions = torch.arange(T, device=x.device).expand(B, T)
             mask = None
         else:
