@@ -44,7 +44,7 @@ from respec.cache import MARKER, cache_path, discard_partial, is_complete, mark_
 from respec.drafter import Eagle3Drafter, init_drafter, save_drafter
 from respec.engine import Engine
 from respec.errors import CheckpointError, ConfigError
-from respec.model import Transformer, apply_rope, atomic_directory, commit_directory, load_model
+from respec.model import Transformer, atomic_directory, commit_directory, load_model
 from respec.sampling import SamplingParams, SpecConfig
 
 VERSION = 1  # bump when a change here should invalidate cached drafters
@@ -171,9 +171,7 @@ def _ttt_layer(drafter: Eagle3Drafter, embeds: torch.Tensor, feature: torch.Tens
     B, T, _ = embeds.shape
     x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(feature)], dim=-1)  # [B, T, 2H]
     cos, sin = drafter.rope(positions, embeds.dtype)  # [B, 1, T, D]
-    q = apply_rope(attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.k_proj(x).view(B, T, attn.n_kv, attn.head_dim).transpose(1, 2), cos, sin)
-    v = attn.v_proj(x).view(B, T, attn.n_kv, attn.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+    q, k, v = attn.qkv(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x 2
     keys.append(k)
     values.append(v)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

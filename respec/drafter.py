@@ -61,6 +61,8 @@ from respec.model import (
     attention_mask,
     check_finite,
     commit_directory,
+    fused_state,
+    hf_state,
     read_safetensors,
     resolve_dtype,
     rope_inv_freq,
@@ -224,11 +226,7 @@ class Eagle3Layer(nn.Module):
         h = layer_cfg.hidden_size
         self.input_layernorm = RMSNorm(h, layer_cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(h, layer_cfg.rms_norm_eps)
-        self.self_attn = Attention(layer_cfg)
-        a = self.self_attn
-        self.self_attn.q_proj = nn.Linear(2 * h, a.n_heads * a.head_dim, bias=False)
-        self.self_attn.k_proj = nn.Linear(2 * h, a.n_kv * a.head_dim, bias=False)
-        self.self_attn.v_proj = nn.Linear(2 * h, a.n_kv * a.head_dim, bias=False)
+        self.self_attn = Attention(layer_cfg, input_size=2 * h)  # q/k/v read [embedding, feature]
         self.post_attention_layernorm = RMSNorm(h, layer_cfg.rms_norm_eps)
         self.mlp = MLP(layer_cfg)
 
@@ -413,7 +411,7 @@ def save_drafter(drafter: Eagle3Drafter, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = atomic_directory(path)
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in hf_state(drafter, drafter.state_dict()).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = drafter.config.to_hf()
         hf["torch_dtype"] = str(drafter.fc.weight.dtype).removeprefix("torch.")
@@ -466,7 +464,7 @@ def load_drafter(path: str | os.PathLike, target: Transformer, dtype: torch.dtyp
                               f"config implies ({cfg.vocab_size}, {cfg.hidden_size})")
     with torch.device("meta"):
         drafter = Eagle3Drafter(cfg, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
-    expected = dict(drafter.state_dict())
+    expected = hf_state(drafter, drafter.state_dict())  # checked under the HF names vLLM/SGLang use
     if cfg.draft_vocab_size == cfg.vocab_size:  # both engines accept a full-vocab drafter without maps
         tensors.setdefault("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
     if "d2t" in tensors and "t2d" not in tensors:
@@ -493,7 +491,7 @@ def load_drafter(path: str | os.PathLike, target: Transformer, dtype: torch.dtyp
     dtype = target_emb.weight.dtype if dtype is None else resolve_dtype(dtype, device)
     state = {k: tensors[k].to(dtype) if tensors[k].is_floating_point() else tensors[k] for k in expected}
     state["d2t"], state["t2d"] = d2t, t2d
-    drafter.load_state_dict(state, strict=True, assign=True)
+    drafter.load_state_dict(fused_state(drafter, state), strict=True, assign=True)
     drafter.inv_freq = inv_freq_fp32(drafter)  # replaces the meta buffer; .to(device) keeps it fp32
     drafter.bind_target(target)
     return drafter.to(device).eval()

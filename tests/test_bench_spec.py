@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 def test_bench_spec_grid_json_and_plot(models, tmp_path):
     policy, drafter = models
     cfg = SpecBenchConfig(policy=str(policy), drafter=str(drafter), batch_sizes=(1, 3), temperatures=(0.0, 1.0),
-                          ks=(1, 2), max_new_tokens=6, repeats=1)
+                          ks=(1, 2), max_new_tokens=6, repeats=1, min_prompts=2)
     data = bench_spec(cfg, tmp_path / "spec.json")
     saved = json.loads((tmp_path / "spec.json").read_text())
     assert (tmp_path / "spec.png").stat().st_size > 0

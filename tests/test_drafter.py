@@ -17,7 +17,7 @@ from respec.drafter import (
     vocab_maps,
 )
 from respec.errors import CheckpointError, ConfigError, DrafterMismatchError
-from respec.model import ModelConfig, init_model
+from respec.model import ModelConfig, hf_state, init_model
 
 EXPECTED_TENSORS = {
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -68,9 +68,10 @@ def reference_forward(d, ids, feats):
     emb = d.embed_tokens.weight[ids]
     x = torch.cat([rms(emb, m.input_layernorm.weight, eps), rms(fused, m.hidden_norm.weight, eps)], -1)
     a = m.self_attn
-    q = (x @ a.q_proj.weight.T).view(B, T, H, D).transpose(1, 2)
-    k = (x @ a.k_proj.weight.T).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // c.num_key_value_heads, 1)
-    v = (x @ a.v_proj.weight.T).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // c.num_key_value_heads, 1)
+    w = hf_state(d, d.state_dict())  # the HF-named (unfused) tensors the engines load
+    q = (x @ w["midlayer.self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
+    k = (x @ w["midlayer.self_attn.k_proj.weight"].T).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // c.num_key_value_heads, 1)
+    v = (x @ w["midlayer.self_attn.v_proj.weight"].T).view(B, T, -1, D).transpose(1, 2).repeat_interleave(H // c.num_key_value_heads, 1)
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, D, 2).float() / D))
     ang = torch.arange(T).float()[:, None] * inv
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
@@ -82,9 +83,9 @@ def reference_forward(d, ids, feats):
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1) @ a.o_proj.weight.T
     h = fused + attn  # the residual is the fused feature, before hidden_norm
-    mlp = m.mlp
     hn = rms(h, m.post_attention_layernorm.weight, eps)
-    h = h + (F.silu(hn @ mlp.gate_proj.weight.T) * (hn @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    gate, up = w["midlayer.mlp.gate_proj.weight"], w["midlayer.mlp.up_proj.weight"]
+    h = h + (F.silu(hn @ gate.T) * (hn @ up.T)) @ m.mlp.down_proj.weight.T
     return h, rms(h, d.norm.weight, eps) @ d.lm_head.weight.T
 
 
