@@ -60,6 +60,7 @@ from respec.model import (
     atomic_directory,
     attention_mask,
     check_finite,
+    check_tensors,
     commit_directory,
     fused_state,
     hf_state,
@@ -472,13 +473,7 @@ def load_drafter(path: str | os.PathLike, target: Transformer, dtype: torch.dtyp
         target_ids = torch.arange(len(tensors["d2t"])) + tensors["d2t"].long()
         if target_ids.numel() and 0 <= int(target_ids.min()) and int(target_ids.max()) < cfg.vocab_size:
             tensors["t2d"][target_ids] = True
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: drafter checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for name, t in expected.items():
-        if tensors[name].shape != t.shape:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config implies {tuple(t.shape)}")
+    check_tensors(expected, tensors, path, "drafter checkpoint")
     d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
     target_ids = torch.arange(cfg.draft_vocab_size) + d2t
     if (target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size

@@ -463,6 +463,18 @@ def check_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
             raise CheckpointError(f"{where}: tensor '{name}' holds NaN or Inf values")
 
 
+def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: Path | str,
+                  what: str) -> None:
+    """Raises CheckpointError if `tensors` lacks a name of `expected` or holds one with another shape."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: {what} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, t in expected.items():
+        if tensors[name].shape != t.shape:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config implies {tuple(t.shape)}")
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
     """Returns the torch dtype for a name like "bf16" or "float32"; None means fp32 on CPU, bf16 on GPU."""
     if dtype is None:
@@ -498,13 +510,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for name, t in expected.items():
-        if state[name].shape != t.shape:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, config implies {tuple(t.shape)}")
+    check_tensors(expected, state, path, "checkpoint")
     target_dtype = resolve_dtype(dtype, device)
     state = fused_state(model, {k: state[k].to(target_dtype) for k in expected})
     model.load_state_dict(state, strict=False, assign=True)

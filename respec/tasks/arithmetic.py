@@ -30,7 +30,15 @@ import re
 from dataclasses import dataclass
 
 from respec.errors import ConfigError
-from respec.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, pick_style
+from respec.tasks.base import (
+    ANSWER_PREFIX,
+    Problem,
+    Score,
+    check_style_mix,
+    clip,
+    final_answer,
+    pick_style,
+)
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
 
@@ -54,13 +62,7 @@ class ArithmeticTask:
             )
         if not self.ops or set(self.ops) - set("+-x"):
             raise ConfigError(f"arithmetic ops must be a non-empty subset of '+-x', got {self.ops!r}")
-        if len(self.style_weights) != 3 or min(self.style_weights) < 0 or sum(self.style_weights) <= 0:
-            raise ConfigError(
-                f"style_weights must be 3 non-negative weights (worked, direct, sloppy) with a positive "
-                f"sum, got {self.style_weights}"
-            )
-        if not 0.0 <= self.direct_accuracy <= 1.0:
-            raise ConfigError(f"direct_accuracy must be in [0, 1], got {self.direct_accuracy}")
+        check_style_mix("arithmetic", self.style_weights, self.direct_accuracy)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """Return `n` problems, the same ones for the same seed."""

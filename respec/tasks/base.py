@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from respec.errors import ConfigError
+
 ANSWER_PREFIX = "Answer:"
 
 
@@ -57,6 +59,18 @@ def final_answer(completion: str) -> str | None:
         return None
     rest = completion[at + len(ANSWER_PREFIX) :]
     return rest.split("\n", 1)[0].strip()
+
+
+def check_style_mix(task: str, style_weights: tuple[float, ...], direct_accuracy: float) -> None:
+    """Raises ConfigError unless style_weights are 3 non-negative weights with a positive sum and
+    direct_accuracy is a probability."""
+    if len(style_weights) != 3 or min(style_weights) < 0 or sum(style_weights) <= 0:
+        raise ConfigError(
+            f"{task} style_weights must be 3 non-negative weights (worked, direct, sloppy) with a positive "
+            f"sum, got {style_weights}"
+        )
+    if not 0.0 <= direct_accuracy <= 1.0:
+        raise ConfigError(f"{task} direct_accuracy must be in [0, 1], got {direct_accuracy}")
 
 
 def pick_style(styles: tuple[str, ...], weights: tuple[float, ...], rng: random.Random) -> str:

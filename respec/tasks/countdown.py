@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from respec.errors import ConfigError
-from respec.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, pick_style
+from respec.tasks.base import (
+    ANSWER_PREFIX,
+    Problem,
+    Score,
+    check_style_mix,
+    clip,
+    final_answer,
+    pick_style,
+)
 
 MAX_EXPRESSION_CHARS = 200
 MAX_MAGNITUDE = 10**12
@@ -75,13 +83,7 @@ class CountdownTask:
                 f"countdown needs 2 <= max_number <= 1000 and max_target >= 1, "
                 f"got max_number={self.max_number}, max_target={self.max_target}"
             )
-        if len(self.style_weights) != 3 or min(self.style_weights) < 0 or sum(self.style_weights) <= 0:
-            raise ConfigError(
-                f"style_weights must be 3 non-negative weights (worked, direct, sloppy) with a positive "
-                f"sum, got {self.style_weights}"
-            )
-        if not 0.0 <= self.direct_accuracy <= 1.0:
-            raise ConfigError(f"direct_accuracy must be in [0, 1], got {self.direct_accuracy}")
+        check_style_mix("countdown", self.style_weights, self.direct_accuracy)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """Return `n` solvable problems, the same ones for the same seed."""
