@@ -200,3 +200,16 @@ def test_batched_cached_decoding_uses_grouped_path_exactly(pair):
     ours(ids[:, :8], cache)
     h, _ = ours(ids[:, 8:], cache)
     assert (ours.lm_head(h) - ours.logits(ids)[:, 8:]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_transformers_formula(dtype):
+    from respec.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(3, 5, 64) * 4).to(dtype)
+    xf = x.float()
+    ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)  # HF's order
+    assert torch.equal(norm(x), ref) if dtype == torch.bfloat16 else (norm(x) - ref).abs().max() <= 1e-6
