@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -207,7 +208,7 @@ def build_policy(cfg: PretrainConfig, metrics_path: Path, progress: bool = True)
         styles = ", ".join(f"{k} {v:.0%}" for k, v in t1["styles"].items())
         print(f"policy: {evaluation['parameters'] / 1e6:.2f}M parameters, {cfg.num_layers} layers; accuracy "
               f"{t1['accuracy']:.1%} at T=1, {g['accuracy']:.1%} greedy; styles at T=1: {styles}; "
-              f"eos {t1['stop_rate']:.0%}; {evaluation['seconds']:.0f}s")
+              f"eos {t1['stop_rate']:.0%}; {evaluation['seconds']:.0f}s", file=sys.stderr, flush=True)
     return model, tokenizer, evaluation
 
 
@@ -287,9 +288,11 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
 def _progress_bar(total: int):
     """Returns (a started rich Progress, its task id)."""
     from rich import progress as rp
+    from rich.console import Console
 
     bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                      rp.TimeElapsedColumn(), rp.TimeRemainingColumn())
+                      rp.TimeElapsedColumn(), rp.TimeRemainingColumn(),
+                      console=Console(stderr=True))  # stdout carries only the directory (scripts capture it)
     bar.start()
     return bar, bar.add_task("pretrain", total=total)
 

@@ -110,3 +110,10 @@ def test_style_of_classifies_sft_styles():
         for style in task.styles:
             text, _ = task.sft_completion(p, rng, style=style)
             assert task.style_of(p, text) == style
+
+
+def test_progress_goes_to_stderr_so_stdout_is_the_path(tmp_path, capfd):
+    """`P=$(respec pretrain)` must capture just the directory: progress and the summary go to stderr."""
+    pretrain(PretrainConfig(**{**TINY, "steps": 2, "warmup": 1}), out=tmp_path / "p", progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "policy:" in err
