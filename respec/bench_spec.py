@@ -135,9 +135,10 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                                       "mean_emitted_per_step": emitted, "tokens": tokens,
                                       "seconds": seconds, "prompts": rounds * batch})
                         bar.advance(task)
+        machine = machine_info(cfg.device)  # while the benchmark's thread count is still set
     finally:
         torch.set_num_threads(threads)
-    data = {"cells": cells, "machine": machine_info(cfg.device), "config": asdict(cfg),
+    data = {"cells": cells, "machine": machine, "config": asdict(cfg),
             "policy": str(policy_dir), "drafter": str(drafter_dir)}
     print_spec_table(data, console)
     if json_path is not None:
