@@ -136,6 +136,7 @@ class _Run:
         self.finish = ["length"] * B
         self.rows = torch.arange(B, device=dev)  # live row -> original row
         self.gen_len = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted so far per live row
+        self.gen_len_final = torch.zeros(B, dtype=torch.long, device=dev)  # by original row, set as rows finish
         self.prompts = prompts
         self.stats: list[StepStats] = []
         self.aux_layers = tuple(self.drafter.aux_layer_ids) if self.drafter is not None else ()
@@ -265,8 +266,6 @@ class _Run:
             self.dcache.extent = host[3 * B + 1]
         if not any(done_host):
             return acc_host, True
-        if not hasattr(self, "gen_len_final"):
-            self.gen_len_final = torch.zeros(len(self.prompts), dtype=torch.long, device=emitted.device)
         orig = self.rows.tolist()
         for i in range(B):  # only over rows that finished this step: bookkeeping, not the hot path
             if done_host[i]:
