@@ -20,16 +20,20 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; results go to JS
 app.add_typer(bench_app, name="bench")
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    """Returns the integers of a comma-separated flag value like "1,8,32"."""
+def _numbers(text: str, flag: str, kind: type = int) -> tuple:
+    """Returns the numbers of a comma-separated flag value like "1,8,32" (kind=int) or "0,0.7,1.0" (float)."""
+    example = "1,8,32" if kind is int else "0,0.7,1.0"
     try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
+        values = tuple(kind(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers like 1,8,32, got '{text}'") from None
+        raise ConfigError(f"{flag} must be comma-separated numbers like {example}, got '{text}'") from None
     if not values:
-        raise ConfigError(f"{flag} is empty: give comma-separated integers like 1,8,32")
+        raise ConfigError(f"{flag} is empty: give comma-separated numbers like {example}")
     return values
 
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    return _numbers(text, flag, int)
 
 @bench_app.command("engine")
 def bench_engine_cmd(
@@ -120,17 +124,6 @@ def generate(
 
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    """Returns the numbers of a comma-separated flag value like "0,0.7,1.0"."""
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated numbers like 0,0.7,1.0, got '{text}'") from None
-    if not values:
-        raise ConfigError(f"{flag} is empty: give comma-separated numbers like 0,0.7,1.0")
-    return values
-
-
 @bench_app.command("spec")
 def bench_spec_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
@@ -151,7 +144,7 @@ def bench_spec_cmd(
 
     cfg = SpecBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                           task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-                          temperatures=_floats(temperatures, "--temperatures"), ks=_ints(ks, "--ks"),
+                          temperatures=_numbers(temperatures, "--temperatures", float), ks=_ints(ks, "--ks"),
                           max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, device=device,
                           dtype=dtype)
     console = Console()
