@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from respec.cache import MARKER, cache_path, discard_partial, is_complete, mark_complete
 from respec.drafter import Eagle3Drafter, init_drafter, save_drafter
 from respec.engine import Engine
-from respec.errors import CheckpointError, ConfigError
+from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.model import Transformer, atomic_directory, commit_directory, load_model
 from respec.sampling import SamplingParams, SpecConfig
 
@@ -295,6 +295,7 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             loss, metrics = distill_loss(drafter, data.rows(index), cfg.ttt_steps, step_decay=cfg.step_decay)
+            check_finite_loss(loss, step, "train-drafter")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

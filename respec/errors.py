@@ -27,3 +27,14 @@ class SamplingError(RespecError):
 
 class DataError(RespecError):
     """A data file (tasks, prompts) is missing or malformed."""
+
+
+class TrainingError(RespecError):
+    """Training diverged (a NaN or infinite loss)."""
+
+
+def check_finite_loss(loss, step: int, what: str) -> None:
+    """Raises TrainingError if the scalar tensor `loss` is NaN or infinite (before it reaches the weights)."""
+    if not bool(loss.isfinite()):
+        raise TrainingError(f"{what}: loss is {float(loss.detach())} at step {step}; nothing was saved. Lower the learning "
+                            "rate or check the data and the starting weights for NaN")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from respec.cache import cache_path, discard_partial, is_complete, mark_complete
 from respec.engine import Engine
-from respec.errors import ConfigError
+from respec.errors import ConfigError, check_finite_loss
 from respec.model import ModelConfig, Transformer, init_model, load_model, save_model
 from respec.sampling import SamplingParams, SpecConfig
 from respec.tasks import Problem, Task, get_task
@@ -269,6 +269,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
                 group["lr"] = lr
             logits = model.logits(inputs)  # [B, T, V]
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            check_finite_loss(loss, step, "pretrain")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

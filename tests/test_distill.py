@@ -232,3 +232,19 @@ def test_build_drafter_roundtrip_and_cache(target, target_dir, tmp_path, monkeyp
     other = DistillConfig(**{**cfg.__dict__, "seed": 1})
     assert cache_path("drafter", {"x": 1}).parent == path.parent
     assert build_drafter(target_dir, other, progress=False) != path
+
+
+def test_nan_loss_is_a_clear_error(tmp_path):
+    """A drafter whose weights hold NaN makes the loss NaN: training stops with TrainingError, writes nothing."""
+    from respec.errors import TrainingError
+
+    target = peaky_target()
+    drafter = init_drafter(target, seed=0)
+    with torch.no_grad():
+        drafter.fc.weight[0, 0] = float("nan")
+    cfg = DistillConfig(num_rollouts=4, max_new_tokens=4, steps=2, batch_size=2, warmup_steps=1, ttt_steps=2,
+                        eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1,))
+    with pytest.raises(TrainingError, match="train-drafter: loss is nan at step 0"):
+        train_drafter(target, [[1, 2, 3]] * 4, cfg, drafter=drafter, progress=False,
+                      metrics_path=tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists() or (tmp_path / "m.jsonl").read_text() == ""
