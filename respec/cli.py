@@ -200,7 +200,7 @@ def demo(
     console = Console()
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 4, 16, 64), temperatures=(0.0, 1.0),
-                                                         ks=(1, 2, 4, 6), repeats=1)
+                                                         ks=(1, 2, 4, 6), repeats=2)
     from respec.cache import cache_root
 
     console.print(f"cache: {cache_root()} (the first run trains the policy, ~8 min, and the drafter, ~2 min "
