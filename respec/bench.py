@@ -12,6 +12,8 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +92,18 @@ def machine_info(device: str) -> dict:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
             "device_name": name}
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Runs the block with `threads` torch CPU threads (None = unchanged), restoring the count afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -186,18 +200,15 @@ def _load_hf(path: str, dtype: torch.dtype, device: str):
 def bench_engine(cfg: EngineBenchConfig | None = None, json_path: str | os.PathLike | None = None,
                  console: Console | None = None) -> dict:
     """Returns {"engine_vs_hf", "verify_cost", "machine", "config"}; writes JSON + PNG if json_path is given."""
+    from respec.plot import plot_bench_engine
+
     cfg = cfg or EngineBenchConfig()
     console = console or Console()
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         data = _bench_engine(cfg, console)
-    finally:
-        torch.set_num_threads(threads)
     print_tables(data, console)
     if json_path is not None:
-        write_results(data, Path(json_path))
+        write_results(data, Path(json_path), plot_bench_engine)
     return data
 
 
@@ -283,13 +294,10 @@ def print_tables(data: dict, console: Console) -> None:
     console.print(table)
 
 
-def write_results(data: dict, path: Path) -> tuple[Path, Path]:
-    """Writes data as JSON at `path` and its plot at the same stem + .png, each atomically; returns both."""
-    from respec.plot import plot_bench_engine
-
+def write_results(data: dict, path: Path, plot: Callable[[dict, Path], Path]) -> tuple[Path, Path]:
+    """Writes data as JSON at `path` and `plot(data, png)` at the same stem + .png, each atomically; returns both."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
-    png = plot_bench_engine(data, path.with_suffix(".png"))
-    return path, png
+    return path, plot(data, path.with_suffix(".png"))

@@ -8,7 +8,6 @@ shrinks (or turns into a slowdown) as the batch grows and verification becomes c
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from respec.bench import machine_info
+from respec.bench import machine_info, torch_threads, write_results
 from respec.engine import Engine, GenerationResult
 from respec.errors import ConfigError
+from respec.plot import plot_bench_spec
 from respec.sampling import SamplingParams, SpecConfig
 
 HELD_OUT_SEED = 424_242  # prompts no training run has seen (pretrain and distill draw other seeds)
@@ -98,10 +98,7 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
 
     cfg = cfg or SpecBenchConfig()
     console = console or Console()
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         policy_dir, drafter_dir = resolve_models(cfg)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         drafter = load_drafter(drafter_dir, target)
@@ -117,6 +114,8 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("bench spec", total=total)
             for batch in cfg.batch_sizes:
+                rounds = max(1, cfg.min_prompts // batch)
+                batches = [prompts[i * batch:(i + 1) * batch] for i in range(rounds)]
                 for temperature in cfg.temperatures:
                     params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens,
                                             seed=cfg.seed)
@@ -125,8 +124,6 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                     plain_tps = None
                     for mode, k, spec in runs:
                         bar.update(task, description=f"batch {batch} T={temperature} {mode} k={k}")
-                        rounds = max(1, cfg.min_prompts // batch)
-                        batches = [prompts[i * batch:(i + 1) * batch] for i in range(rounds)]
                         tokens, seconds, emitted = _timed(engine, batches, params, spec, cfg.repeats)
                         tps = tokens / seconds
                         plain_tps = plain_tps or tps
@@ -136,13 +133,11 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                                       "seconds": seconds, "prompts": rounds * batch})
                         bar.advance(task)
         machine = machine_info(cfg.device)  # while the benchmark's thread count is still set
-    finally:
-        torch.set_num_threads(threads)
     data = {"cells": cells, "machine": machine, "config": asdict(cfg),
             "policy": str(policy_dir), "drafter": str(drafter_dir)}
     print_spec_table(data, console)
     if json_path is not None:
-        write_spec_results(data, Path(json_path))
+        write_results(data, Path(json_path), plot_bench_spec)
     return data
 
 
@@ -170,13 +165,3 @@ def print_spec_table(data: dict, console: Console) -> None:
                       f"{b['speedup_vs_plain']:.2f}x @k={b['k']}")
     console.print(table)
 
-
-def write_spec_results(data: dict, path: Path) -> tuple[Path, Path]:
-    """Writes data as JSON at `path` and its plot at the same stem + .png, each atomically; returns both."""
-    from respec.plot import plot_bench_spec
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path, plot_bench_spec(data, path.with_suffix(".png"))
