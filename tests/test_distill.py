@@ -34,21 +34,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_target(seed: int = 0, vocab: int = V):
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = init_model(cfg, seed=seed)
-    with torch.no_grad():  # sharpen the random model so its distributions are peaky (as in test_engine.py)
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(15)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def target():
+def target(sharp_target):
     torch.manual_seed(0)
-    return tiny_target()
+    return sharp_target(V)
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,9 @@ from respec.sampling import SamplingParams, SpecConfig, sample, target_probs
 V = 8  # small vocabulary: the joint of 3 tokens has 512 cells, few enough to test exactly
 
 
-def tiny_target(vocab: int = V, seed: int = 0, layers: int = 4):
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = init_model(cfg, seed=seed)
-    with torch.no_grad():  # sharpen the random model so its distributions are far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(15)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def target():
-    return tiny_target()
+def target(sharp_target):
+    return sharp_target(V, max_positions=128)
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +182,10 @@ def test_bad_prompts(target):
         engine.generate([[1] * 120], params)
 
 
-def test_drafter_required_and_must_match(target, drafter):
+def test_drafter_required_and_must_match(target, drafter, sharp_target):
     with pytest.raises(ConfigError, match="needs a drafter"):
         Engine(target).generate([[1]], SamplingParams(), SpecConfig(mode="static"))
-    other = tiny_target(vocab=V + 3)
+    other = sharp_target(V + 3, max_positions=128)
     with pytest.raises(DrafterMismatchError):
         Engine(other, drafter)
 
