@@ -6,6 +6,8 @@ User errors (`RespecError`) are printed as one line, `error: <message>`, with ex
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -35,6 +37,29 @@ def _numbers(text: str, flag: str, kind: type = int) -> tuple:
 def _ints(text: str, flag: str) -> tuple[int, ...]:
     return _numbers(text, flag, int)
 
+
+@contextmanager
+def _progress() -> Iterator[Callable[..., None]]:
+    """Yields a `log(message, fraction=None)` callback for library code, drawn as rich progress bars on stderr
+    (stdout stays for results that scripts capture): one bar per phase (the message's first word), plain lines
+    for messages without a fraction."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        tasks: dict[str, int] = {}
+
+        def log(message: str, fraction: float | None = None) -> None:
+            if fraction is None:
+                bar.console.print(message, highlight=False)
+                return
+            phase = message.split()[0]
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(message, total=1.0)
+            bar.update(tasks[phase], completed=fraction, description=message)
+
+        yield log
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     batch_sizes: str = typer.Option("1,8,32", help="generate() batch sizes, ours vs transformers"),
@@ -51,7 +76,7 @@ def bench_engine_cmd(
     json_path: Path = typer.Option(Path("runs/bench/engine.json"), "--json", help="where the results go"),
 ) -> None:
     """Plain decoding vs transformers generate, and the verification cost t(B, n) / t(B, 1)."""
-    from respec.bench import EngineBenchConfig, bench_engine
+    from respec.bench.engine import EngineBenchConfig, bench_engine
 
     cfg = EngineBenchConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens,
                             gen_repeats=repeats, verify_batches=_ints(verify_batches, "--verify-batches"),
@@ -69,7 +94,7 @@ def plot(
     out: Path | None = typer.Option(None, help="PNG to write (default: beside the JSONL)"),
 ) -> None:
     """Plot every numeric metric of a JSONL file, one panel per key, against "step" (or the line index)."""
-    from respec.plot import plot_metrics
+    from respec.bench.plot import plot_metrics
 
     Console().print(f"wrote {plot_metrics(path, out)}")
 
@@ -101,9 +126,9 @@ def generate(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Generate from a checkpoint (optionally with a drafter) and print the new token ids."""
-    from respec.engine import Engine
-    from respec.model import load_model
-    from respec.sampling import SamplingParams, SpecConfig
+    from respec.engine.checkpoint import load_model
+    from respec.engine.generate import Engine, SpecConfig
+    from respec.engine.sampling import SamplingParams
 
     # Validate every flag before the (slow) checkpoint load.
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -113,7 +138,7 @@ def generate(
     target = load_model(model, dtype, device)
     draft = None
     if drafter is not None:
-        from respec.drafter import load_drafter
+        from respec.engine.drafter import load_drafter
 
         draft = load_drafter(drafter, target)
     out = Engine(target, draft).generate(prompts, params, spec)
@@ -140,7 +165,7 @@ def bench_spec_cmd(
     json_path: Path = typer.Option(Path("runs/bench/spec.json"), "--json", help="where the results go"),
 ) -> None:
     """Speculative (static k) vs plain decoding on the same engine, prompts and seeds: tokens/s and speedup."""
-    from respec.bench_spec import SpecBenchConfig, bench_spec
+    from respec.bench.spec import SpecBenchConfig, bench_spec
 
     cfg = SpecBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                           task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
@@ -162,13 +187,15 @@ def pretrain(
     """Train the small policy of the embedded default; prints the directory it wrote."""
     from dataclasses import replace
 
-    from respec.pretrain import PretrainConfig
-    from respec.pretrain import pretrain as run
+    from respec.world.pretrain import PretrainConfig
+    from respec.world.pretrain import pretrain as run
 
     cfg = PretrainConfig(task=task, seed=seed)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    typer.echo(str(run(cfg, out=out)))
+    with _progress() as log:
+        path = run(cfg, out=out, log=log)
+    typer.echo(str(path))
 
 
 @app.command("train-drafter")
@@ -181,10 +208,12 @@ def train_drafter(
     """Distil an EAGLE-3 drafter from the target's rollouts; prints the directory it wrote."""
     from dataclasses import replace
 
-    from respec.distill import DistillConfig, build_drafter
+    from respec.world.distill import DistillConfig, build_drafter
 
     cfg = DistillConfig() if steps is None else replace(DistillConfig(), steps=steps)
-    typer.echo(str(build_drafter(target, cfg, out=out, task=task)))
+    with _progress() as log:
+        path = build_drafter(target, cfg, out=out, task=task, log=log)
+    typer.echo(str(path))
 
 
 @app.command()
@@ -195,17 +224,18 @@ def demo(
     """Build (or reuse) the embedded policy and drafter, then compare speculative and plain decoding."""
     from dataclasses import replace
 
-    from respec.bench_spec import SpecBenchConfig, bench_spec, resolve_models
+    from respec.bench.spec import SpecBenchConfig, bench_spec
+    from respec.world.artifacts import cache_root
+    from respec.world.defaults import resolve_models
 
     console = Console()
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 4, 16, 64), temperatures=(0.0, 1.0),
                                                          ks=(1, 2, 4, 6), repeats=2)
-    from respec.cache import cache_root
-
     console.print(f"cache: {cache_root()} (the first run trains the policy, ~8 min, and the drafter, ~2 min "
                   "on 2 CPU cores; later runs reuse them)")
-    policy, drafter = resolve_models(cfg)
+    with _progress() as log:
+        policy, drafter = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
     console.print(f"policy:  {policy}\ndrafter: {drafter}")
     console.rule("speculative vs plain decoding")
     bench_spec(replace(cfg, policy=str(policy), drafter=str(drafter)), json_path, console)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from respec.model import ModelConfig, init_model
+from respec.engine.model import ModelConfig, init_model
 
 
 def _sharp_target(vocab: int, seed: int = 0, max_positions: int = 256):

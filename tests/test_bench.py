@@ -5,9 +5,9 @@ import json
 import pytest
 from rich.console import Console
 
-from respec.bench import EngineBenchConfig, bench_engine
+from respec.bench.engine import EngineBenchConfig, bench_engine
+from respec.engine.model import ModelConfig
 from respec.errors import ConfigError
-from respec.model import ModelConfig
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

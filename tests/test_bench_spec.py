@@ -5,11 +5,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from respec.bench_spec import SpecBenchConfig, bench_spec, best_cells
+from respec.bench.spec import SpecBenchConfig, bench_spec, best_cells
 from respec.cli import app
-from respec.distill import DistillConfig, build_drafter
 from respec.errors import ConfigError
-from respec.pretrain import PretrainConfig, pretrain
+from respec.world.distill import DistillConfig, build_drafter
+from respec.world.pretrain import PretrainConfig, pretrain
 
 TINY_POLICY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=20,
                    warmup=2, batch_size=16, num_train_problems=200, eval_problems=4, eval_max_new_tokens=8,
@@ -21,8 +21,8 @@ TINY_DRAFT = DistillConfig(num_rollouts=8, max_new_tokens=8, steps=3, batch_size
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    policy = pretrain(PretrainConfig(**TINY_POLICY), out=root / "policy", progress=False)
-    drafter = build_drafter(policy, TINY_DRAFT, out=root / "drafter", progress=False)
+    policy = pretrain(PretrainConfig(**TINY_POLICY), out=root / "policy", log=None)
+    drafter = build_drafter(policy, TINY_DRAFT, out=root / "drafter", log=None)
     return policy, drafter
 
 

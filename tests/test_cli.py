@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from respec.cli import main
-from respec.model import ModelConfig, init_model, save_model
+from respec.engine.checkpoint import save_model
+from respec.engine.model import ModelConfig, init_model
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

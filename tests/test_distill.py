@@ -6,9 +6,13 @@ import json
 import pytest
 import torch
 
-import respec.distill
-from respec.cache import MARKER, cache_path
-from respec.distill import (
+import respec.world.distill
+from respec.engine.checkpoint import save_model
+from respec.engine.drafter import init_drafter, load_drafter
+from respec.engine.model import ModelConfig, init_model
+from respec.errors import ConfigError
+from respec.world.artifacts import MARKER, cache_path
+from respec.world.distill import (
     DistillConfig,
     acceptance,
     build_drafter,
@@ -17,10 +21,7 @@ from respec.distill import (
     train_drafter,
     ttt_logits,
 )
-from respec.drafter import init_drafter, load_drafter
-from respec.errors import ConfigError
-from respec.model import ModelConfig, init_model, save_model
-from respec.tokenizer import build_tokenizer, save_tokenizer
+from respec.world.tokenizer import build_tokenizer, save_tokenizer
 
 V = 16
 
@@ -169,7 +170,7 @@ def test_training_raises_acceptance():
     prompts = [torch.randint(0, V, (4,), generator=gen).tolist() for _ in range(48)]
     held_out = [torch.randint(0, V, (4,), generator=gen).tolist() for _ in range(16)]
     torch.manual_seed(0)
-    trained = train_drafter(target, prompts, FAST, progress=False)
+    trained = train_drafter(target, prompts, FAST, log=None)
     untrained = init_drafter(target, seed=FAST.seed)
     before = acceptance(target, untrained, held_out, k=3, max_new_tokens=24)
     after = acceptance(target, trained, held_out, k=3, max_new_tokens=24)
@@ -187,11 +188,11 @@ def target_dir(tmp_path_factory, target):
 
 def test_build_drafter_roundtrip_and_cache(target, target_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(respec.distill, "task_prompts",
+    monkeypatch.setattr(respec.world.distill, "task_prompts",
                         lambda d, task, n, seed: [[0, 3 + seed % 5, 4 + i % 7, 5] for i in range(n)])
     cfg = DistillConfig(num_rollouts=8, max_new_tokens=8, steps=3, batch_size=4, warmup_steps=1, ttt_steps=2,
                         eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1, 2))
-    path = build_drafter(target_dir, cfg, progress=False)
+    path = build_drafter(target_dir, cfg, log=None)
     assert (path / MARKER).is_file() and path.parent == tmp_path / "cache"
     report = json.loads((path / "eval.json").read_text())
     assert set(report["mean_emitted_per_step"]) == {"1", "2"}
@@ -200,27 +201,27 @@ def test_build_drafter_roundtrip_and_cache(target, target_dir, tmp_path, monkeyp
     assert loaded.config.draft_vocab_size == V
 
     # A complete entry is reused without training.
-    monkeypatch.setattr(respec.distill, "train_drafter", lambda *a, **k: pytest.fail("retrained"))
-    assert build_drafter(target_dir, cfg, progress=False) == path
+    monkeypatch.setattr(respec.world.distill, "train_drafter", lambda *a, **k: pytest.fail("retrained"))
+    assert build_drafter(target_dir, cfg, log=None) == path
     monkeypatch.undo()
 
     # An entry without its marker (a killed build) is rebuilt, never used.
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(respec.distill, "task_prompts",
+    monkeypatch.setattr(respec.world.distill, "task_prompts",
                         lambda d, task, n, seed: [[0, 3 + seed % 5, 4 + i % 7, 5] for i in range(n)])
     (path / MARKER).unlink()
     (path / "model.safetensors").write_bytes(b"garbage")
     calls = []
-    real_train = respec.distill.train_drafter
-    monkeypatch.setattr(respec.distill, "train_drafter", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    assert build_drafter(target_dir, cfg, progress=False) == path
+    real_train = respec.world.distill.train_drafter
+    monkeypatch.setattr(respec.world.distill, "train_drafter", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    assert build_drafter(target_dir, cfg, log=None) == path
     assert calls == [1] and (path / MARKER).is_file()
     load_drafter(path, target)
 
     # Another config is another entry.
     other = DistillConfig(**{**cfg.__dict__, "seed": 1})
     assert cache_path("drafter", {"x": 1}).parent == path.parent
-    assert build_drafter(target_dir, other, progress=False) != path
+    assert build_drafter(target_dir, other, log=None) != path
 
 
 def test_nan_loss_is_a_clear_error(tmp_path):
@@ -234,6 +235,6 @@ def test_nan_loss_is_a_clear_error(tmp_path):
     cfg = DistillConfig(num_rollouts=4, max_new_tokens=4, steps=2, batch_size=2, warmup_steps=1, ttt_steps=2,
                         eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1,))
     with pytest.raises(TrainingError, match="train-drafter: loss is nan at step 0"):
-        train_drafter(target, [[1, 2, 3]] * 4, cfg, drafter=drafter, progress=False,
+        train_drafter(target, [[1, 2, 3]] * 4, cfg, drafter=drafter, log=None,
                       metrics_path=tmp_path / "m.jsonl")
     assert not (tmp_path / "m.jsonl").exists() or (tmp_path / "m.jsonl").read_text() == ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from respec.drafter import (
+from respec.engine.drafter import (
     DrafterConfig,
     default_aux_layers,
     init_drafter,
@@ -16,8 +16,8 @@ from respec.drafter import (
     save_drafter,
     vocab_maps,
 )
+from respec.engine.model import ModelConfig, hf_state, init_model
 from respec.errors import CheckpointError, ConfigError, DrafterMismatchError
-from respec.model import ModelConfig, hf_state, init_model
 
 EXPECTED_TENSORS = {
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",

@@ -5,12 +5,13 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-import respec.engine
-from respec.drafter import init_drafter
-from respec.engine import Engine
+import respec.engine.generate
+from respec.engine.checkpoint import save_model
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.model import ModelConfig, init_model
+from respec.engine.sampling import SamplingParams, sample, target_probs
 from respec.errors import ConfigError, DrafterMismatchError, PromptError
-from respec.model import ModelConfig, init_model, save_model
-from respec.sampling import SamplingParams, SpecConfig, sample, target_probs
 
 V = 8  # small vocabulary: the joint of 3 tokens has 512 cells, few enough to test exactly
 
@@ -84,7 +85,7 @@ def test_statistical_test_catches_a_wrong_rule(target, drafter, monkeypatch):
         k = drafts.shape[1]
         return torch.full((drafts.shape[0],), k), sample(p[:, k], generator)
 
-    monkeypatch.setattr(respec.engine, "rejection_sample", always_accept)
+    monkeypatch.setattr(respec.engine.generate, "rejection_sample", always_accept)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3, seed=11, ignore_eos=True)
     counts = first3_counts(Engine(target, drafter), params, SpecConfig(mode="static", k=2), N)
     assert chi2_pvalue(counts[0], exact_joint(target, PROMPTS[0], params)) < 1e-6

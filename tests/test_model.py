@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+from respec.engine.checkpoint import load_model, save_model
+from respec.engine.kvcache import KVCache
+from respec.engine.model import ModelConfig, grouped_attention, init_model
 from respec.errors import CheckpointError
-from respec.model import KVCache, ModelConfig, grouped_attention, init_model, load_model, save_model
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -204,7 +206,7 @@ def test_batched_cached_decoding_uses_grouped_path_exactly(pair):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_matches_transformers_formula(dtype):
-    from respec.model import RMSNorm
+    from respec.engine.model import RMSNorm
 
     norm = RMSNorm(64, 1e-6).to(dtype)
     with torch.no_grad():

@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 
-import respec.pretrain as pretrain_mod
-from respec.cache import MARKER, is_complete
+import respec.world.pretrain as pretrain_mod
 from respec.errors import ConfigError
-from respec.pretrain import PretrainConfig, evaluate_policy, policy_prompt_ids, pretrain
-from respec.tasks import get_task
-from respec.tokenizer import load_tokenizer
+from respec.world.artifacts import MARKER, is_complete
+from respec.world.pretrain import PretrainConfig, evaluate_policy, pretrain
+from respec.world.prompts import encode_prompt
+from respec.world.tasks import get_task
+from respec.world.tokenizer import load_tokenizer
 
 # Seconds-long: 2 layers of width 32, 40 steps, a small eval.
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=40, warmup=4,
@@ -26,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 def tiny_policy(tmp_path_factory):
     """A tiny policy built once for the module, in an explicit directory."""
     out = tmp_path_factory.mktemp("policy") / "tiny"
-    return pretrain(PretrainConfig(**TINY), out=out, progress=False)
+    return pretrain(PretrainConfig(**TINY), out=out, log=None)
 
 
 def test_training_lowers_loss_and_writes_metrics(tiny_policy):
@@ -48,7 +49,7 @@ def test_saved_directory_loads_and_generates_with_transformers(tiny_policy):
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
     assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == TINY["num_layers"]
-    ids = torch.tensor([policy_prompt_ids(tokenizer, "Q: 12+34=?\n")])
+    ids = torch.tensor([encode_prompt(tokenizer, "Q: 12+34=?\n")])
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert tokenizer.decode(ids[0], skip_special_tokens=True) == "Q: 12+34=?\n"
@@ -62,19 +63,19 @@ def test_evaluate_policy_from_directory(tiny_policy):
 
 def test_cache_is_reused_and_incomplete_entry_rebuilt(cache, monkeypatch):
     cfg = PretrainConfig(**{**TINY, "steps": 3, "warmup": 1})
-    path = pretrain(cfg, progress=False)
+    path = pretrain(cfg, log=None)
     assert path.parent == cache and is_complete(path)
     assert load_tokenizer(path).bos_token_id == 0
 
     calls = []
     real_train = pretrain_mod.train
     monkeypatch.setattr(pretrain_mod, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    assert pretrain(cfg, progress=False) == path
+    assert pretrain(cfg, log=None) == path
     assert calls == []  # reused, not retrained
 
     (path / MARKER).unlink()  # a build killed before its marker: never trusted
     (path / "model.safetensors").write_bytes(b"garbage")
-    assert pretrain(cfg, progress=False) == path
+    assert pretrain(cfg, log=None) == path
     assert calls == [1] and is_complete(path)
     assert (path / "model.safetensors").stat().st_size > 100
 
@@ -87,7 +88,7 @@ def test_cache_key_follows_config_but_not_threads():
 
 def test_prompt_ids_start_with_bos(tiny_policy):
     tokenizer = load_tokenizer(tiny_policy)
-    ids = policy_prompt_ids(tokenizer, "Q: 1+2=?\n")
+    ids = encode_prompt(tokenizer, "Q: 1+2=?\n")
     assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
 
 
@@ -112,8 +113,12 @@ def test_style_of_classifies_sft_styles():
             assert task.style_of(p, text) == style
 
 
-def test_progress_goes_to_stderr_so_stdout_is_the_path(tmp_path, capfd):
-    """`P=$(respec pretrain)` must capture just the directory: progress and the summary go to stderr."""
-    pretrain(PretrainConfig(**{**TINY, "steps": 2, "warmup": 1}), out=tmp_path / "p", progress=True)
+def test_progress_is_reported_through_the_callback_not_printed(tmp_path, capfd):
+    """Library code prints nothing: progress and the summary reach the caller's `log` (the CLI shows them)."""
+    lines = []
+    pretrain(PretrainConfig(**{**TINY, "steps": 2, "warmup": 1}), out=tmp_path / "p",
+             log=lambda message, fraction=None: lines.append((message, fraction)))
     out, err = capfd.readouterr()
-    assert out == "" and "policy:" in err
+    assert out == "" and err == ""
+    assert any(m.startswith("policy:") for m, _ in lines)
+    assert [f for _, f in lines if f is not None][-1] == 1.0

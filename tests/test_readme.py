@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from respec.model import ModelConfig, init_model, save_model
+from respec.engine.checkpoint import save_model
+from respec.engine.model import ModelConfig, init_model
 
 
 def test_readme_api_example_runs(tmp_path, capsys):

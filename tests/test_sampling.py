@@ -6,16 +6,16 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from respec.errors import ConfigError, SamplingError
-from respec.sampling import (
+from respec.engine.generate import SpecConfig
+from respec.engine.sampling import (
     SamplingParams,
-    SpecConfig,
     accept_prob,
     rejection_sample,
     residual,
     target_probs,
     token_logprobs,
 )
+from respec.errors import ConfigError, SamplingError
 
 V = 5
 
@@ -118,7 +118,9 @@ def test_invalid_sampling_params(kwargs):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "fast"}, {"mode": "static", "k": 0}, {"mode": "adaptive"}])
+@pytest.mark.parametrize("kwargs", [{"mode": "fast"}, {"mode": "static", "k": 0}, {"mode": "adaptive", "k_max": 0},
+                                    {"mode": "adaptive", "k_max": 17}, {"mode": "replay"},
+                                    {"mode": "replay", "trace": (1, -1)}])
 def test_invalid_spec_config(kwargs):
     with pytest.raises(ConfigError):
         SpecConfig(**kwargs)

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from respec.errors import ConfigError, DataError
-from respec.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
-from respec.tasks.countdown import InvalidExpression, evaluate
-from respec.tasks.jsonl import completion_answer, equivalent, reference_answer
+from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
+from respec.world.tasks.countdown import InvalidExpression, evaluate
+from respec.world.tasks.jsonl import completion_answer, equivalent, reference_answer
 
 SYNTHETIC = [ArithmeticTask(), CountdownTask()]
 

@@ -5,8 +5,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from respec.errors import CheckpointError
-from respec.tasks import ArithmeticTask, CountdownTask
-from respec.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from respec.world.tasks import ArithmeticTask, CountdownTask
+from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 
 def _task_texts(n=300):

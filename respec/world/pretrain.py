@@ -14,7 +14,7 @@ loss 0.27; on 256 held-out problems accuracy 20.7% at T=1 (styles: direct 29%, s
 greedy; every sample ended with eos. With the task's default style mix (0.35, 0.35, 0.3): 18.4% / 40.2%.
 
 Training sequences are ``<bos> prompt completion <eos>`` with the loss on the completion and eos only; prompt and
-completion are encoded separately, exactly as the policy sees them at generation (`policy_prompt_ids`).
+completion are encoded separately, exactly as the policy sees them at generation (`respec.world.prompts.encode_prompt`).
 """
 
 from __future__ import annotations
@@ -22,23 +22,27 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from respec.cache import cache_path, discard_partial, is_complete, mark_complete
-from respec.engine import Engine
+from respec.engine.checkpoint import load_model, save_model, torch_threads
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.model import ModelConfig, Transformer, init_model
+from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError, check_finite_loss
-from respec.model import ModelConfig, Transformer, init_model, load_model, save_model
-from respec.sampling import SamplingParams, SpecConfig
-from respec.tasks import Problem, Task, get_task
-from respec.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from respec.world.artifacts import cache_path, discard_partial, is_complete, mark_complete
+from respec.world.prompts import encode_prompt
+from respec.world.tasks import Problem, Task, get_task
+from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+
+Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
 FORMAT_VERSION = 2  # bump when the training recipe changes so that old cache entries are not reused
 # (2: the fused q/k/v and gate/up parameters changed the random init order)
@@ -129,12 +133,7 @@ class PretrainConfig:
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 
-def policy_prompt_ids(tokenizer, prompt_text: str) -> list[int]:
-    """Returns the token ids the policy is prompted with: [bos] + encode(prompt); the one definition of it."""
-    return [tokenizer.bos_token_id] + tokenizer.encode(prompt_text, add_special_tokens=False)
-
-
-def pretrain(cfg: PretrainConfig, out: str | Path | None = None, progress: bool = True,
+def pretrain(cfg: PretrainConfig, out: str | Path | None = None, log: Log | None = None,
              metrics_path: Path | None = None) -> Path:
     """Returns the policy directory: `out` if given (always rebuilt), else cfg's cache entry (reused if complete).
 
@@ -150,7 +149,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, progress: bool 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         metrics = Path(metrics_path) if metrics_path is not None else scratch / "train_metrics.jsonl"
-        model, tokenizer, evaluation = build_policy(cfg, metrics, progress)
+        model, tokenizer, evaluation = build_policy(cfg, metrics, log)
         save_tokenizer(tokenizer, scratch / "tokenizer")
         extra = {f.name: f.read_text() for f in sorted((scratch / "tokenizer").iterdir())}
         extra["eval.json"] = json.dumps(evaluation, indent=2) + "\n"
@@ -162,9 +161,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, progress: bool 
     return path
 
 
-def build_policy(cfg: PretrainConfig, metrics_path: Path, progress: bool = True) -> tuple[Transformer, object, dict]:
+def build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None = None) -> tuple[Transformer, object, dict]:
     """Returns (trained model, its tokenizer, held-out evaluation); writes training metrics to `metrics_path`."""
-    torch.set_num_threads(cfg.num_threads)
+    with torch_threads(cfg.num_threads):
+        return _build_policy(cfg, metrics_path, log)
+
+
+def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> tuple[Transformer, object, dict]:
     started = time.perf_counter()
     task = cfg.make_task()
     eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + EVAL_SEED_OFFSET)
@@ -192,7 +195,7 @@ def build_policy(cfg: PretrainConfig, metrics_path: Path, progress: bool = True)
         raise ConfigError(f"max_seq_len {cfg.max_seq_len} is too short for this task's sequences plus "
                           f"eval_max_new_tokens ({needed} needed); raise max_seq_len")
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    train(model, examples, cfg, metrics_path, progress)
+    train(model, examples, cfg, metrics_path, log)
 
     evaluation = {
         "temperature_1": evaluate_policy(model, tokenizer, task, eval_set, temperature=1.0, seed=cfg.seed,
@@ -203,12 +206,12 @@ def build_policy(cfg: PretrainConfig, metrics_path: Path, progress: bool = True)
         "seconds": round(time.perf_counter() - started, 1),
         "config": asdict(cfg),
     }
-    if progress:
+    if log is not None:
         t1, g = evaluation["temperature_1"], evaluation["greedy"]
         styles = ", ".join(f"{k} {v:.0%}" for k, v in t1["styles"].items())
-        print(f"policy: {evaluation['parameters'] / 1e6:.2f}M parameters, {cfg.num_layers} layers; accuracy "
+        log(f"policy: {evaluation['parameters'] / 1e6:.2f}M parameters, {cfg.num_layers} layers; accuracy "
               f"{t1['accuracy']:.1%} at T=1, {g['accuracy']:.1%} greedy; styles at T=1: {styles}; "
-              f"eos {t1['stop_rate']:.0%}; {evaluation['seconds']:.0f}s", file=sys.stderr, flush=True)
+              f"eos {t1['stop_rate']:.0%}; {evaluation['seconds']:.0f}s")
     return model, tokenizer, evaluation
 
 
@@ -235,16 +238,17 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.T
     return inputs, targets
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Returns the learning rate of `step` (0-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_schedule(step: int, steps: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Returns the learning rate of `step` (0-based): linear warm-up over `warmup` steps, then cosine from `peak`
+    down to peak * min_ratio at `steps`. The one schedule of pretraining, drafter distillation and RL."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    done = (step - warmup) / max(steps - warmup, 1)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: PretrainConfig, metrics_path: Path,
-          progress: bool = True) -> None:
+          log: Log | None = None) -> None:
     """Trains `model` in place on `examples` for cfg.steps AdamW steps; appends one JSON line per step."""
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -255,7 +259,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
     order, cursor = torch.randperm(len(examples), generator=gen), 0
     pad_id = model.config.pad_token_id
     started = time.perf_counter()
-    bar = _progress_bar(cfg.steps) if progress else None
+    every = max(cfg.steps // 20, 1)
     with metrics_path.open("w") as metrics:
         for step in range(cfg.steps):
             if cursor + cfg.batch_size > len(order):  # a new epoch, reshuffled
@@ -264,7 +268,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
             cursor += cfg.batch_size
             t0 = time.perf_counter()
             inputs, targets = collate(batch, pad_id)  # [B, T] each
-            lr = lr_at(step, cfg)
+            lr = lr_schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
             logits = model.logits(inputs)  # [B, T, V]
@@ -279,23 +283,9 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
             row = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
                    "tokens_per_s": round(tokens / dt, 1), "elapsed": round(time.perf_counter() - started, 2)}
             metrics.write(json.dumps(row) + "\n")
-            if bar is not None:
-                bar[0].update(bar[1], advance=1, description=f"pretrain loss {row['loss']:.3f}")
-    if bar is not None:
-        bar[0].stop()
+            if log is not None and (step % every == 0 or step == cfg.steps - 1):
+                log(f"pretrain step {step + 1}/{cfg.steps} loss {row['loss']:.3f}", (step + 1) / cfg.steps)
     model.eval()
-
-
-def _progress_bar(total: int):
-    """Returns (a started rich Progress, its task id)."""
-    from rich import progress as rp
-    from rich.console import Console
-
-    bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                      rp.TimeElapsedColumn(), rp.TimeRemainingColumn(),
-                      console=Console(stderr=True))  # stdout carries only the directory (scripts capture it)
-    bar.start()
-    return bar, bar.add_task("pretrain", total=total)
 
 
 def evaluate_policy(policy: str | Path | Transformer, tokenizer, task: Task | str, problems: list[Problem] | int,
@@ -319,7 +309,7 @@ def evaluate_policy(policy: str | Path | Transformer, tokenizer, task: Task | st
     style_of = getattr(task, "style_of", None)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        result = engine.generate([policy_prompt_ids(tokenizer, p.prompt) for p in chunk], params,
+        result = engine.generate([encode_prompt(tokenizer, p.prompt) for p in chunk], params,
                                  SpecConfig(mode="off"))
         for p, seq in zip(chunk, result.sequences, strict=True):
             text = tokenizer.decode(seq.tokens, skip_special_tokens=True)

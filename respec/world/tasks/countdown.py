@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from respec.errors import ConfigError
-from respec.tasks.base import (
+from respec.world.tasks.base import (
     ANSWER_PREFIX,
     Problem,
     Score,

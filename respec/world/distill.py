@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,12 +38,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from respec.cache import MARKER, cache_path, discard_partial, is_complete, mark_complete
-from respec.drafter import Eagle3Drafter, init_drafter, save_drafter
-from respec.engine import Engine
+from respec.engine.checkpoint import atomic_directory, commit_directory, load_model
+from respec.engine.drafter import Eagle3Drafter, init_drafter, save_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.model import Transformer
+from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, check_finite_loss
-from respec.model import Transformer, atomic_directory, commit_directory, load_model
-from respec.sampling import SamplingParams, SpecConfig
+from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
+from respec.world.pretrain import Log, lr_schedule
+from respec.world.prompts import task_prompts
 
 VERSION = 1  # bump when a change here should invalidate cached drafters
 
@@ -245,15 +246,8 @@ def rollouts(target: Transformer, prompts: list[list[int]], temperature: float, 
     return [s.tokens for s in out.sequences]
 
 
-def _lr(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillConfig,
-                  drafter: Eagle3Drafter | None = None, progress: bool = True,
+                  drafter: Eagle3Drafter | None = None, log: Log | None = None,
                   metrics_path: str | Path | None = None) -> Eagle3Drafter:
     """Returns a drafter trained on target rollouts of `prompts` (a new one unless `drafter` is given).
 
@@ -275,7 +269,7 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
     draft_ids = None if full_vocab else drafter.draft_ids_in_target()
     data = target_batch(target, sequences, [len(p) for p in prompts], drafter.aux_layer_ids, draft_ids)
     t_data = time.perf_counter() - t0
-    _log(progress, f"distill: {len(sequences)} rollouts, {int(data.loss_mask.sum())} target positions "
+    _log(log, f"distill: {len(sequences)} rollouts, {int(data.loss_mask.sum())} target positions "
                    f"({t_data:.1f}s)")
 
     drafter.train()
@@ -293,7 +287,7 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
             index = order[cursor: cursor + cfg.batch_size].to(data.input_ids.device)
             cursor += cfg.batch_size
             for group in opt.param_groups:
-                group["lr"] = _lr(step, cfg)
+                group["lr"] = lr_schedule(step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.1)
             loss, metrics = distill_loss(drafter, data.rows(index), cfg.ttt_steps, step_decay=cfg.step_decay)
             check_finite_loss(loss, step, "train-drafter")
             opt.zero_grad(set_to_none=True)
@@ -302,13 +296,13 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
             opt.step()
             if step % log_every == 0 or step == cfg.steps - 1:
                 record = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
-                          "lr": _lr(step, cfg), "seconds": round(time.perf_counter() - t0, 2), **metrics}
+                          "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2), **metrics}
                 if sink is not None:
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
                 accepts = " ".join(f"{metrics[f'accept_{j}']:.2f}" for j in range(cfg.ttt_steps))
-                _log(progress, f"distill step {step:5d}  loss {record['loss']:.3f}  accept/step {accepts}  "
-                               f"{record['seconds']:.0f}s")
+                _log(log, f"distill step {step:5d}  loss {record['loss']:.3f}  accept/step {accepts}  "
+                          f"{record['seconds']:.0f}s", (step + 1) / cfg.steps)
     finally:
         if sink is not None:
             sink.close()
@@ -341,18 +335,8 @@ def target_identity(target_dir: str | Path) -> dict:
     return ident
 
 
-def task_prompts(target_dir: str | Path, task: str, n: int, seed: int) -> list[list[int]]:
-    """Returns [bos] + encode(prompt) for `n` problems of `task` drawn with `seed`, tokenised as the target's."""
-    from respec.tasks import get_task
-    from respec.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(target_dir)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return [bos + tok.encode(p.prompt, add_special_tokens=False) for p in get_task(task).problems(n, seed)]
-
-
 def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), out: str | Path | None = None,
-                  task: str = "arithmetic", progress: bool = True) -> Path:
+                  task: str = "arithmetic", log: Log | None = None) -> Path:
     """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused).
 
     The directory holds the drafter (vLLM/SGLang EAGLE-3 layout), `eval.json` (acceptance on held-out prompts at
@@ -365,7 +349,7 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), 
            "config": asdict(cfg)}
     dest = Path(out) if out is not None else cache_path("drafter", key)
     if is_complete(dest) and _marker_key(dest) == json.loads(json.dumps(key, default=str)):
-        _log(progress, f"distill: reusing {dest}")
+        _log(log, f"distill: reusing {dest}")
         return dest
     discard_partial(dest)
 
@@ -376,7 +360,7 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), 
     work = atomic_directory(dest)  # scratch beside dest; the finished drafter is renamed into place
     try:
         metrics_path = work / "train_metrics.jsonl"
-        drafter = train_drafter(target, train_prompts, cfg, progress=progress, metrics_path=metrics_path)
+        drafter = train_drafter(target, train_prompts, cfg, log=log, metrics_path=metrics_path)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         emitted = {str(k): acceptance(target, drafter, eval_prompts, k=k, temperature=1.0,
@@ -386,7 +370,7 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), 
                   "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
                   "total_seconds": round(time.perf_counter() - t0, 1), "target": str(target_dir), "task": task,
                   "config": asdict(cfg)}
-        _log(progress, f"distill: mean emitted per step (T=1) {emitted}, {report['total_seconds']}s")
+        _log(log, f"distill: mean emitted per step (T=1) {emitted}, {report['total_seconds']}s")
         staged = save_drafter(drafter, work / "drafter")
         shutil.move(str(metrics_path), staged / "train_metrics.jsonl")
         (staged / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -404,6 +388,6 @@ def _marker_key(path: Path) -> dict | None:
         return None
 
 
-def _log(enabled: bool, message: str) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
+def _log(log: Log | None, message: str, fraction: float | None = None) -> None:
+    if log is not None:
+        log(message, fraction)

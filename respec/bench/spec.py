@@ -18,13 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from respec.bench import machine_info, torch_threads, write_results
-from respec.engine import Engine, GenerationResult
+from respec.bench.engine import machine_info, torch_threads, write_results
+from respec.bench.plot import plot_bench_spec
+from respec.engine.generate import Engine, GenerationResult, SpecConfig
+from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
-from respec.plot import plot_bench_spec
-from respec.sampling import SamplingParams, SpecConfig
-
-HELD_OUT_SEED = 424_242  # prompts no training run has seen (pretrain and distill draw other seeds)
 
 
 @dataclass(frozen=True)
@@ -58,16 +56,6 @@ class SpecBenchConfig:
             raise ConfigError("max_new_tokens, repeats and min_prompts must be >= 1")
 
 
-def resolve_models(cfg: SpecBenchConfig, progress: bool = True) -> tuple[Path, Path]:
-    """Returns the (policy, drafter) directories: the given ones, or the embedded default built or reused."""
-    from respec.distill import build_drafter
-    from respec.pretrain import PretrainConfig, pretrain
-
-    policy = Path(cfg.policy) if cfg.policy else pretrain(PretrainConfig(task=cfg.task), progress=progress)
-    drafter = Path(cfg.drafter) if cfg.drafter else build_drafter(policy, task=cfg.task, progress=progress)
-    return policy, drafter
-
-
 def _timed(engine: Engine, batches: list[list[list[int]]], params: SamplingParams, spec: SpecConfig,
            repeats: int) -> tuple[int, float, float]:
     """Returns (tokens, wall seconds, mean emitted per step) of generating every batch in turn, the fastest
@@ -92,14 +80,15 @@ def _timed(engine: Engine, batches: list[list[list[int]]], params: SamplingParam
 def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike | None = None,
                console: Console | None = None) -> dict:
     """Returns {"cells", "machine", "config", "policy", "drafter"}; writes JSON + PNG if json_path is given."""
-    from respec.distill import task_prompts
-    from respec.drafter import load_drafter
-    from respec.model import load_model
+    from respec.engine.checkpoint import load_model
+    from respec.engine.drafter import load_drafter
+    from respec.world.defaults import resolve_models
+    from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or SpecBenchConfig()
     console = console or Console()
     with torch_threads(cfg.threads):
-        policy_dir, drafter_dir = resolve_models(cfg)
+        policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         drafter = load_drafter(drafter_dir, target)
         engine = Engine(target, drafter)

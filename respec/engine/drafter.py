@@ -13,7 +13,7 @@ SGLang `python/sglang/srt/models/llama_eagle3.py`)::
 
 Position t of the drafter pairs the target feature at position t with the token at position t + 1 and
 predicts the token at position t + 2; its RoPE position is t, the feature's position, as in vLLM's proposer.
-The decode loop that chains these steps (drafter output -> next feature) lives in `engine.py`, not here.
+The decode loop that chains these steps (drafter output -> next feature) lives in `generate.py`, not here.
 
 Checkpoint facts, from the engines' loaders:
 - Tensor names (vLLM `Eagle3LlamaForCausalLM.load_weights` maps `midlayer.` to `layers.0.` and prefixes
@@ -48,26 +48,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from respec.errors import CheckpointError, ConfigError, DrafterMismatchError
-from respec.model import (
-    MLP,
-    Attention,
-    KVCache,
-    ModelConfig,
-    RMSNorm,
-    Transformer,
-    _read_config,
+from respec.engine.checkpoint import (
     atomic_directory,
-    attention_mask,
     check_finite,
     check_tensors,
     commit_directory,
-    fused_state,
-    hf_state,
+    read_config,
     read_safetensors,
     resolve_dtype,
+)
+from respec.engine.kvcache import KVCache
+from respec.engine.model import (
+    MLP,
+    Attention,
+    ModelConfig,
+    RMSNorm,
+    Transformer,
+    fused_state,
+    hf_state,
+    rope_cos_sin,
     rope_inv_freq,
 )
+from respec.errors import CheckpointError, ConfigError, DrafterMismatchError
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -178,6 +180,23 @@ class DrafterConfig:
             rope_scaling=layer.rope_scaling, max_position_embeddings=layer.max_position_embeddings,
             vocab_size=layer.vocab_size, draft_vocab_size=int(hf.get("draft_vocab_size") or layer.vocab_size),
             aux_layer_ids=tuple(ids), target_num_layers=target_num_layers)
+
+
+def check_fits(cfg: DrafterConfig, target: ModelConfig, where: str = "") -> None:
+    """Raises DrafterMismatchError unless a drafter of `cfg` can serve `target`: the same hidden size and
+    vocabulary, and aux layers that the target has. The one fit check (load, init, engine, weight swaps)."""
+    if cfg.hidden_size != target.hidden_size:
+        raise DrafterMismatchError(
+            f"{where}drafter hidden_size {cfg.hidden_size} != target hidden_size {target.hidden_size}; "
+            "use a drafter trained for this target")
+    if cfg.vocab_size != target.vocab_size:
+        raise DrafterMismatchError(
+            f"{where}drafter vocab_size {cfg.vocab_size} != target vocab_size {target.vocab_size}; "
+            "use a drafter trained for this target's tokenizer")
+    if max(cfg.aux_layer_ids) > target.num_hidden_layers:
+        raise DrafterMismatchError(
+            f"{where}drafter aux layer ids {list(cfg.aux_layer_ids)} exceed the target's "
+            f"{target.num_hidden_layers} layers; use a drafter trained for this target")
 
 
 def vocab_maps(token_ids_by_frequency, draft_vocab_size: int,
@@ -304,9 +323,7 @@ class Eagle3Drafter(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns cos, sin [B, 1, T, D] for positions [B, T], computed like the target's."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        return rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,13 +341,12 @@ class Eagle3Drafter(nn.Module):
             positions = torch.arange(T, device=embeds.device).expand(B, T)
             mask = None
         else:
-            positions = cache.lengths[:, None] + torch.arange(T, device=embeds.device)
-            mask = attention_mask(cache, T, embeds.dtype)
+            positions = cache.positions(T)
+            mask = cache.mask(T, embeds.dtype)
         cos, sin = self.rope(positions, embeds.dtype)
         hidden = self.midlayer(embeds, feature, cos, sin, cache, mask)  # [B, T, H]
         if cache is not None:
-            cache.lengths = cache.lengths + T
-            cache.extent += T
+            cache.advance(T)
         return hidden, self.compute_logits(hidden)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -373,7 +389,7 @@ def init_drafter(target: Transformer, seed: int = 0, draft_vocab_size: int | Non
     num_layers = tc.num_hidden_layers
     ids = default_aux_layers(num_layers) if aux_layer_ids is None else tuple(aux_layer_ids)
     if max(ids) > num_layers:
-        raise DrafterMismatchError(f"aux layer ids {ids} exceed the target's {num_layers} layers")
+        raise DrafterMismatchError(f"aux layer ids {list(ids)} exceed the target's {num_layers} layers")
     cfg = DrafterConfig(
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
         num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
@@ -434,7 +450,7 @@ def load_drafter(path: str | os.PathLike, target: Transformer, dtype: torch.dtyp
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: drafter directory does not exist")
-    hf = _read_config(path)
+    hf = read_config(path)
     if not isinstance(hf, dict) or ARCHITECTURE not in (hf.get("architectures") or [ARCHITECTURE]):
         archs = hf.get("architectures") if isinstance(hf, dict) else None
         raise CheckpointError(f"{path}: not an EAGLE-3 drafter (architectures {archs}, expected {ARCHITECTURE})")
@@ -443,18 +459,7 @@ def load_drafter(path: str | os.PathLike, target: Transformer, dtype: torch.dtyp
         cfg = DrafterConfig.from_hf(hf, tc.num_hidden_layers)
     except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{path}/config.json: invalid drafter config ({e})") from None
-    if cfg.hidden_size != tc.hidden_size:
-        raise DrafterMismatchError(
-            f"{path}: drafter hidden_size {cfg.hidden_size} != target hidden_size {tc.hidden_size}; "
-            "use a drafter trained for this target")
-    if cfg.vocab_size != tc.vocab_size:
-        raise DrafterMismatchError(
-            f"{path}: drafter vocab_size {cfg.vocab_size} != target vocab_size {tc.vocab_size}; "
-            "use a drafter trained for this target's tokenizer")
-    if max(cfg.aux_layer_ids) > tc.num_hidden_layers:
-        raise DrafterMismatchError(
-            f"{path}: drafter aux layer ids {list(cfg.aux_layer_ids)} exceed the target's "
-            f"{tc.num_hidden_layers} layers; use a drafter trained for this target")
+    check_fits(cfg, tc, where=f"{path}: ")
 
     tensors = read_safetensors(path)
     check_finite(tensors, path)

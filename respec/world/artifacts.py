@@ -12,12 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+from respec.engine.checkpoint import cache_root
+
+__all__ = ["MARKER", "cache_key", "cache_path", "cache_root", "discard_partial", "is_complete", "mark_complete"]
+
 MARKER = "RESPEC_COMPLETE"
-
-
-def cache_root() -> Path:
-    """Returns $RESPEC_CACHE, or ~/.cache/respec."""
-    return Path(os.environ.get("RESPEC_CACHE") or Path.home() / ".cache" / "respec")
 
 
 def cache_key(key: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from math_verify import parse, verify
 
 from respec.errors import DataError
-from respec.tasks.base import Problem, Score, clip, final_answer
+from respec.world.tasks.base import Problem, Score, clip, final_answer
 
 
 @dataclass(frozen=True)

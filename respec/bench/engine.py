@@ -12,8 +12,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,10 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from respec.engine import Engine
+from respec.engine.checkpoint import load_model, resolve_dtype, save_model, torch_threads
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.kvcache import KVCache
+from respec.engine.model import ModelConfig, Transformer, init_model
+from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
-from respec.model import KVCache, ModelConfig, Transformer, init_model, load_model, resolve_dtype, save_model
-from respec.sampling import SamplingParams, SpecConfig
 
 # A Qwen2-shaped decoder of ~27M parameters: big enough that matmuls dominate, small enough for 2 CPU cores.
 BENCH_MODEL = ModelConfig(model_type="qwen2", vocab_size=4096, hidden_size=512, intermediate_size=1408,
@@ -92,18 +93,6 @@ def machine_info(device: str) -> dict:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
             "device_name": name}
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Runs the block with `threads` torch CPU threads (None = unchanged), restoring the count afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -200,7 +189,7 @@ def _load_hf(path: str, dtype: torch.dtype, device: str):
 def bench_engine(cfg: EngineBenchConfig | None = None, json_path: str | os.PathLike | None = None,
                  console: Console | None = None) -> dict:
     """Returns {"engine_vs_hf", "verify_cost", "machine", "config"}; writes JSON + PNG if json_path is given."""
-    from respec.plot import plot_bench_engine
+    from respec.bench.plot import plot_bench_engine
 
     cfg = cfg or EngineBenchConfig()
     console = console or Console()

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 
 from respec.errors import ConfigError
-from respec.tasks.base import (
+from respec.world.tasks.base import (
     ANSWER_PREFIX,
     Problem,
     Score,

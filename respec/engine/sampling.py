@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from respec.errors import ConfigError, SamplingError
+from respec.errors import SamplingError
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class SpecConfig:
-    """Speculative decoding mode: "off" (plain decoding) or "static" (k draft tokens every step)."""
-
-    mode: str = "static"  # "off" | "static"; "adaptive" arrives with the tuner
-    k: int = 4  # draft tokens per step
-
-    def __post_init__(self) -> None:
-        if self.mode == "adaptive":
-            raise ConfigError("SpecConfig mode 'adaptive' is not available yet: use 'static' or 'off'")
-        if self.mode not in ("off", "static"):
-            raise ConfigError(f"SpecConfig mode must be 'off' or 'static', got '{self.mode}'")
-        if not isinstance(self.k, int) or not 1 <= self.k <= 16:
-            raise ConfigError(f"SpecConfig k must be an integer in [1, 16], got {self.k}")
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The target model: one PyTorch decoder for the Llama / Qwen2 / Qwen2.5 / Qwen3 family, its KV cache,
-and Hugging Face checkpoint loading and saving.
+"""The target model: one PyTorch decoder for the Llama / Qwen2 / Qwen2.5 / Qwen3 family (its KV cache is in
+`kvcache.py`, Hugging Face checkpoint loading and saving in `checkpoint.py`).
 
 Module and parameter names mirror `transformers` (`model.layers.3.self_attn.q_proj.weight`), so a checkpoint
 maps onto this model by stripping the `model.` prefix, and `save_model` writes a directory that
@@ -8,19 +8,15 @@ maps onto this model by stripping the `model.` prefix, and `save_model` writes a
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from respec.errors import CheckpointError, ConfigError
+from respec.engine.kvcache import KVCache
+from respec.errors import ConfigError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -112,42 +108,6 @@ class ModelConfig:
         return {**extra, **d, "architectures": [ARCHITECTURES[self.model_type]], "hidden_act": "silu"}
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, with one length per row.
-
-    Row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
-    rolling back rejected draft tokens is just lowering lengths[b] (no copy). Rows that finish are dropped
-    with `keep`, so attention cost follows the live batch.
-    """
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, capacity, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
-        self.extent = 0  # host-side upper bound of lengths.max(): attention reads positions [0, extent)
-        self.capacity = capacity
-
-    @classmethod
-    def for_model(cls, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
-                  device: torch.device | str, num_layers: int | None = None) -> KVCache:
-        """Returns an empty cache shaped for `cfg` (or for `num_layers` layers of its attention shape)."""
-        layers = cfg.num_hidden_layers if num_layers is None else num_layers
-        return cls(layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim, dtype, device)
-
-    def set_lengths(self, lengths: torch.Tensor, extent: int | None = None) -> None:
-        """Moves each row's length (rollback or prompt lengths); `extent` is max(lengths) if known on the host."""
-        self.lengths = lengths.to(self.lengths.device, torch.long)
-        self.extent = int(lengths.max()) if extent is None else extent
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keeps only `rows` (indices into the batch), in that order."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        self.lengths = self.lengths[rows]
-
-
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Returns (inverse frequencies [D/2], attention scaling of cos/sin) for the config's RoPE variant."""
     dim = cfg.head_dim
@@ -191,6 +151,15 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     extrapolation = 1 - ramp
     inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
     return inv, float(attn)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns cos, sin [B, 1, T, D] for integer positions [B, T], computed in fp32 like transformers (in bf16 the
+    products position x frequency would lose the low bits that distinguish neighbouring positions)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -255,17 +224,12 @@ class Attention(nn.Module):
                 layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        if cache is not None:
-            # Write the T new entries of each row at its own positions lengths[b] + t.
-            idx = (cache.lengths[:, None] + torch.arange(T, device=x.device))  # [B, T]
-            idx = idx[:, None, :, None].expand(B, self.n_kv, T, self.head_dim)
-            cache.k[layer].scatter_(2, idx, k)
-            cache.v[layer].scatter_(2, idx, v)
         if mask is None:  # no cache, or an empty one: plain causal attention over the new tokens
+            if cache is not None:
+                cache.write(layer, k, v)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
-            S = mask.shape[-1]
-            keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # [B, Hkv, S, D]
+            keys, values = cache.write(layer, k, v)  # [B, Hkv, S, D]
             if x.device.type == "cpu" and B * T >= 16:
                 out = grouped_attention(q, keys, values, mask)
             else:
@@ -333,19 +297,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(cache: KVCache, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Returns the additive mask [B, 1, T, S] (0 where visible, -inf elsewhere) letting new token t of row b see
-    cache positions <= lengths[b] + t. Built once per forward in the compute dtype, so the layers don't convert it.
-    """
-    S = cache.extent + T
-    if S > cache.capacity:
-        raise RuntimeError(f"KV cache overflow: {S} positions needed, capacity {cache.capacity}")
-    pos = cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)  # [B, T]
-    keys = torch.arange(S, device=pos.device)
-    hidden = keys[None, None, :] > pos[:, :, None]  # [B, T, S]
-    return torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))[:, None]
-
-
 class Transformer(nn.Module):
     """Decoder-only LM: embed -> L x (attention + SwiGLU) -> norm; `lm_head` gives logits."""
 
@@ -362,10 +313,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns cos, sin [B, 1, T, D] for integer positions [B, T] (computed in fp32, like transformers)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        """Returns cos, sin [B, 1, T, D] for integer positions [B, T]."""
+        return rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -378,14 +327,14 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
-        if cache is None or cache.extent == 0:
+        if cache is None or cache.is_empty():
             # From position 0 (a forward without cache, or the prefill of an empty one): causal attention
             # needs no mask, and right padding only adds positions that no real token attends to.
             positions = torch.arange(T, device=x.device).expand(B, T)
             mask = None
         else:
-            positions = cache.lengths[:, None] + torch.arange(T, device=x.device)
-            mask = attention_mask(cache, T, x.dtype)
+            positions = cache.positions(T)
+            mask = cache.mask(T, x.dtype)
         cos, sin = self.rope(positions, x.dtype)
         aux = []
         for i, layer in enumerate(self.layers):
@@ -395,8 +344,7 @@ class Transformer(nn.Module):
         if len(self.layers) in aux_layers:
             aux.append(x)
         if cache is not None:
-            cache.lengths = cache.lengths + T
-            cache.extent += T
+            cache.advance(T)
         return self.norm(x), (torch.cat(aux, dim=-1) if aux else None)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -419,149 +367,3 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float
     return model.to(dtype)
 
 
-def _read_config(path: Path) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt config.json ({e})") from None
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Returns every tensor of a checkpoint directory (model.safetensors, a sharded index, or any *.safetensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        hint = " (convert .bin weights to safetensors)" if list(path.glob("*.bin")) else ""
-        raise CheckpointError(f"{path}: no safetensors weights found{hint}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(str(path / name)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path / name}: corrupt safetensors file ({e})") from None
-    return tensors
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
-    """Raises CheckpointError naming the first tensor that holds NaN or Inf."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or Inf values")
-
-
-def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: Path | str,
-                  what: str) -> None:
-    """Raises CheckpointError if `tensors` lacks a name of `expected` or holds one with another shape."""
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{where}: {what} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for name, t in expected.items():
-        if tensors[name].shape != t.shape:
-            raise CheckpointError(
-                f"{where}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config implies {tuple(t.shape)}")
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
-    """Returns the torch dtype for a name like "bf16" or "float32"; None means fp32 on CPU, bf16 on GPU."""
-    if dtype is None:
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype '{dtype}': use one of {', '.join(names)}")
-    return names[dtype]
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu") -> Transformer:
-    """Returns the model stored in an HF checkpoint directory (config.json + safetensors), in eval mode."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    hf = _read_config(path)
-    try:
-        cfg = ModelConfig.from_hf(hf)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json: invalid config ({e})") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    tensors = read_safetensors(path)
-    check_finite(tensors, path)
-    state = {k.removeprefix("model."): v for k, v in tensors.items()}
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = hf_state(model, model.state_dict())  # checked under HF's names, so errors name real tensors
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)
-    check_tensors(expected, state, path, "checkpoint")
-    target_dtype = resolve_dtype(dtype, device)
-    state = fused_state(model, {k: state[k].to(target_dtype) for k in expected})
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    inv_freq, _ = rope_inv_freq(cfg)
-    model.inv_freq = inv_freq
-    return model.to(device).eval()
-
-
-def atomic_directory(path: Path) -> Path:
-    """Returns a fresh temp directory beside `path`; `commit_directory` moves it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def commit_directory(tmp: Path, path: Path) -> None:
-    """Replaces `path` by `tmp` so readers see either the old or the new directory, never a half-written one."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def save_model(model: Transformer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Writes `model` as an HF checkpoint directory (config.json + model.safetensors) atomically; returns it."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = atomic_directory(path)
-    try:
-        state = {}
-        for name, t in hf_state(model, model.state_dict()).items():
-            if name == "lm_head.weight":
-                if model.config.tie_word_embeddings:
-                    continue
-                state[name] = t
-            else:
-                state["model." + name] = t
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        hf = model.config.to_hf()
-        hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        commit_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path

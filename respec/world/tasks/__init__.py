@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from respec.errors import ConfigError
-from respec.tasks.arithmetic import ArithmeticTask
-from respec.tasks.base import ANSWER_PREFIX, Problem, Score, SyntheticTask, Task, final_answer
-from respec.tasks.countdown import CountdownTask
-from respec.tasks.jsonl import JsonlTask
+from respec.world.tasks.arithmetic import ArithmeticTask
+from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, SyntheticTask, Task, final_answer
+from respec.world.tasks.countdown import CountdownTask
+from respec.world.tasks.jsonl import JsonlTask
 
 TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "jsonl": JsonlTask}
 

@@ -1,0 +1,95 @@
+"""The KV cache: preallocated keys and values with one length per row, and the masks and positions derived from
+those lengths. It is the only place that moves `lengths` and `extent`.
+
+Invariant: row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
+rolling back rejected draft tokens is lowering lengths[b] (no copy). `extent` is a host-side integer with
+extent >= lengths.max(): attention reads positions [0, extent + T) only, and knowing it on the host avoids a
+device sync per forward. Rows that finish are dropped with `keep`, so attention cost follows the live batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer [L, B, Hkv, capacity, D] with a length per row."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, capacity, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.extent = 0  # host-side upper bound of lengths.max()
+        self.capacity = capacity
+
+    @classmethod
+    def for_model(cls, cfg, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str,
+                  num_layers: int | None = None) -> KVCache:
+        """Returns an empty cache shaped for model config `cfg` (or `num_layers` layers of its attention shape)."""
+        layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        return cls(layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim, dtype, device)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def is_empty(self) -> bool:
+        """Returns whether no row holds an entry (host-side: no sync)."""
+        return self.extent == 0
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Returns the positions [B, T] that T new tokens per row take: lengths[b] .. lengths[b] + T - 1."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def mask(self, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Returns the additive mask [B, 1, T, S] (0 where visible, -inf elsewhere), S = extent + T, letting new
+        token t of row b see cache positions <= lengths[b] + t. Built once per forward in the compute dtype."""
+        S = self.extent + T
+        if S > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {S} positions needed, capacity {self.capacity}")
+        pos = self.positions(T)  # [B, T]
+        keys = torch.arange(S, device=pos.device)
+        hidden = keys[None, None, :] > pos[:, :, None]  # [B, T, S]
+        return torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v [B, Hkv, T, D] of `layer` at each row's positions lengths[b] + t; returns the layer's keys and
+        values over [0, extent + T) [B, Hkv, S, D] (lengths move only in `advance`, after the last layer)."""
+        B, H, T, D = k.shape
+        idx = self.positions(T)[:, None, :, None].expand(B, H, T, D)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        S = self.extent + T
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
+
+    def advance(self, T: int) -> None:
+        """Records that a forward appended T entries to every row."""
+        self.lengths = self.lengths + T
+        self.extent += T
+
+    def set_lengths(self, lengths: torch.Tensor, extent: int | None = None) -> None:
+        """Moves each row's length (prompt lengths, or a rollback); `extent` must bound max(lengths) from above.
+
+        Without `extent` the old one is kept when it still bounds the new lengths, which holds for any rollback
+        (lengths only fall); pass it when lengths may grow, or sync once with `max_length`.
+        """
+        self.lengths = lengths.to(self.lengths.device, torch.long)
+        if extent is not None:
+            self.extent = int(extent)
+
+    def shrink_extent(self, max_length: int) -> None:
+        """Lowers `extent` to a host-side max(lengths) read in the caller's one sync per step."""
+        self.extent = int(max_length)
+
+    def reset(self) -> None:
+        """Empties every row (stale entries stay, masked)."""
+        self.lengths = torch.zeros_like(self.lengths)
+        self.extent = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only `rows` (indices into the batch), in that order."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.lengths = self.lengths[rows]

@@ -1,0 +1,366 @@
+"""The adaptive SD tuner: at every decode step, the draft length k (0 = plain decoding) that maximises expected
+emitted tokens per second for the live batch, from a profiled cost model and a live acceptance estimate.
+
+    rate(B, k) = B * E(k) / t(B, k),   E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i,
+    t(B, 0) = t_target(B, 1) + o_plain(B),   t(B, k) = t_target(B, k+1) + k * t_draft(B) + o_spec(B)
+
+- t_target(B, n), t_draft(B): profiled once per (target, drafter architecture, dtype, device, threads) on a small
+  grid of batch sizes, interpolated in B, cached on disk (a corrupt cache file is rebuilt with a warning).
+- o_plain(B), o_spec(B): what the raw forwards miss (sampling, acceptance, bookkeeping, the host sync), learnt
+  online from the measured seconds of every step as a line c0 + c1 * B by exponentially weighted least squares.
+- a_j: the probability that draft j is accepted given drafts 1..j-1 were, from the per-row accepted counts of
+  each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
+  decayed counts shrunk towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a
+  position never tried inherits its neighbour's estimate). A drafter swap decays the evidence.
+- Hysteresis: the k in use is kept unless another k is predicted `hysteresis` faster, so the choice does not
+  flap when the live batch hovers at a break-even point (vLLM issue #49548).
+- While k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the tuner takes
+  one probe step at the best k >= 1, which measures the current drafter honestly at a bounded cost.
+Decisions depend on measured times, so adaptive runs are reproducible in distribution only; the engine logs
+every step's k (GenerationResult.trace) and `SpecConfig(mode="replay")` reproduces a run token for token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from respec.engine.checkpoint import cache_root
+from respec.engine.kvcache import KVCache
+from respec.engine.sampling import SamplingParams, sample, target_probs
+from respec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from respec.engine.drafter import Eagle3Drafter
+    from respec.engine.generate import Engine, StepStats
+    from respec.engine.model import Transformer
+
+COST_FORMAT = 1  # bump when profiling changes, so cached cost models are re-measured
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    """How the tuner profiles costs and weighs evidence; the defaults work for the embedded policy and on GPU."""
+
+    batch_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # live batch sizes profiled (interpolated between)
+    context: int = 64  # cached positions per row while profiling (attention cost at a typical rollout length)
+    repeats: int = 3  # timed forwards per profiled cell; the median is kept
+    prior_accept: float = 0.6  # a_1 before any evidence
+    prior_weight: float = 8.0  # pseudo-rows of the prior
+    decay: float = 0.95  # per observed step, old acceptance evidence is multiplied by this
+    swap_decay: float = 0.1  # a drafter swap multiplies the acceptance evidence by this
+    overhead_decay: float = 0.98  # per observed step, old overhead evidence is multiplied by this
+    hysteresis: float = 0.05  # switch k only when another is predicted this much faster
+    probe_every: int = 16  # after this many consecutive k = 0 steps, one probe step at the best k >= 1
+    use_disk_cache: bool = True  # keep profiled costs in cache_dir
+    cache_dir: str | None = None  # None = $RESPEC_CACHE/tuner (default ~/.cache/respec/tuner)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_grid", tuple(sorted(set(int(b) for b in self.batch_grid))))
+        if not self.batch_grid or self.batch_grid[0] < 1:
+            raise ConfigError(f"batch_grid must hold batch sizes >= 1, got {list(self.batch_grid)}")
+        if self.context < 1 or self.repeats < 1 or self.probe_every < 1:
+            raise ConfigError("context, repeats and probe_every must be >= 1")
+        if not 0 < self.prior_accept < 1 or self.prior_weight <= 0:
+            raise ConfigError("prior_accept must be in (0, 1) and prior_weight > 0")
+        for name in ("decay", "swap_decay", "overhead_decay"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.hysteresis < 0:
+            raise ConfigError(f"hysteresis must be >= 0, got {self.hysteresis}")
+
+
+@dataclass
+class CostModel:
+    """Profiled seconds: target forward over n tokens per row, one drafter step, at each grid batch size."""
+
+    batches: list[int]  # increasing grid of live batch sizes
+    target: list[list[float]]  # [len(batches)][n - 1] seconds of a cached target forward (+ head) over n tokens
+    draft: list[float]  # [len(batches)] seconds of one chained drafter step (forward, head, sample)
+    key: dict = field(default_factory=dict)  # what it was measured on
+
+    @property
+    def n_max(self) -> int:
+        return len(self.target[0])
+
+    def _interp(self, values: list[float], batch: int) -> float:
+        """Returns values at `batch`, linear between grid points and linear extrapolation beyond the ends."""
+        bs = self.batches
+        if len(bs) == 1:
+            return values[0] * batch / bs[0] if batch > bs[0] else values[0]
+        i = min(max(bisect_left(bs, batch), 1), len(bs) - 1)
+        b0, b1, v0, v1 = bs[i - 1], bs[i], values[i - 1], values[i]
+        if batch < b0:  # below the grid: no cheaper than the smallest batch
+            return v0
+        return max(v0 + (v1 - v0) * (batch - b0) / (b1 - b0), 1e-9)
+
+    def target_s(self, batch: int, n: int) -> float:
+        return self._interp([row[n - 1] for row in self.target], batch)
+
+    def draft_s(self, batch: int) -> float:
+        return self._interp(self.draft, batch)
+
+    def step_s(self, batch: int, k: int) -> float:
+        """Returns the raw seconds of one decode step with k drafts (no sampling/bookkeeping overhead)."""
+        return self.target_s(batch, k + 1) + k * self.draft_s(batch)
+
+
+def expected_emitted(accept: list[float], k: int) -> float:
+    """Returns E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, the expected tokens a row emits in a step with k drafts."""
+    total, run = 1.0, 1.0
+    for a in accept[:k]:
+        run *= a
+        total += run
+    return total
+
+
+class _LineFit:
+    """Exponentially weighted least squares of y = c0 + c1 * x (the per-step overhead in the batch size)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.s = [0.0] * 5  # sums of w, w x, w x^2, w y, w x y
+
+    def add(self, x: float, y: float) -> None:
+        self.s = [v * self.decay for v in self.s]
+        for i, v in enumerate((1.0, x, x * x, y, x * y)):
+            self.s[i] += v
+
+    def __call__(self, x: float) -> float:
+        w, sx, sxx, sy, sxy = self.s
+        if w < 1e-9:
+            return 0.0
+        det = w * sxx - sx * sx
+        if det <= 1e-9 * max(w * sxx, 1e-30):  # a single batch size seen so far: the mean
+            return sy / w
+        c1 = (w * sxy - sx * sy) / det
+        c0 = (sy - c1 * sx) / w
+        return c0 + c1 * x
+
+
+class Tuner:
+    """Chooses each decode step's k from costs and acceptance; fed by the engine with every step's stats."""
+
+    def __init__(self, costs: CostModel, k_max: int, config: TunerConfig | None = None):
+        if not 1 <= k_max <= costs.n_max - 1:
+            raise ConfigError(f"k_max must be in [1, {costs.n_max - 1}] for this cost model, got {k_max}")
+        self.costs, self.k_max, self.config = costs, k_max, config or TunerConfig()
+        self.accepted = [0.0] * k_max  # decayed count of rows that accepted draft j (given j - 1 accepted)
+        self.tried = [0.0] * k_max  # decayed count of rows that tried draft j
+        self.overhead = {False: _LineFit(self.config.overhead_decay), True: _LineFit(self.config.overhead_decay)}
+        self.current_k: int | None = None
+        self.plain_run = 0  # consecutive k = 0 decisions
+        self.drafter_version: int | None = None
+
+    @classmethod
+    def for_engine(cls, engine: Engine, k_max: int, config: TunerConfig | None = None) -> Tuner:
+        """Returns a tuner for the engine's target and drafter, profiling costs (or loading them from disk)."""
+        config = config or TunerConfig()
+        if engine.drafter is None:
+            raise ConfigError("adaptive speculative decoding needs a drafter: pass one to Engine")
+        costs = load_or_profile(engine.target, engine.drafter, k_max + 1, config)
+        return cls(costs, k_max, config)
+
+    # -- estimates ---------------------------------------------------------------------------------------------
+    def acceptance(self) -> list[float]:
+        """Returns a_j for j = 1..k_max (see the module docstring)."""
+        cfg, out, prior = self.config, [], self.config.prior_accept
+        for acc, tried in zip(self.accepted, self.tried, strict=True):
+            a = (acc + cfg.prior_weight * prior) / (tried + cfg.prior_weight)
+            out.append(min(max(a, 1e-4), 1 - 1e-4))
+            prior = out[-1]
+        return out
+
+    def predict_s(self, batch: int, k: int) -> float:
+        """Returns the predicted seconds of a step at live batch `batch` with k drafts."""
+        raw = self.costs.step_s(batch, k)
+        return max(raw + self.overhead[k > 0](batch), 0.25 * raw)
+
+    def rates(self, batch: int) -> list[float]:
+        """Returns the predicted emitted tokens per second for k = 0..k_max at live batch `batch`."""
+        accept = self.acceptance()
+        return [batch * expected_emitted(accept, k) / self.predict_s(batch, k) for k in range(self.k_max + 1)]
+
+    # -- the engine's interface ------------------------------------------------------------------------------
+    def choose(self, batch: int, k_max: int | None = None) -> tuple[int, float]:
+        """Returns (k, predicted seconds) for the next step at live batch `batch`, k <= min(k_max, self.k_max)."""
+        limit = self.k_max if k_max is None else min(k_max, self.k_max)
+        rates = self.rates(batch)[: limit + 1]
+        best = max(range(len(rates)), key=lambda k: (rates[k], -k))  # ties: the smaller k
+        k = best
+        if self.current_k is not None and self.current_k <= limit and \
+                rates[self.current_k] * (1 + self.config.hysteresis) >= rates[best]:
+            k = self.current_k
+        self.current_k = k
+        if k == 0:
+            self.plain_run += 1
+            if self.plain_run >= self.config.probe_every and limit >= 1:
+                self.plain_run = 0
+                k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
+        else:
+            self.plain_run = 0
+        return k, self.predict_s(batch, k)
+
+    def observe(self, stats: StepStats) -> None:
+        """Learns from one step: acceptance per position (k >= 1) and the overhead beyond the raw costs."""
+        B, k = stats.batch, stats.k
+        self.overhead[k > 0].add(B, stats.seconds - self.costs.step_s(B, k))
+        if k == 0:
+            return
+        d = self.config.decay
+        self.accepted = [v * d for v in self.accepted]
+        self.tried = [v * d for v in self.tried]
+        for c in stats.accepted:
+            for j in range(min(c + 1, k, self.k_max)):  # positions 1..min(c+1, k) were tried
+                self.tried[j] += 1
+                if j < c:
+                    self.accepted[j] += 1
+
+    def on_drafter_change(self, version: int | None) -> None:
+        """Decays the acceptance evidence: it described the previous drafter."""
+        self.drafter_version = version
+        s = self.config.swap_decay
+        self.accepted = [v * s for v in self.accepted]
+        self.tried = [v * s for v in self.tried]
+
+    # -- checkpointing -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Returns the learnt state (acceptance and overhead evidence, current k) as plain JSON-able values."""
+        return {"accepted": self.accepted, "tried": self.tried, "current_k": self.current_k,
+                "plain_run": self.plain_run, "drafter_version": self.drafter_version,
+                "overhead": {str(k): v.s for k, v in self.overhead.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["accepted"]) != self.k_max:
+            raise ConfigError(f"tuner state is for k_max={len(state['accepted'])}, this tuner has {self.k_max}")
+        self.accepted, self.tried = list(state["accepted"]), list(state["tried"])
+        self.current_k, self.plain_run = state["current_k"], state["plain_run"]
+        self.drafter_version = state.get("drafter_version")
+        for k, fit in self.overhead.items():
+            fit.s = list(state["overhead"][str(k)])
+
+
+# -- profiling ---------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def target_seconds(model: Transformer, batch: int, n: int, context: int, repeats: int,
+                   gen: torch.Generator) -> float:
+    """Returns the median seconds of one cached target forward (with lm_head) over n new tokens per row after
+    `context` cached positions: the verification cost t_target(B, n)."""
+    cfg = model.config
+    param = next(model.parameters())
+    device = param.device
+    cache = KVCache.for_model(cfg, batch, context + n, param.dtype, device)
+    model(torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device), cache)
+    lengths, extent = cache.lengths.clone(), cache.extent
+    ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen).to(device)  # [B, n]
+    times = []
+    for i in range(repeats + 1):  # the first forward warms up and is not counted
+        _sync(device)
+        t0 = time.perf_counter()
+        hidden, _ = model(ids, cache)  # [B, n, H]
+        model.lm_head(hidden)  # [B, n, V]: verification scores every position
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        cache.set_lengths(lengths, extent=extent)  # roll back: the next repeat sees the same prefix
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int, gen: torch.Generator) -> float:
+    """Returns the median seconds of one chained drafter step at batch `batch`: forward over one token with
+    `context` cached positions, draft distribution, sample, and scatter into the target vocabulary."""
+    w = drafter.fc.weight
+    device, H = w.device, drafter.config.hidden_size
+    cache = drafter.new_cache(batch, context + 1)
+    feats = torch.randn(batch, context, 3 * H, generator=gen).to(device, w.dtype)
+    drafter(torch.randint(0, drafter.config.vocab_size, (batch, context), generator=gen).to(device), feats, cache)
+    lengths, extent = cache.lengths.clone(), cache.extent
+    token = torch.randint(0, drafter.config.vocab_size, (batch, 1), generator=gen).to(device)
+    h = torch.randn(batch, 1, H, generator=gen).to(device, w.dtype)
+    params = SamplingParams(temperature=1.0)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        _, logits = drafter(token, h, cache)  # [B, 1, Vd]
+        q = target_probs(logits[:, 0], params)
+        drafter.expand_probs(q)
+        drafter.draft_to_target(sample(q, None))
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        cache.set_lengths(lengths, extent=extent)
+    return statistics.median(times)
+
+
+def cost_key(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig) -> dict:
+    """Returns what a cost model depends on: both architectures, dtype, device, threads, grid, torch."""
+    param = next(target.parameters())
+    device = param.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"format": COST_FORMAT, "target": target.config.to_hf(), "drafter": asdict(drafter.config),
+            "dtype": str(param.dtype), "device": f"{device.type}:{name}", "threads": torch.get_num_threads(),
+            "batches": list(config.batch_grid), "n_max": n_max, "context": config.context,
+            "torch": torch.__version__}
+
+
+def profile_costs(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig,
+                  seed: int = 0) -> CostModel:
+    """Returns a CostModel measured now on the target's device (a few seconds for the embedded policy)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, draft = [], []
+    for batch in config.batch_grid:
+        rows.append([target_seconds(target, batch, n, config.context, config.repeats, gen)
+                     for n in range(1, n_max + 1)])
+        draft.append(draft_seconds(drafter, batch, config.context, config.repeats, gen))
+    return CostModel(list(config.batch_grid), rows, draft, cost_key(target, drafter, n_max, config))
+
+
+def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig) -> CostModel:
+    """Returns the cached cost model for this (target, drafter, dtype, device, threads), profiling on a miss.
+
+    A cache file that cannot be read is re-measured and rewritten, with a warning.
+    """
+    key = cost_key(target, drafter, n_max, config)
+    path = None
+    if config.use_disk_cache:
+        root = Path(config.cache_dir) if config.cache_dir else cache_root() / "tuner"
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = root / f"costs-{digest}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                costs = CostModel(data["batches"], data["target"], data["draft"], data["key"])
+                if len(costs.target) != len(costs.batches) or len(costs.draft) != len(costs.batches) or \
+                        any(len(r) != n_max for r in costs.target) or \
+                        not all(math.isfinite(x) and x > 0 for r in costs.target for x in [*r]) or \
+                        not all(math.isfinite(x) and x > 0 for x in costs.draft):
+                    raise ValueError("shape or values do not match the key")
+                return costs
+            except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+                warnings.warn(f"tuner cost cache {path} is unreadable ({e}); re-profiling", stacklevel=2)
+    costs = profile_costs(target, drafter, n_max, config)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(costs), default=str) + "\n")
+        os.replace(tmp, path)
+    return costs
