@@ -120,8 +120,9 @@ def generate(
     top_k: int = typer.Option(0, help="0 = off"),
     max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
-    k: int = typer.Option(4, help="draft tokens per step"),
-    mode: str | None = typer.Option(None, help="off | static (default: static with a drafter, else off)"),
+    k: int = typer.Option(4, help="draft tokens per step (static mode)"),
+    k_max: int = typer.Option(8, help="largest draft length the tuner may pick (adaptive mode)"),
+    mode: str | None = typer.Option(None, help="off | static | adaptive (default: adaptive with a drafter, else off)"),
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -133,7 +134,7 @@ def generate(
     # Validate every flag before the (slow) checkpoint load.
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed)
-    spec = SpecConfig(mode=mode or ("static" if drafter is not None else "off"), k=k)
+    spec = SpecConfig(mode=mode or ("adaptive" if drafter is not None else "off"), k=k, k_max=k_max)
     prompts = _prompts(prompt_ids)
     target = load_model(model, dtype, device)
     draft = None
@@ -145,7 +146,7 @@ def generate(
     for i, seq in enumerate(out.sequences):
         typer.echo(f"{i}: {','.join(map(str, seq.tokens))} ({seq.finish_reason})")
     typer.echo(f"{out.num_tokens} tokens in {out.seconds:.3f} s ({out.tokens_per_s:.1f} tokens/s, "
-               f"{out.mean_emitted_per_step:.2f} tokens per row per step)", err=True)
+               f"{out.mean_emitted_per_step:.2f} tokens per row per verify step, mean k {out.mean_k:.2f})", err=True)
 
 
 
@@ -156,24 +157,57 @@ def bench_spec_cmd(
     task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
     batch_sizes: str = typer.Option("1,4,16,64"),
     temperatures: str = typer.Option("0,0.7,1.0"),
-    ks: str = typer.Option("1,2,4,6,8", help="static draft lengths compared with plain decoding"),
+    ks: str = typer.Option("1,2,4,6,8", help="static draft lengths; the choosers pick among them (tuner: 0..max)"),
+    modes: str = typer.Option("plain,static,adaptive,table,bandit",
+                              help="cells to run: plain, static (each k), adaptive (our tuner), table (vLLM's "
+                                   "batch-size table from this run's grid), bandit (TLT/FastRL's bandit)"),
     max_new_tokens: int = typer.Option(64),
-    repeats: int = typer.Option(2, help="timed runs per cell; the fastest is kept"),
+    repeats: int = typer.Option(2, help="timed runs per cell; the fastest is kept, the median reported beside it"),
     threads: int | None = typer.Option(1, help="torch CPU threads"),
     device: str = typer.Option("cpu"),
     dtype: str | None = typer.Option(None),
     json_path: Path = typer.Option(Path("runs/bench/spec.json"), "--json", help="where the results go"),
 ) -> None:
-    """Speculative (static k) vs plain decoding on the same engine, prompts and seeds: tokens/s and speedup."""
+    """Speculative vs plain decoding on the same engine, prompts and seeds: static k, our tuner, vLLM's table and
+    TLT's bandit; tokens/s and speedup."""
     from respec.bench.spec import SpecBenchConfig, bench_spec
 
     cfg = SpecBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                           task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                           temperatures=_numbers(temperatures, "--temperatures", float), ks=_ints(ks, "--ks"),
+                          modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                           max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, device=device,
                           dtype=dtype)
     console = Console()
     bench_spec(cfg, json_path, console)
+    console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@bench_app.command("rollout")
+def bench_rollout_cmd(
+    policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
+    drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
+    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    prompts: int = typer.Option(16, help="distinct prompts P"),
+    samples: int = typer.Option(8, help="samples per prompt G (the rollout batch is P x G)"),
+    temperature: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(128),
+    ks: str = typer.Option("1,2,3,4,6,8", help="static draft lengths; the largest is every chooser's k_max"),
+    repeats: int = typer.Option(3, help="timed rollouts per mode after a warm-up round; the median is kept"),
+    threads: int | None = typer.Option(1, help="torch CPU threads"),
+    device: str = typer.Option("cpu"),
+    dtype: str | None = typer.Option(None),
+    json_path: Path = typer.Option(Path("runs/bench/rollout.json"), "--json", help="where the results go"),
+) -> None:
+    """A draining GRPO-shaped rollout: plain, each static k, vLLM's table, TLT's bandit, our tuner, the oracle."""
+    from respec.bench.rollout import RolloutBenchConfig, bench_rollout
+
+    cfg = RolloutBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
+                             task=task, prompts=prompts, samples=samples, temperature=temperature,
+                             max_new_tokens=max_new_tokens, ks=_ints(ks, "--ks"), repeats=repeats, threads=threads,
+                             device=device, dtype=dtype)
+    console = Console()
+    bench_rollout(cfg, json_path, console)
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 

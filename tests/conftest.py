@@ -23,3 +23,13 @@ def _sharp_target(vocab: int, seed: int = 0, max_positions: int = 256):
 def sharp_target():
     """The factory `sharp_target(vocab, seed=0, max_positions=256)` of tiny peaky random targets."""
     return _sharp_target
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Runs the suite on one torch thread: the tiny test models gain nothing from more, and on a shared 2-core
+    machine threads waiting on each other made engine tests 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

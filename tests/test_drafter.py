@@ -1,4 +1,4 @@
-"""Tests of respec/drafter.py: the EAGLE-3 forward, its KV cache, vocab maps and vLLM/SGLang checkpoints."""
+"""Tests of respec/engine/drafter.py: the EAGLE-3 forward, its KV cache, vocab maps and vLLM/SGLang checkpoints."""
 
 import copy
 import json
@@ -113,6 +113,7 @@ def test_shapes_and_reference(pair):
     # Chaining: the drafter's own [B, T, H] output is a valid feature, used without fc.
     h2, l2 = d(ids, hidden)
     ref_h2, ref_l2 = reference_forward(d, ids, hidden)
+    torch.testing.assert_close(h2, ref_h2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l2, ref_l2, atol=1e-5, rtol=1e-5)
 
 

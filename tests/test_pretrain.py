@@ -1,9 +1,12 @@
 import json
+import random
+from collections import Counter
 
 import pytest
 import torch
 
 import respec.world.pretrain as pretrain_mod
+from respec.engine.generate import GenerationResult, SequenceOutput
 from respec.errors import ConfigError
 from respec.world.artifacts import MARKER, is_complete
 from respec.world.pretrain import PretrainConfig, evaluate_policy, pretrain
@@ -39,8 +42,84 @@ def test_training_lowers_loss_and_writes_metrics(tiny_policy):
     evaluation = json.loads((tiny_policy / "eval.json").read_text())
     for mode in ("temperature_1", "greedy"):
         assert evaluation[mode]["n"] == TINY["eval_problems"]
-        assert 0.0 <= evaluation[mode]["accuracy"] <= 1.0
         assert sum(evaluation[mode]["finish_reasons"].values()) == TINY["eval_problems"]
+
+
+def hf_greedy_evaluation(policy_dir, cfg: PretrainConfig) -> dict:
+    """Returns accuracy, mean tokens, styles and finish reasons of greedy decoding on the pretraining held-out set,
+    recomputed with transformers' generate and the task's scorer (no respec engine involved)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    task = cfg.make_task()
+    problems = task.problems(cfg.eval_problems, seed=cfg.seed + pretrain_mod.EVAL_SEED_OFFSET)
+    rewards, lengths, styles, finish = [], [], Counter(), Counter()
+    for p in problems:
+        ids = torch.tensor([encode_prompt(tokenizer, p.prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        stop = tokenizer.eos_token_id in new
+        new = new[: new.index(tokenizer.eos_token_id) + 1] if stop else new
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        rewards.append(task.score(p, text).reward)
+        lengths.append(len(new))
+        styles[task.style_of(p, text)] += 1
+        finish["stop" if stop else "length"] += 1
+    n = len(problems)
+    return {"accuracy": sum(rewards) / n, "mean_tokens": sum(lengths) / n,
+            "styles": {k: v / n for k, v in sorted(styles.items())}, "finish_reasons": dict(finish)}
+
+
+def test_greedy_evaluation_equals_an_independent_recomputation(tiny_policy):
+    """eval.json's greedy numbers are what transformers' greedy decoding scores on the same held-out problems."""
+    greedy = json.loads((tiny_policy / "eval.json").read_text())["greedy"]
+    ref = hf_greedy_evaluation(tiny_policy, PretrainConfig(**TINY))
+    assert greedy["accuracy"] == pytest.approx(ref["accuracy"])
+    assert greedy["mean_tokens"] == pytest.approx(ref["mean_tokens"])
+    assert greedy["styles"] == pytest.approx(ref["styles"]) and greedy["finish_reasons"] == ref["finish_reasons"]
+
+
+def scripted_engine(tokenizer, completion_of):
+    """Returns an Engine stand-in that answers each prompt with completion_of(prompt text) + eos."""
+    class Scripted:
+        def __init__(self, policy):
+            pass
+
+        def generate(self, prompts, params, spec):
+            sequences = []
+            for ids in prompts:
+                text = completion_of(tokenizer.decode(ids, skip_special_tokens=True))
+                tokens = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+                sequences.append(SequenceOutput(tokens, [0.0] * len(tokens), "stop"))
+            return GenerationResult(sequences)
+
+    return Scripted
+
+
+@pytest.mark.parametrize("policy,accuracy", [("right", 1.0), ("wrong", 0.0), ("alternating", 0.5)])
+def test_evaluate_policy_scores_known_right_and_wrong_policies(tiny_policy, monkeypatch, policy, accuracy):
+    """A policy that always writes the worked (correct) solution scores 1, one that always writes the sloppy
+    (wrong) solution scores 0, and one that alternates scores 0.5; styles follow."""
+    task = get_task("arithmetic")
+    problems = task.problems(12, seed=5)
+    index = {p.prompt: i for i, p in enumerate(problems)}
+    rng = random.Random(0)
+
+    def completion_of(prompt):
+        i = index[prompt]
+        style = {"right": "worked", "wrong": "sloppy", "alternating": ("worked", "sloppy")[i % 2]}[policy]
+        return task.sft_completion(problems[i], rng, style=style)[0]
+
+    monkeypatch.setattr(pretrain_mod, "Engine", scripted_engine(load_tokenizer(tiny_policy), completion_of))
+    result = evaluate_policy(tiny_policy, None, task, problems, temperature=0.0, max_new_tokens=64)
+    assert result["n"] == 12 and result["accuracy"] == accuracy
+    assert result["finish_reasons"] == {"stop": 12} and result["stop_rate"] == 1.0
+    expected_styles = {"right": {"worked": 1.0}, "wrong": {"sloppy": 1.0},
+                       "alternating": {"sloppy": 0.5, "worked": 0.5}}[policy]
+    assert result["styles"] == expected_styles
 
 
 def test_saved_directory_loads_and_generates_with_transformers(tiny_policy):
@@ -103,8 +182,6 @@ def test_invalid_config_raises(field, value):
 
 
 def test_style_of_classifies_sft_styles():
-    import random
-
     task = get_task("arithmetic")
     rng = random.Random(0)
     for p in task.problems(50, seed=1):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from respec.engine.generate import SpecConfig
 from respec.engine.sampling import (
     SamplingParams,
     accept_prob,
@@ -15,7 +14,7 @@ from respec.engine.sampling import (
     target_probs,
     token_logprobs,
 )
-from respec.errors import ConfigError, SamplingError
+from respec.errors import SamplingError
 
 V = 5
 
@@ -116,11 +115,3 @@ def test_token_logprobs_use_temperature_and_ignore_truncation():
 def test_invalid_sampling_params(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)
-
-
-@pytest.mark.parametrize("kwargs", [{"mode": "fast"}, {"mode": "static", "k": 0}, {"mode": "adaptive", "k_max": 0},
-                                    {"mode": "adaptive", "k_max": 17}, {"mode": "replay"},
-                                    {"mode": "replay", "trace": (1, -1)}])
-def test_invalid_spec_config(kwargs):
-    with pytest.raises(ConfigError):
-        SpecConfig(**kwargs)

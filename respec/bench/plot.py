@@ -102,23 +102,69 @@ def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
 
 
 def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
-    """Returns the PNG of `bench_spec` results: speedup vs k, one panel per temperature, one line per batch."""
+    """Returns the PNG of `bench_spec` results: speedup vs k, one panel per temperature, one line per batch over
+    the fixed k (plain and static), and the per-step choosers as markers at their mean k in the batch's colour."""
+    markers = {"adaptive": "*", "table": "s", "bandit": "^"}
     cells = data["cells"]
     temps = sorted({c["temperature"] for c in cells})
     fig = Figure(figsize=(4.5 * len(temps), 4), layout="constrained")
     for i, temperature in enumerate(temps):
         ax = fig.add_subplot(1, len(temps), i + 1)
-        for batch in sorted({c["batch"] for c in cells}):
-            pts = sorted((c["k"], c["speedup_vs_plain"]) for c in cells
-                         if c["batch"] == batch and c["temperature"] == temperature)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {batch}")
+        for j, batch in enumerate(sorted({c["batch"] for c in cells})):
+            here = [c for c in cells if c["batch"] == batch and c["temperature"] == temperature]
+            color = f"C{j % 10}"
+            pts = sorted((c["k"], c["speedup_vs_plain"]) for c in here if c["mode"] in ("plain", "static"))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"batch {batch}")
+            for c in here:
+                if c["mode"] in markers:
+                    ax.scatter(c["k"], c["speedup_vs_plain"], marker=markers[c["mode"]], s=70, color=color,
+                               edgecolors="black", linewidths=0.5, zorder=3)
+        for mode, marker in markers.items():  # one legend entry per chooser present
+            if any(c["mode"] == mode and c["temperature"] == temperature for c in cells):
+                ax.scatter([], [], marker=marker, color="white", edgecolors="black", label=f"{mode} (mean k)")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("draft length k (0 = plain)")
         ax.set_ylabel("tokens/s vs plain decoding")
         ax.set_title(f"temperature {temperature:g}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(f"Speculative decoding speedup ({device})", fontsize=9)
+    return _save(fig, Path(png))
+
+
+def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `bench_rollout`: wall seconds per mode, and the adaptive decision trace (live batch and
+    chosen k per decode step, beside the oracle's k)."""
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    names = ["plain", *(f"k={k}" for k in data["static_s"]), "table", "bandit", "adaptive", "oracle"]
+    secs = [data["plain_s"], *data["static_s"].values(), data["table_s"], data["bandit_s"], data["adaptive_s"],
+            data["oracle_s"]]
+    colors = ["gray"] + ["tab:blue"] * len(data["static_s"]) + ["tab:orange", "tab:purple", "tab:green", "black"]
+    ax.bar(range(len(secs)), secs, color=colors)
+    ax.set_xticks(range(len(secs)), names, rotation=45, fontsize=8)
+    ax.set_ylabel("rollout wall seconds (median)")
+    ax.set_title("GRPO-shaped rollout, same prompts and seeds")
+    ax.grid(alpha=0.3, axis="y")
+    trace = data["trace"]
+    ax = fig.add_subplot(1, 2, 2)
+    steps = range(len(trace["k"]))
+    ax.step(steps, trace["k"], where="post", color="tab:green", label="adaptive k")
+    ax.step(steps, trace["oracle_k"], where="post", color="black", ls="--", lw=0.9, label="oracle k")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("draft length k (0 = plain)")
+    twin = ax.twinx()
+    twin.plot(steps, trace["batch"], color="tab:red", alpha=0.6, label="live batch")
+    twin.set_ylabel("live batch")
+    twin.set_yscale("log", base=2)
+    ax.set_title("decision trace")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+    device = data.get("machine", {}).get("device_name", "")
+    if device:
+        fig.suptitle(f"Adaptive speculative decoding on a draining rollout ({device})", fontsize=9)
     return _save(fig, Path(png))

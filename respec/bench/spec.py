@@ -1,14 +1,25 @@
 """Speculative decoding vs plain decoding on the same engine, prompts and seeds: tokens/s, speedup and tokens
-emitted per verify step, over batch sizes, temperatures and draft lengths k.
+emitted per verify step, over batch sizes, temperatures and ways of choosing the draft length k.
 
-The table reproduces the paper's first gap on the machine at hand: the speedup is largest at batch 1 and
-shrinks (or turns into a slowdown) as the batch grows and verification becomes compute bound.
+Modes (cells per batch size and temperature):
+- "plain": k = 0 every step, the reference of every speedup;
+- "static": one cell per k in `ks`, that k every step; the grid reproduces the paper's first gap on the machine
+  at hand (the speedup is largest at batch 1 and shrinks, or turns into a slowdown, as the batch grows);
+- "adaptive": our tuner (`respec.engine.tuner.Tuner`) picks k in 0..max(ks) every step;
+- "table": vLLM's dynamic SD, a k per batch-size range filled from this run's own plain/static grid of the same
+  temperature (`respec.bench.policies.TablePolicy`, `table_from_cells`), as a vLLM user would fill it offline;
+- "bandit": TLT/FastRL's epsilon-greedy bandit over the ks (`respec.bench.policies.BanditPolicy`), its SD gate
+  set from the same grid (the largest batch at which the table speculates; FastRL's 32 without a grid).
+Each adaptive cell starts cold: a fresh tuner on the engine's profiled costs (profiling happens once, before
+any timing), a fresh bandit; each keeps learning over the cell's generate calls and repeats. Their `k` is the
+mean chosen k over the decode steps of the kept pass.
 `bench_spec` returns a JSON-able dict and, given a path, writes it atomically with a PNG beside it.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +31,14 @@ from rich.table import Table
 
 from respec.bench.engine import machine_info, torch_threads, write_results
 from respec.bench.plot import plot_bench_spec
-from respec.engine.generate import Engine, GenerationResult, SpecConfig
+from respec.bench.policies import BanditPolicy, TablePolicy, sd_threshold_from_table, table_from_cells
+from respec.engine.generate import Engine, KChooser, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
+
+MODES = ("plain", "static", "adaptive", "table", "bandit")
+CHOOSER_MODES = ("adaptive", "table", "bandit")  # k chosen per step; their cells' k is a mean
+FASTRL_BS_THRESHOLD = 32  # verl/trainer/config/fastrl_trainer.yaml speculative.bs_threshold (mit-han-lab/fastrl)
 
 
 @dataclass(frozen=True)
@@ -34,9 +50,10 @@ class SpecBenchConfig:
     task: str = "arithmetic"  # where the prompts come from (held-out problems)
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
     temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)
-    ks: tuple[int, ...] = (1, 2, 4, 6, 8)  # static draft lengths compared against plain decoding
+    ks: tuple[int, ...] = (1, 2, 4, 6, 8)  # static draft lengths; the choosers pick among them (tuner: 0..max)
+    modes: tuple[str, ...] = MODES  # which cells to run (module docstring); "plain" is always needed
     max_new_tokens: int = 64
-    repeats: int = 2  # timed runs per cell (after one warm-up run); the fastest is kept
+    repeats: int = 2  # timed runs per cell; the fastest is kept (the median is reported beside it)
     min_prompts: int = 16  # prompts per cell at least: a batch smaller than this runs in several calls
     seed: int = 0
     threads: int | None = 1  # torch CPU threads; 1 is steadier on a small or shared machine
@@ -44,7 +61,7 @@ class SpecBenchConfig:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_sizes", "ks", "temperatures"):
+        for name in ("batch_sizes", "ks", "temperatures", "modes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
@@ -54,27 +71,42 @@ class SpecBenchConfig:
             raise ConfigError(f"temperatures must be >= 0, got {list(self.temperatures)}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.min_prompts < 1:
             raise ConfigError("max_new_tokens, repeats and min_prompts must be >= 1")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ConfigError(f"unknown bench modes {unknown}: choose from {', '.join(MODES)}")
+        if "plain" not in self.modes:
+            raise ConfigError("modes must include 'plain': every speedup is relative to plain decoding")
+        if "table" in self.modes and "static" not in self.modes:
+            raise ConfigError("mode 'table' fills its table from this run's static cells: add 'static' to modes")
+        object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
 
 
 def _timed(engine: Engine, batches: list[list[list[int]]], params: SamplingParams, spec: SpecConfig,
-           repeats: int) -> tuple[int, float, float]:
-    """Returns (tokens, wall seconds, mean emitted per step) of generating every batch in turn, the fastest
-    of `repeats` passes (same seeds, so greedy passes are identical)."""
-    best = None
+           repeats: int, chooser: KChooser | None = None) -> dict:
+    """Returns the fastest of `repeats` passes over every batch in turn (same seeds, so greedy passes of a fixed
+    k are identical): tokens, seconds, tokens_per_s, mean_emitted_per_step (per row per verify step, 1.0 without
+    one), mean_k (over decode steps), and tokens_per_s_median over the passes."""
+    passes = []
     for _ in range(repeats):
-        tokens = emitted = rows = 0
+        tokens = steps = k_sum = spec_rows = spec_emitted = 0
         t0 = time.perf_counter()
         for prompts in batches:
-            out: GenerationResult = engine.generate(prompts, params, spec)
+            if isinstance(chooser, BanditPolicy):
+                chooser.reset_gate()  # each generate call is a rollout: FastRL closes its SD gate between them
+            out = engine.generate(prompts, params, spec, chooser=chooser)
             tokens += out.num_tokens
-            emitted += sum(s.emitted for s in out.stats)
-            rows += sum(s.batch for s in out.stats)
+            steps += len(out.stats)
+            k_sum += sum(s.k for s in out.stats)
+            spec_rows += sum(s.batch for s in out.stats if s.k > 0)
+            spec_emitted += sum(s.emitted for s in out.stats if s.k > 0)
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         seconds = time.perf_counter() - t0
-        if best is None or tokens / seconds > best[0] / best[1]:
-            best = (tokens, seconds, emitted / max(rows, 1))
-    return best
+        passes.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                       "mean_emitted_per_step": spec_emitted / spec_rows if spec_rows else 1.0,
+                       "mean_k": k_sum / max(steps, 1)})
+    best = max(passes, key=lambda p: p["tokens_per_s"])
+    return {**best, "tokens_per_s_median": statistics.median(p["tokens_per_s"] for p in passes)}
 
 
 def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike | None = None,
@@ -82,11 +114,13 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
     """Returns {"cells", "machine", "config", "policy", "drafter"}; writes JSON + PNG if json_path is given."""
     from respec.engine.checkpoint import load_model
     from respec.engine.drafter import load_drafter
+    from respec.engine.tuner import Tuner
     from respec.world.defaults import resolve_models
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or SpecBenchConfig()
     console = console or Console()
+    k_max = max(cfg.ks)
     with torch_threads(cfg.threads):
         policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
@@ -97,31 +131,57 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         n_prompts = max(max(cfg.batch_sizes), cfg.min_prompts)
         prompts = task_prompts(policy_dir, cfg.task, n_prompts, HELD_OUT_SEED)
         engine.generate(prompts[:4], SamplingParams(max_new_tokens=8), SpecConfig(mode="static", k=2))  # warm-up
-        cells = []
-        total = len(cfg.batch_sizes) * len(cfg.temperatures) * (1 + len(cfg.ks))
+        # The tuner's cost profile is measured (or loaded) here, outside every timed region.
+        profiled = engine.default_tuner(k_max) if "adaptive" in cfg.modes else None
+        grid = [(batch, t) for batch in cfg.batch_sizes for t in cfg.temperatures]
+        per_point = ("plain" in cfg.modes) + len(cfg.ks) * ("static" in cfg.modes) + \
+            sum(m in cfg.modes for m in CHOOSER_MODES)
+        cells, plain_tps = [], {}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("bench spec", total=total)
-            for batch in cfg.batch_sizes:
+            task = bar.add_task("bench spec", total=len(grid) * per_point)
+
+            def run(batch: int, temperature: float, mode: str, k: int | None, spec: SpecConfig,
+                    chooser: KChooser | None = None, **extra) -> None:
+                bar.update(task, description=f"batch {batch} T={temperature} {mode}" + (f" k={k}" if k else ""))
                 rounds = max(1, cfg.min_prompts // batch)
                 batches = [prompts[i * batch:(i + 1) * batch] for i in range(rounds)]
-                for temperature in cfg.temperatures:
-                    params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens,
-                                            seed=cfg.seed)
-                    runs = [("plain", 0, SpecConfig(mode="off"))]
-                    runs += [("static", k, SpecConfig(mode="static", k=k)) for k in cfg.ks]
-                    plain_tps = None
-                    for mode, k, spec in runs:
-                        bar.update(task, description=f"batch {batch} T={temperature} {mode} k={k}")
-                        tokens, seconds, emitted = _timed(engine, batches, params, spec, cfg.repeats)
-                        tps = tokens / seconds
-                        plain_tps = plain_tps or tps
-                        cells.append({"batch": batch, "temperature": temperature, "mode": mode, "k": k,
-                                      "tokens_per_s": tps, "speedup_vs_plain": tps / plain_tps,
-                                      "mean_emitted_per_step": emitted, "tokens": tokens,
-                                      "seconds": seconds, "prompts": rounds * batch})
-                        bar.advance(task)
+                params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
+                plain_tps.setdefault((batch, temperature), r["tokens_per_s"])  # plain runs first
+                ref = plain_tps[(batch, temperature)]
+                cells.append({"batch": batch, "temperature": temperature, "mode": mode,
+                              "k": r["mean_k"] if k is None else k, "tokens_per_s": r["tokens_per_s"],
+                              "speedup_vs_plain": r["tokens_per_s"] / ref,
+                              "tokens_per_s_median": r["tokens_per_s_median"],
+                              "mean_emitted_per_step": r["mean_emitted_per_step"], "tokens": r["tokens"],
+                              "seconds": r["seconds"], "prompts": rounds * batch, **extra})
+                bar.advance(task)
+
+            # The fixed-k grid first: the table and the bandit's gate are filled from it.
+            for batch, temperature in grid:
+                run(batch, temperature, "plain", 0, SpecConfig(mode="off"))
+                if "static" in cfg.modes:
+                    for k in cfg.ks:
+                        run(batch, temperature, "static", k, SpecConfig(mode="static", k=k))
+            adaptive = SpecConfig(mode="adaptive", k_max=k_max)
+            for batch, temperature in grid:
+                table = table_from_cells(c for c in cells if c["temperature"] == temperature) \
+                    if "static" in cfg.modes else None
+                if "adaptive" in cfg.modes:
+                    run(batch, temperature, "adaptive", None, adaptive, Tuner(profiled.costs, k_max, profiled.config))
+                if "table" in cfg.modes:
+                    policy = TablePolicy(table)
+                    run(batch, temperature, "table", None, adaptive, policy,
+                        table=[list(r) for r in policy.vllm_schedule()])
+                if "bandit" in cfg.modes:
+                    threshold = FASTRL_BS_THRESHOLD if table is None else sd_threshold_from_table(table)
+                    run(batch, temperature, "bandit", None, adaptive,
+                        BanditPolicy(cfg.ks, sd_batch_threshold=threshold, seed=cfg.seed),
+                        sd_batch_threshold=threshold)
         machine = machine_info(cfg.device)  # while the benchmark's thread count is still set
+    order = {(b, t): i for i, (b, t) in enumerate(grid)}
+    cells.sort(key=lambda c: (order[(c["batch"], c["temperature"])], MODES.index(c["mode"])))  # stable: k order
     data = {"cells": cells, "machine": machine, "config": asdict(cfg),
             "policy": str(policy_dir), "drafter": str(drafter_dir)}
     print_spec_table(data, console)
@@ -141,16 +201,37 @@ def best_cells(data: dict) -> list[dict]:
 
 
 def print_spec_table(data: dict, console: Console) -> None:
-    """Prints speedup (and tokens emitted per verify step) for every (batch, temperature) row and k column."""
-    ks = sorted({c["k"] for c in data["cells"] if c["mode"] == "static"})
-    table = Table(title="Speculative vs plain decoding, same engine/prompts/seeds: speedup (tokens per step)")
-    for col in ("batch", "T", "plain tok/s", *(f"k={k}" for k in ks), "best"):
-        table.add_column(col, justify="right")
+    """Prints the static grid (speedup and tokens emitted per verify step for every k) and, per (batch,
+    temperature), the best static k against the per-step choosers."""
+    cells = data["cells"]
+    points: dict[tuple, dict] = {}  # (batch, temperature) -> {"plain" | k of a static cell | chooser mode: cell}
+    for c in cells:
+        points.setdefault((c["batch"], c["temperature"]), {})[c["k"] if c["mode"] == "static" else c["mode"]] = c
     best = {(c["batch"], c["temperature"]): c for c in best_cells(data)}
-    for (batch, temperature), b in best.items():
-        row = {c["k"]: c for c in data["cells"] if (c["batch"], c["temperature"]) == (batch, temperature)}
-        table.add_row(str(batch), f"{temperature:g}", f"{row[0]['tokens_per_s']:.0f}",
-                      *(f"{row[k]['speedup_vs_plain']:.2f}x ({row[k]['mean_emitted_per_step']:.2f})" for k in ks),
-                      f"{b['speedup_vs_plain']:.2f}x @k={b['k']}")
+    ks = sorted({c["k"] for c in cells if c["mode"] == "static"})
+    if ks:
+        table = Table(title="Speculative vs plain decoding, same engine/prompts/seeds: speedup (tokens per step)")
+        for col in ("batch", "T", "plain tok/s", *(f"k={k}" for k in ks), "best"):
+            table.add_column(col, justify="right")
+        for (batch, temperature), row in points.items():
+            b = best[(batch, temperature)]
+            table.add_row(str(batch), f"{temperature:g}", f"{row['plain']['tokens_per_s']:.0f}",
+                          *(f"{row[k]['speedup_vs_plain']:.2f}x ({row[k]['mean_emitted_per_step']:.2f})"
+                            if k in row else "-" for k in ks),
+                          f"{b['speedup_vs_plain']:.2f}x @k={b['k']}")
+        console.print(table)
+    modes = [m for m in CHOOSER_MODES if any(c["mode"] == m for c in cells)]
+    if not modes:
+        return
+    table = Table(title="Choosing k per step vs the best static k: speedup over plain (mean k)")
+    ratio = "adaptive" in modes and bool(best)
+    for col in ("batch", "T", "plain tok/s", *(["best static"] if best else []), *modes,
+                *(["adaptive / best static"] if ratio else [])):
+        table.add_column(col, justify="right")
+    for key, row in points.items():
+        b = best.get(key)
+        table.add_row(str(key[0]), f"{key[1]:g}", f"{row['plain']['tokens_per_s']:.0f}",
+                      *([f"{b['speedup_vs_plain']:.2f}x (k={b['k']})"] if best else []),
+                      *(f"{row[m]['speedup_vs_plain']:.2f}x ({row[m]['k']:.1f})" if m in row else "-" for m in modes),
+                      *([f"{row['adaptive']['tokens_per_s'] / b['tokens_per_s']:.2f}"] if ratio else []))
     console.print(table)
-

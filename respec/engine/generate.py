@@ -178,11 +178,12 @@ class Engine:
                 f"the new drafter reads target layers {list(drafter.aux_layer_ids)}, the current one "
                 f"{list(self.drafter.aux_layer_ids)}: a swapped-in drafter must read the same layers")
         with self._step_lock:
+            swap = self.drafter is not None
             self.drafter = drafter.eval()
             self.drafter_version = version
             self.drafter_epoch += 1
-            if self.tuner is not None and hasattr(self.tuner, "on_drafter_change"):
-                self.tuner.on_drafter_change(version)
+            if swap and self.tuner is not None and hasattr(self.tuner, "on_drafter_change"):
+                self.tuner.on_drafter_change(version)  # the first drafter is what the tuner starts with
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copies new target weights in place (e.g. the trainer's actor after an update), from the next step on.
@@ -221,11 +222,13 @@ class Engine:
                     f"context of {cfg.max_position_embeddings} tokens")
 
     def default_tuner(self, k_max: int) -> KChooser:
-        """Returns the engine's tuner for drafts up to k_max, profiling (or loading cached) costs on first use."""
+        """Returns the engine's tuner, built for drafts up to k_max (profiling or loading cached costs) on first
+        use. A tuner given to the engine is kept as it is; it never picks more than its own k_max."""
         from respec.engine.tuner import Tuner
 
-        if self.tuner is None or getattr(self.tuner, "k_max", k_max) < k_max:
+        if self.tuner is None:
             self.tuner = Tuner.for_engine(self, k_max)
+            self.tuner.drafter_version = self.drafter_version
         return self.tuner
 
     @torch.inference_mode()
@@ -294,8 +297,9 @@ class _Run:
             with self.engine._step_lock:
                 self.sync_drafter()
                 accepted_host, live = self.step(k)
+                version = self.engine.drafter_version if k else None  # read before a waiting swap can land
             stats = StepStats(batch, k, accepted_host, sum(accepted_host) + batch, time.perf_counter() - t0,
-                              predicted, self.engine.drafter_version if k else None)
+                              predicted, version)
             self.stats.append(stats)
             if self.chooser is not None:
                 self.chooser.observe(stats)
@@ -363,6 +367,12 @@ class _Run:
             self.pend_feat = aux  # [B, P, 3H]
             self.pend_len = self.prompt_lens.clone()  # [B] valid backlog entries per row
             self.pend_width = L  # host-side max(pend_len)
+            # Plain steps append to preallocated buffers (no per-step reallocation); a verify step's backlog is
+            # its own output tensors and moves into the buffers at the next plain step.
+            width = BACKLOG_FLUSH + self.k_max + 1
+            self.backlog_tok = torch.zeros(B, width, dtype=torch.long, device=dev)  # [B, W]
+            self.backlog_feat = aux.new_zeros(B, width, aux.shape[-1])  # [B, W, 3H]
+            self.buffered = False  # whether pend_tok/pend_feat are the buffers
         emitted = first[:, None]
         logprobs = token_logprobs(logits, first, self.params)[:, None]
         _, live = self.commit(emitted, logprobs, torch.ones(B, dtype=torch.long, device=dev), None)
@@ -389,12 +399,15 @@ class _Run:
         the drafter consume a backlog that has grown BACKLOG_FLUSH wide (bounded memory, amortised cost)."""
         if self.pend_width >= BACKLOG_FLUSH:
             self.catch_up()
-        B = len(self.rows)
+        if not self.buffered:
+            w = self.pend_width
+            self.backlog_tok[:, :w] = self.pend_tok[:, :w]
+            self.backlog_feat[:, :w] = self.pend_feat[:, :w]
+            self.pend_tok, self.pend_feat, self.buffered = self.backlog_tok, self.backlog_feat, True
+        B, F = feature.shape
         at = self.pend_len[:, None]  # [B, 1] each row's first free backlog slot
-        self.pend_tok = torch.cat([self.pend_tok[:, : self.pend_width], token.new_zeros(B, 1)], 1)
         self.pend_tok.scatter_(1, at, token[:, None])
-        feat = torch.cat([self.pend_feat[:, : self.pend_width], feature.new_zeros(B, 1, feature.shape[-1])], 1)
-        self.pend_feat = feat.scatter_(1, at[..., None].expand(B, 1, feature.shape[-1]), feature[:, None])
+        self.pend_feat.scatter_(1, at[..., None].expand(B, 1, F), feature[:, None])
         self.pend_len = self.pend_len + 1
         self.pend_width += 1
 
@@ -442,6 +455,7 @@ class _Run:
         # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
         self.cache.set_lengths(n + 1 + accepted)
         self.pend_tok, self.pend_feat, self.pend_len, self.pend_width = emitted, aux, accepted + 1, k + 1
+        self.buffered = False
         self.last = nxt
         return emitted, token_logprobs(logits, emitted, self.params), accepted + 1, accepted
 
@@ -493,5 +507,9 @@ class _Run:
         self.cache.keep(keep)
         if self.drafter is not None:
             self.dcache.keep(keep)
-            self.pend_tok, self.pend_feat, self.pend_len = self.pend_tok[keep], self.pend_feat[keep], \
-                self.pend_len[keep]
+            self.backlog_tok, self.backlog_feat = self.backlog_tok[keep], self.backlog_feat[keep]
+            if self.buffered:
+                self.pend_tok, self.pend_feat = self.backlog_tok, self.backlog_feat
+            else:
+                self.pend_tok, self.pend_feat = self.pend_tok[keep], self.pend_feat[keep]
+            self.pend_len = self.pend_len[keep]

@@ -103,7 +103,9 @@ class CostModel:
         b0, b1, v0, v1 = bs[i - 1], bs[i], values[i - 1], values[i]
         if batch < b0:  # below the grid: no cheaper than the smallest batch
             return v0
-        return max(v0 + (v1 - v0) * (batch - b0) / (b1 - b0), 1e-9)
+        value = v0 + (v1 - v0) * (batch - b0) / (b1 - b0)
+        # Beyond the grid a noisy last segment must not make larger batches cheaper than the largest profiled.
+        return max(value, v1, 1e-9) if batch > b1 else max(value, 1e-9)
 
     def target_s(self, batch: int, n: int) -> float:
         return self._interp([row[n - 1] for row in self.target], batch)
@@ -205,7 +207,7 @@ class Tuner:
         self.current_k = k
         if k == 0:
             self.plain_run += 1
-            if self.plain_run >= self.config.probe_every and limit >= 1:
+            if self.plain_run > self.config.probe_every and limit >= 1:  # probe_every plain steps came before
                 self.plain_run = 0
                 k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
         else:
@@ -216,8 +218,8 @@ class Tuner:
         """Learns from one step: acceptance per position (k >= 1) and the overhead beyond the raw costs."""
         B, k = stats.batch, stats.k
         self.overhead[k > 0].add(B, stats.seconds - self.costs.step_s(B, k))
-        if k == 0:
-            return
+        if k == 0 or stats.drafter_version != self.drafter_version:
+            return  # a step drafted by a drafter swapped out since says nothing about the current one
         d = self.config.decay
         self.accepted = [v * d for v in self.accepted]
         self.tried = [v * d for v in self.tried]
@@ -349,7 +351,8 @@ def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, con
             try:
                 data = json.loads(path.read_text())
                 costs = CostModel(data["batches"], data["target"], data["draft"], data["key"])
-                if len(costs.target) != len(costs.batches) or len(costs.draft) != len(costs.batches) or \
+                if costs.batches != list(config.batch_grid) or len(costs.target) != len(costs.batches) or \
+                        len(costs.draft) != len(costs.batches) or \
                         any(len(r) != n_max for r in costs.target) or \
                         not all(math.isfinite(x) and x > 0 for r in costs.target for x in [*r]) or \
                         not all(math.isfinite(x) and x > 0 for x in costs.draft):

@@ -1,0 +1,103 @@
+"""Tests of respec/engine/kvcache.py: positions, masks, writes, advance, rollback, compaction."""
+
+import pytest
+import torch
+
+from respec.engine.kvcache import KVCache
+from respec.engine.model import ModelConfig
+
+L, B, HKV, CAP, D = 2, 3, 2, 10, 4
+
+
+def make_cache(lengths=(0, 0, 0)) -> KVCache:
+    cache = KVCache(L, B, HKV, CAP, D, torch.float32, "cpu")
+    cache.set_lengths(torch.tensor(lengths), extent=max(lengths))
+    return cache
+
+
+def kv(T: int, offset: float = 0.0) -> torch.Tensor:
+    """Returns k or v [B, Hkv, T, D] whose entry (b, h, t, :) is 100 b + 10 h + t + offset."""
+    b = torch.arange(B)[:, None, None, None] * 100
+    h = torch.arange(HKV)[None, :, None, None] * 10
+    t = torch.arange(T)[None, None, :, None]
+    return (b + h + t + offset).float().expand(B, HKV, T, D).clone()
+
+
+def test_for_model_shapes_and_empty_state():
+    cfg = ModelConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    cache = KVCache.for_model(cfg, batch=5, capacity=7, dtype=torch.bfloat16, device="cpu")
+    assert cache.k.shape == cache.v.shape == (3, 5, 2, 7, 8) and cache.k.dtype == torch.bfloat16
+    assert cache.batch == 5 and cache.is_empty() and cache.lengths.tolist() == [0] * 5
+    assert KVCache.for_model(cfg, 2, 7, torch.float32, "cpu", num_layers=1).k.shape[0] == 1
+
+
+def test_positions_follow_each_rows_length():
+    cache = make_cache((2, 5, 0))
+    assert cache.positions(3).tolist() == [[2, 3, 4], [5, 6, 7], [0, 1, 2]]
+
+
+def test_mask_lets_token_t_see_positions_up_to_length_plus_t():
+    cache = make_cache((2, 5, 0))
+    mask = cache.mask(2)
+    assert mask.shape == (B, 1, 2, 5 + 2) and mask.dtype == torch.float32
+    visible = (mask[:, 0] == 0).long().tolist()  # [B, T, S]
+    assert visible[0] == [[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0]]
+    assert visible[1] == [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert visible[2] == [[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+    assert cache.mask(1, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_mask_raises_on_overflow():
+    cache = make_cache((8, 8, 8))
+    cache.mask(2)  # exactly full
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.mask(3)
+
+
+def test_write_places_each_row_at_its_length_and_returns_the_extent():
+    cache = make_cache((2, 5, 0))
+    keys, values = cache.write(1, kv(2), kv(2, offset=0.5))
+    assert keys.shape == values.shape == (B, HKV, 5 + 2, D)  # [0, extent + T)
+    for b, n in enumerate((2, 5, 0)):
+        torch.testing.assert_close(cache.k[1, b, :, n:n + 2], kv(2)[b])
+        torch.testing.assert_close(cache.v[1, b, :, n:n + 2], kv(2, 0.5)[b])
+    assert cache.k[0].abs().sum() == 0  # other layers untouched
+    assert cache.lengths.tolist() == [2, 5, 0] and cache.extent == 5  # only advance moves lengths
+    cache.advance(2)
+    assert cache.lengths.tolist() == [4, 7, 2] and cache.extent == 7
+
+
+def test_rollback_keeps_extent_as_an_upper_bound_and_refeed_overwrites():
+    cache = make_cache((3, 3, 3))
+    cache.write(0, kv(4, offset=1000), kv(4, offset=1000))  # drafts that will be rejected
+    cache.advance(4)
+    cache.set_lengths(torch.tensor([4, 3, 6]))  # keep 1, 0 and 3 of them
+    assert cache.extent == 7 and cache.extent >= int(cache.lengths.max())
+    # Rejected entries stay in memory but are masked out: a new token of row 1 sees positions 0..3 only.
+    visible = (cache.mask(1)[1, 0, 0] == 0).tolist()
+    assert visible == [True] * 4 + [False] * 4
+    cache.write(0, kv(1), kv(1))
+    assert cache.k[0, 1, 0, 3, 0] == 100  # row 1's token at its own length, over the rejected entry
+    assert cache.k[0, 0, 0, 4, 0] == 0 and cache.k[0, 2, 0, 6, 0] == 200
+    cache.shrink_extent(6)
+    assert cache.extent == 6 and cache.mask(1).shape[-1] == 7
+    cache.set_lengths(torch.tensor([9, 9, 9]), extent=9)  # growing lengths need an explicit extent
+    assert cache.extent == 9
+
+
+def test_keep_compacts_rows_in_the_given_order():
+    cache = make_cache((1, 2, 3))
+    cache.write(0, kv(1, 1), kv(1, 0.5))
+    cache.advance(1)
+    cache.keep(torch.tensor([2, 0]))
+    assert cache.batch == 2 and cache.lengths.tolist() == [4, 2]
+    assert cache.k.shape[1] == cache.v.shape[1] == 2
+    assert cache.k[0, 0, 0, 3, 0] == 201 and cache.k[0, 1, 0, 1, 0] == 1 and cache.v[0, 0, 1, 3, 0] == 210.5
+    assert cache.positions(1).tolist() == [[4], [2]]
+
+
+def test_reset_empties_every_row():
+    cache = make_cache((1, 2, 3))
+    cache.reset()
+    assert cache.is_empty() and cache.lengths.tolist() == [0, 0, 0] and cache.mask(2).shape[-1] == 2

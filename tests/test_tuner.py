@@ -1,0 +1,427 @@
+"""The adaptive SD tuner: cost model, acceptance and overhead estimates, the k decision, the disk cache, and the
+engine's adaptive mode. Decision tests use hand-built costs and simulated step stats, so they are exact."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import respec.engine.tuner
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig, StepStats
+from respec.engine.model import ModelConfig, init_model
+from respec.engine.sampling import SamplingParams
+from respec.engine.tuner import CostModel, Tuner, TunerConfig, cost_key, expected_emitted, load_or_profile
+from respec.errors import ConfigError
+
+GRID = [1, 2, 4, 8, 16, 32, 64, 128]
+BASE = 0.01  # seconds of a memory-bound target forward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs this module on one torch thread: the tiny models gain nothing from more, and on a busy machine two
+    threads spin-wait on each other (the engine tests here take ~10x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def roofline(k_max: int = 8, draft: float = 0.001, knee: int = 64) -> CostModel:
+    """Returns costs of a roofline target: flat (memory-bound) until B * n tokens reach `knee`, then linear in
+    B * n (compute-bound); the drafter step is flat until B reaches `knee`."""
+    target = [[BASE * max(1.0, b * n / knee) for n in range(1, k_max + 2)] for b in GRID]
+    return CostModel(list(GRID), target, [draft * max(1.0, b / knee) for b in GRID])
+
+
+def simulate_rows(rng: random.Random, accept: float, k: int, batch: int) -> list[int]:
+    """Returns per-row accepted counts: each row accepts draft j with probability `accept` until a rejection."""
+    out = []
+    for _ in range(batch):
+        c = 0
+        while c < k and rng.random() < accept:
+            c += 1
+        out.append(c)
+    return out
+
+
+def step(costs: CostModel, batch: int, k: int, accepted: list[int] | None = None, extra: float = 0.0) -> StepStats:
+    """Returns the stats of a step that took exactly the raw cost (+ extra seconds)."""
+    accepted = [0] * batch if accepted is None else accepted
+    return StepStats(batch, k, accepted, sum(accepted) + batch, costs.step_s(batch, k) + extra)
+
+
+def feed(tuner: Tuner, rng: random.Random, accept: float, steps: int, batch: int, k: int | None = None) -> None:
+    """Feeds `steps` simulated steps at acceptance `accept` (k = the tuner's k_max unless given)."""
+    k = tuner.k_max if k is None else k
+    for _ in range(steps):
+        stats = step(tuner.costs, batch, k, simulate_rows(rng, accept, k, batch))
+        stats.drafter_version = tuner.drafter_version  # drafted by the drafter the tuner currently models
+        tuner.observe(stats)
+
+
+# -- the cost model and E(k) ----------------------------------------------------------------------------------
+
+def test_expected_emitted_hand_values():
+    assert expected_emitted([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_emitted([0.5, 0.5, 0.5], 1) == 1.5
+    assert expected_emitted([0.5, 0.5, 0.5], 3) == 1.875
+    assert expected_emitted([0.9, 0.5], 2) == pytest.approx(1 + 0.9 + 0.45)
+    assert expected_emitted([1.0] * 4, 4) == 5.0
+    assert expected_emitted([0.0, 1.0], 2) == 1.0  # nothing past a sure rejection
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    costs = CostModel([2, 4], [[1.0, 2.0], [4.0, 6.0]], [0.5, 1.0])
+    assert costs.n_max == 2
+    assert costs.target_s(2, 1) == 1.0 and costs.target_s(4, 2) == 6.0  # on the grid
+    assert costs.target_s(3, 1) == pytest.approx(2.5) and costs.target_s(3, 2) == pytest.approx(4.0)
+    assert costs.target_s(1, 1) == 1.0 and costs.draft_s(1) == 0.5  # below the grid: the smallest batch's
+    assert costs.target_s(8, 1) == pytest.approx(10.0) and costs.draft_s(8) == pytest.approx(2.0)  # linear beyond
+    assert costs.step_s(3, 0) == pytest.approx(2.5)
+    assert costs.step_s(3, 1) == pytest.approx(4.0 + 0.75)
+    single = CostModel([4], [[2.0]], [1.0])
+    assert single.target_s(2, 1) == 2.0 and single.target_s(8, 1) == pytest.approx(4.0)  # proportional beyond
+    falling = CostModel([1, 2], [[2.0], [2.0]], [1.0, 0.5])
+    assert falling.draft_s(10) == 0.5  # a noisy falling last segment never makes larger batches cheaper
+
+
+# -- the decision ---------------------------------------------------------------------------------------------
+
+def test_dear_drafting_gives_plain_and_cheap_drafting_speculates():
+    assert Tuner(roofline(draft=BASE), 8).choose(4)[0] == 0
+    assert Tuner(roofline(draft=BASE / 100), 8).choose(4)[0] >= 3
+
+
+def test_low_acceptance_gives_plain():
+    tuner = Tuner(roofline(), 8)
+    assert tuner.choose(16)[0] >= 1  # the prior alone speculates
+    feed(tuner, random.Random(0), 0.0, steps=60, batch=16, k=4)
+    assert tuner.acceptance()[0] < 0.03
+    tuner.current_k = None  # the decision itself, without hysteresis from the first choice
+    assert tuner.choose(16)[0] == 0
+
+
+def test_k_grows_with_acceptance():
+    ks = []
+    for accept in (0.02, 0.2, 0.5, 0.8, 0.95):
+        tuner = Tuner(roofline(), 8)
+        feed(tuner, random.Random(1), accept, steps=200, batch=32)
+        ks.append(tuner.choose(4)[0])
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 6, ks
+    assert len(set(ks)) >= 4, ks
+
+
+def test_k_grows_as_the_batch_shrinks():
+    ks = []
+    for batch in (128, 64, 32, 16, 8, 1):
+        tuner = Tuner(roofline(), 8)
+        feed(tuner, random.Random(2), 0.8, steps=100, batch=32)
+        ks.append(tuner.choose(batch)[0])
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 5, ks
+    tuner = Tuner(roofline(), 8)
+    assert tuner.choose(1, k_max=2)[0] <= 2  # the engine's k_max bounds the choice
+
+
+def tied_costs() -> CostModel:
+    """Returns costs t_target(B, n) = BASE * (1 + s * B * n), no draft cost, with s chosen so that k = 2 and
+    k = 3 are predicted equally fast at B = 16 under the prior acceptance: k = 3 wins below 16, k = 2 above."""
+    accept = [TunerConfig().prior_accept] * 3
+    e2, e3 = expected_emitted(accept, 2), expected_emitted(accept, 3)
+    x = (e3 - e2) / (4 * e2 - 3 * e3)  # E3 / (1 + 4x) == E2 / (1 + 3x), x = s * 16
+    batches = [1, 64]
+    return CostModel(batches, [[BASE * (1 + x / 16 * b * n) for n in range(1, 6)] for b in batches], [0.0, 0.0])
+
+
+def test_hysteresis_holds_k_at_a_break_even_batch():
+    costs = tied_costs()
+    flappy = Tuner(costs, 4, TunerConfig(hysteresis=0.0))
+    ks = [flappy.choose(b)[0] for b in [15, 17] * 10]
+    assert ks == [3, 2] * 10  # the set-up: the best k alternates with the batch
+    rates = flappy.rates(17)
+    assert rates[2] / rates[3] < 1.01  # ...and the two are nearly tied
+    steady = Tuner(costs, 4)
+    ks = [steady.choose(b)[0] for b in [15, 17] * 10]
+    assert ks == [3] * 20
+    assert steady.choose(40)[0] < 3  # a clear change of regime still switches
+
+
+def test_probe_after_probe_every_plain_steps():
+    tuner = Tuner(roofline(draft=BASE), 4, TunerConfig(probe_every=4))
+    ks = [tuner.choose(8)[0] for _ in range(15)]
+    assert ks[:4] == [0] * 4 and ks[4] >= 1
+    assert [k > 0 for k in ks] == ([False] * 4 + [True]) * 3
+    assert tuner.current_k == 0  # the probe does not become the k in use
+    once = Tuner(roofline(draft=BASE), 4, TunerConfig(probe_every=1))
+    assert [once.choose(8)[0] > 0 for _ in range(6)] == [False, True] * 3
+
+
+def test_steps_of_a_swapped_out_drafter_are_ignored():
+    tuner, rng = Tuner(roofline(), 4), random.Random(9)
+    tuner.on_drafter_change(2)
+    before = list(tuner.tried)
+    stale = step(tuner.costs, 8, 4, simulate_rows(rng, 0.9, 4, 8))
+    stale.drafter_version = 1  # drafted before the swap, observed after it
+    tuner.observe(stale)
+    assert tuner.tried == before
+
+
+def test_decisions_are_deterministic():
+    def run() -> list[int]:
+        tuner, rng, ks = Tuner(roofline(), 6), random.Random(3), []
+        for i in range(300):
+            batch = 1 + (i * 7) % 48
+            accept = 0.9 if i < 150 else 0.2
+            k, _ = tuner.choose(batch)
+            tuner.observe(step(tuner.costs, batch, k, simulate_rows(rng, accept, k, batch), rng.random() * 1e-3))
+            ks.append(k)
+        return ks
+
+    a, b = run(), run()
+    assert a == b
+    assert len(set(a)) >= 3  # the stream does move the decision
+    assert sum(a[-50:]) < sum(a[100:150])  # and lower acceptance lowers k
+
+
+# -- estimates ------------------------------------------------------------------------------------------------
+
+def test_acceptance_converges_and_recovers_after_a_drafter_change():
+    tuner, rng = Tuner(roofline(), 4), random.Random(4)
+    assert tuner.acceptance()[0] == pytest.approx(TunerConfig().prior_accept)
+    feed(tuner, rng, 0.8, steps=300, batch=128)
+    assert all(abs(a - 0.8) < 0.03 for a in tuner.acceptance()), tuner.acceptance()
+    stale = Tuner(roofline(), 4)
+    stale.load_state_dict(tuner.state_dict())
+    tuner.on_drafter_change(7)
+    assert tuner.drafter_version == 7
+    assert tuner.tried[0] == pytest.approx(0.1 * stale.tried[0])  # swap_decay
+    for t in (tuner, stale):
+        feed(t, random.Random(5), 0.3, steps=10, batch=128)
+    assert abs(tuner.acceptance()[0] - 0.3) < abs(stale.acceptance()[0] - 0.3)  # the swap speeds recovery
+    feed(tuner, random.Random(6), 0.3, steps=40, batch=128)
+    assert abs(tuner.acceptance()[0] - 0.3) < 0.03 and abs(tuner.acceptance()[1] - 0.3) < 0.05, \
+        tuner.acceptance()
+    assert tuner.choose(8)[0] <= 1
+
+
+def test_untried_positions_inherit_their_neighbour():
+    tuner = Tuner(roofline(), 4)
+    feed(tuner, random.Random(7), 0.9, steps=100, batch=32, k=1)
+    a = tuner.acceptance()
+    assert abs(a[0] - 0.9) < 0.03 and a[1] == pytest.approx(a[0]) and a[3] == pytest.approx(a[0])
+
+
+def test_overhead_is_learnt_online():
+    costs = roofline()
+    tuner = Tuner(costs, 4)
+    assert tuner.predict_s(8, 2) == costs.step_s(8, 2)  # no evidence: the raw cost
+    for i in range(200):
+        batch, k = GRID[i % 7], i % 5
+        tuner.observe(step(costs, batch, k, extra=0.002))
+    for batch in (1, 3, 16, 100):
+        for k in range(5):
+            assert tuner.predict_s(batch, k) == pytest.approx(costs.step_s(batch, k) + 0.002, abs=1e-7)
+    assert tuner.choose(16)[1] == pytest.approx(tuner.predict_s(16, tuner.current_k), abs=1e-12)
+
+
+def test_overhead_is_a_line_in_the_batch_and_separate_for_plain_and_speculative():
+    costs = roofline()
+    tuner = Tuner(costs, 4)
+    for i in range(100):
+        batch = GRID[i % 6]
+        tuner.observe(step(costs, batch, 0, extra=0.001 + 1e-5 * batch))
+        tuner.observe(step(costs, batch, 3, extra=0.003 + 2e-5 * batch))
+    assert tuner.predict_s(100, 0) == pytest.approx(costs.step_s(100, 0) + 0.002, abs=1e-7)
+    assert tuner.predict_s(100, 2) == pytest.approx(costs.step_s(100, 2) + 0.005, abs=1e-7)
+
+
+# -- checkpointing --------------------------------------------------------------------------------------------
+
+def test_state_dict_round_trip():
+    tuner, rng = Tuner(roofline(), 4), random.Random(8)
+    for i in range(60):
+        batch = 1 + i % 20
+        k, _ = tuner.choose(batch)
+        tuner.observe(step(tuner.costs, batch, k, simulate_rows(rng, 0.7, k, batch), 0.001 * rng.random()))
+    tuner.on_drafter_change(3)
+    state = json.loads(json.dumps(tuner.state_dict()))  # plain JSON values
+    snapshot = json.dumps(state, sort_keys=True)
+    other = Tuner(roofline(), 4)
+    other.load_state_dict(state)
+    assert json.dumps(other.state_dict(), sort_keys=True) == snapshot
+    assert other.acceptance() == tuner.acceptance() and other.drafter_version == 3
+    for batch in (1, 5, 17, 64, 200):
+        assert other.predict_s(batch, 2) == tuner.predict_s(batch, 2)
+    assert [other.choose(b) for b in range(1, 40)] == [tuner.choose(b) for b in range(1, 40)]
+    kept = tuner.state_dict()
+    before = json.dumps(kept, sort_keys=True)
+    feed(tuner, rng, 0.1, steps=5, batch=8)
+    assert json.dumps(kept, sort_keys=True) == before  # a state dict is a snapshot, not a view
+    with pytest.raises(ConfigError, match="k_max"):
+        Tuner(roofline(), 3).load_state_dict(state)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+def test_k_max_must_fit_the_cost_model():
+    costs = roofline(k_max=4)  # target forwards over up to 5 tokens
+    Tuner(costs, 4)
+    for k_max in (0, 5):
+        with pytest.raises(ConfigError, match="k_max"):
+            Tuner(costs, k_max)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"batch_grid": ()}, {"batch_grid": (0, 4)}, {"context": 0}, {"repeats": 0}, {"probe_every": 0},
+    {"prior_accept": 0.0}, {"prior_accept": 1.0}, {"prior_weight": 0.0}, {"decay": 0.0}, {"decay": 1.5},
+    {"swap_decay": 0.0}, {"overhead_decay": 1.01}, {"hysteresis": -0.1},
+])
+def test_tuner_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        TunerConfig(**kwargs)
+
+
+def test_tuner_config_normalises_the_grid():
+    assert TunerConfig(batch_grid=(4, 1, 4)).batch_grid == (1, 4)
+
+
+# -- profiling and the disk cache -----------------------------------------------------------------------------
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return init_model(CFG, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return init_drafter(target, seed=1)
+
+
+def quick(tmp_path, **kwargs) -> TunerConfig:
+    return TunerConfig(batch_grid=(1, 4), context=8, repeats=1, cache_dir=str(tmp_path), **kwargs)
+
+
+def test_profile_is_cached_on_disk(target, drafter, tmp_path, monkeypatch):
+    config = quick(tmp_path)
+    costs = load_or_profile(target, drafter, 3, config)
+    assert costs.batches == [1, 4] and costs.n_max == 3 and len(costs.draft) == 2
+    assert all(x > 0 for row in costs.target for x in row) and all(x > 0 for x in costs.draft)
+    files = list(tmp_path.glob("costs-*.json"))
+    assert len(files) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("profiled again despite a cached cost model")
+
+    monkeypatch.setattr(respec.engine.tuner, "profile_costs", fail)
+    again = load_or_profile(target, drafter, 3, config)
+    assert (again.batches, again.target, again.draft) == (costs.batches, costs.target, costs.draft)
+    assert again.key == json.loads(json.dumps(costs.key))
+    with pytest.raises(AssertionError, match="profiled again"):  # another n_max is another cost model
+        load_or_profile(target, drafter, 4, config)
+
+
+def test_cost_key_tells_setups_apart(target, drafter, tmp_path):
+    config = quick(tmp_path)
+    key = cost_key(target, drafter, 3, config)
+    other_target = init_model(ModelConfig(**{**vars(CFG), "num_hidden_layers": 5}), seed=0)
+    assert cost_key(other_target, init_drafter(other_target), 3, config) != key
+    other_drafter = init_drafter(target, seed=1, aux_layer_ids=(0, 1, 2))
+    assert cost_key(target, other_drafter, 3, config) != key
+    target64 = init_model(CFG, seed=0, dtype=torch.float64)
+    key64 = cost_key(target64, init_drafter(target64), 3, config)
+    assert key64 != key and key64["dtype"] == "torch.float64"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cost_key(target, drafter, 3, config) != key
+    finally:
+        torch.set_num_threads(threads)
+    assert cost_key(target, drafter, 3, config) == key
+    assert cost_key(target, drafter, 3, quick(tmp_path, prior_accept=0.5)) == key  # estimates are not costs
+    assert cost_key(target, drafter, 4, config) != key
+    # Each setup gets its own file.
+    load_or_profile(target, drafter, 2, config)
+    load_or_profile(target64, init_drafter(target64), 2, config)
+    load_or_profile(target, other_drafter, 2, config)
+    assert len(list(tmp_path.glob("costs-*.json"))) == 3
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\xffnot json", b'{"batches": [1, 4]', b"[1, 2]", b"null",
+    b'{"batches": [1, 4], "target": [[1.0], [2.0]], "draft": [1, 1], "key": {}}',  # n_max 1, not 2
+    b'{"batches": [1, 4], "target": [[1, 1], [1, -1]], "draft": [1, 1], "key": {}}',  # a negative time
+    b'{"batches": [1, 4], "target": [[1, 1], [1, "x"]], "draft": [1, 1], "key": {}}',
+    b'{"batches": [], "target": [], "draft": [], "key": {}}',  # empty: would break Tuner later
+    b'{"batches": [4, 1], "target": [[1, 1], [1, 1]], "draft": [1, 1], "key": {}}',  # not the key's grid
+])
+def test_corrupt_cache_is_reprofiled_with_a_warning(target, drafter, tmp_path, garbage, monkeypatch):
+    calls = []
+
+    def profile(target, drafter, n_max, config, seed=0):  # a stand-in: real profiling is tested above
+        calls.append(n_max)
+        grid = list(config.batch_grid)
+        return CostModel(grid, [[0.01 * len(calls)] * n_max for _ in grid], [0.001] * len(grid),
+                         cost_key(target, drafter, n_max, config))
+
+    monkeypatch.setattr(respec.engine.tuner, "profile_costs", profile)
+    config = quick(tmp_path)
+    load_or_profile(target, drafter, 2, config)
+    (path,) = tmp_path.glob("costs-*.json")
+    path.write_bytes(garbage)
+    with pytest.warns(UserWarning, match="unreadable"):
+        costs = load_or_profile(target, drafter, 2, config)
+    assert calls == [2, 2] and costs.target == [[0.02, 0.02]] * 2
+    data = json.loads(path.read_text())  # rewritten
+    assert data["target"] == costs.target and data["batches"] == [1, 4]
+    assert load_or_profile(target, drafter, 2, config).target == costs.target and len(calls) == 2
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_no_disk_cache(target, drafter, tmp_path):
+    load_or_profile(target, drafter, 2, quick(tmp_path, use_disk_cache=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the engine's adaptive mode -------------------------------------------------------------------------------
+
+def test_adaptive_engine(target, drafter, tmp_path):
+    engine = Engine(target, drafter)
+    engine.tuner = Tuner.for_engine(engine, 4, quick(tmp_path))
+    assert engine.default_tuner(4) is engine.tuner  # no re-profiling for a k_max the tuner covers
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 11, 12]]
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    plain = engine.generate(prompts, params, SpecConfig(mode="off"))
+    adaptive = engine.generate(prompts, params, SpecConfig(mode="adaptive", k_max=4))
+    assert [s.tokens for s in adaptive.sequences] == [s.tokens for s in plain.sequences]
+    assert adaptive.stats and all(0 <= s.k <= 4 for s in adaptive.stats)
+    assert all(s.predicted_seconds is not None and s.predicted_seconds > 0 for s in adaptive.stats)
+    assert all(len(s.accepted) == s.batch and max(s.accepted) <= s.k for s in adaptive.stats)
+    assert engine.tuner.overhead[True].s[0] + engine.tuner.overhead[False].s[0] > 0  # it observed the steps
+    replay = engine.generate(prompts, params, SpecConfig(mode="replay", trace=adaptive.trace))
+    assert [s.tokens for s in replay.sequences] == [s.tokens for s in plain.sequences]
+    engine.set_drafter(init_drafter(target, seed=2), version=1)
+    assert engine.tuner.drafter_version == 1
+
+
+def test_engine_uses_the_tuner_it_was_given(target, drafter):
+    tuner = Tuner(roofline(k_max=4), 4)
+    engine = Engine(target, drafter, tuner=tuner)
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    out = engine.generate([[1, 2, 3], [5]], params, SpecConfig(mode="adaptive", k_max=4))
+    assert engine.tuner is tuner and all(0 <= s.k <= 4 for s in out.stats)
+    first = out.stats[0]  # before any evidence the prediction is the raw cost; later ones add learnt overhead
+    assert first.predicted_seconds == pytest.approx(tuner.costs.step_s(first.batch, first.k))
+    assert all(s.predicted_seconds is not None for s in out.stats)
+
+
+def test_adaptive_needs_a_drafter(target):
+    with pytest.raises(ConfigError, match="drafter"):
+        Engine(target).generate([[1, 2]], SamplingParams(max_new_tokens=4), SpecConfig(mode="adaptive"))
+    with pytest.raises(ConfigError, match="drafter"):
+        Tuner.for_engine(Engine(target), 4)
