@@ -90,13 +90,22 @@ def bench_engine_cmd(
 
 @app.command()
 def plot(
-    path: Path = typer.Argument(..., help="JSONL metrics file, one JSON object per line"),
-    out: Path | None = typer.Option(None, help="PNG to write (default: beside the JSONL)"),
+    paths: list[Path] = typer.Argument(..., help="a JSONL metrics file, or `respec train` run directories"),
+    out: Path | None = typer.Option(None, help="PNG to write (default: beside the JSONL; RUN_DIR/metrics.png for "
+                                               "one run, runs.png beside the first of several)"),
 ) -> None:
-    """Plot every numeric metric of a JSONL file, one panel per key, against "step" (or the line index)."""
-    from respec.bench.plot import plot_metrics
+    """Plot every numeric metric of a JSONL file, one panel per key, against "step" (or the line index); given
+    run directories, overlay the runs: reward, held-out accuracy, response length, seconds per step."""
+    from respec.bench.plot import plot_metrics, plot_runs
 
-    Console().print(f"wrote {plot_metrics(path, out)}")
+    if any(p.is_dir() for p in paths):
+        default = paths[0] / "metrics.png" if len(paths) == 1 else paths[0].parent / "runs.png"
+        png = plot_runs(paths, out or default)
+    elif len(paths) == 1:
+        png = plot_metrics(paths[0], out)
+    else:
+        raise ConfigError("give one JSONL file, or one or more run directories to overlay")
+    Console().print(f"wrote {png}")
 
 
 def _prompts(text: str) -> list[list[int]]:
@@ -230,6 +239,49 @@ def pretrain(
     with _progress() as log:
         path = run(cfg, out=out, log=log)
     typer.echo(str(path))
+
+
+@app.command()
+def train(
+    out: Path | None = typer.Option(None, help="run directory of a new run: config.yaml, metrics.jsonl, checkpoint/"),
+    steps: int | None = typer.Option(None, help="RL steps in the run (default: the config's trainer.steps)"),
+    config: Path | None = typer.Option(None, help="YAML file with trainer / algorithm / rollout / data sections"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override section.key=value, e.g. "
+                                          "algorithm.clip_high=0.28 (repeatable)"),
+    resume: Path | None = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
+    model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
+    drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
+    task: str | None = typer.Option(None, help="arithmetic | countdown | jsonl"),
+    data: Path | None = typer.Option(None, help="GSM8K-style .jsonl file of --task jsonl"),
+    spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
+) -> None:
+    """GRPO on the speculative engine; with no other flag, trains the embedded default policy (built or reused)."""
+    from respec.rl.config import load_config
+    from respec.rl.trainer import CHECKPOINT, METRICS, Trainer
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes section.key=value, e.g. algorithm.clip_high=0.28, got '{item}'")
+        overrides[key.strip()] = value.strip()
+    flags = {"trainer.steps": steps, "trainer.model": model, "rollout.drafter": drafter, "data.task": task,
+             "data.path": data, "rollout.spec": spec}
+    overrides.update({k: str(v) for k, v in flags.items() if v is not None})
+    with _progress() as log:
+        if resume is not None:
+            if out is not None or config is not None:
+                raise ConfigError("--resume continues a run with its saved config: drop --out and --config "
+                                  "(--steps and --set still apply)")
+            trainer = Trainer.resume(resume, overrides=overrides)
+            log(f"resuming {resume} at step {trainer.global_step}")
+        else:
+            if out is None:
+                raise ConfigError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+            trainer = Trainer.start(load_config(config, overrides), out, log=log)
+        trainer.train(log=log)
+    run = trainer.run_dir
+    typer.echo(f"metrics: {run / METRICS}; checkpoint: {run / CHECKPOINT} (step {trainer.global_step})")
 
 
 @app.command("train-drafter")

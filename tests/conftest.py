@@ -26,6 +26,20 @@ def sharp_target():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Points $RESPEC_CACHE at a session directory: tests never read or write the user's artifact cache."""
+    import os
+
+    before = os.environ.get("RESPEC_CACHE")
+    os.environ["RESPEC_CACHE"] = str(tmp_path_factory.mktemp("respec-cache"))
+    yield
+    if before is None:
+        os.environ.pop("RESPEC_CACHE", None)
+    else:
+        os.environ["RESPEC_CACHE"] = before
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Runs the suite on one torch thread: the tiny test models gain nothing from more, and on a shared 2-core
     machine threads waiting on each other made engine tests 10-20x slower."""

@@ -26,15 +26,6 @@ from respec.world.tokenizer import build_tokenizer, save_tokenizer
 V = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with other processes on the cores, intra-op threads only add spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def target(sharp_target):
     torch.manual_seed(0)

@@ -23,15 +23,6 @@ from respec.errors import CheckpointError, ConfigError, DrafterMismatchError, Pr
 V = 8  # small vocabulary: the joint of 3 tokens has 512 cells, few enough to test exactly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with other processes on the cores, intra-op threads only add spin-waits (5-10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def target(sharp_target):
     return sharp_target(V, max_positions=128)

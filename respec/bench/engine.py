@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,9 +22,9 @@ from rich.table import Table
 
 from respec.engine.checkpoint import load_model, resolve_dtype, save_model, torch_threads
 from respec.engine.generate import Engine, SpecConfig
-from respec.engine.kvcache import KVCache
 from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
+from respec.engine.tuner import target_seconds
 from respec.errors import ConfigError
 
 # A Qwen2-shaped decoder of ~27M parameters: big enough that matmuls dominate, small enough for 2 CPU cores.
@@ -139,30 +138,6 @@ def _time_hf(hf, prompts: list[list[int]], max_new: int, pad: int,
     return seconds, new.numel(), new.tolist()
 
 
-@torch.inference_mode()
-def verify_seconds(model: Transformer, batch: int, n: int, prefill: int, repeats: int,
-                   gen: torch.Generator) -> float:
-    """Returns the median seconds of one cached target forward (with lm_head) over n new tokens per row."""
-    cfg = model.config
-    param = next(model.parameters())
-    device = param.device
-    cache = KVCache.for_model(cfg, batch, prefill + n, param.dtype, device)
-    model(torch.randint(0, cfg.vocab_size, (batch, prefill), generator=gen).to(device), cache)
-    lengths, extent = cache.lengths.clone(), cache.extent
-    ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen).to(device)  # [B, n]
-    times = []
-    for i in range(repeats + 1):  # the first forward warms up and is not counted
-        _sync(device)
-        t0 = time.perf_counter()
-        hidden, _ = model(ids, cache)  # [B, n, H]
-        model.lm_head(hidden)  # [B, n, V]: verification scores every position
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-        cache.set_lengths(lengths, extent=extent)  # roll back: the next repeat sees the same prefix
-    return statistics.median(times)
-
-
 def _load(cfg: EngineBenchConfig, tmp: Path) -> tuple[Transformer, str]:
     """Returns our model and a checkpoint directory that transformers can load (the same weights)."""
     if cfg.model is not None:
@@ -248,7 +223,7 @@ def _bench_engine(cfg: EngineBenchConfig, console: Console) -> dict:
             base = None
             for n in range(1, cfg.verify_max_n + 1):
                 progress.update(task, description=f"verify cost, batch {batch}, n {n}")
-                seconds = verify_seconds(model, batch, n, cfg.verify_prefill, cfg.verify_repeats, gen)
+                seconds = target_seconds(model, batch, n, cfg.verify_prefill, cfg.verify_repeats, gen)
                 base = seconds if n == 1 else base
                 curve.append({"batch": batch, "n": n, "seconds": seconds, "ratio_to_n1": seconds / base})
                 progress.advance(task)

@@ -168,3 +168,34 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     if device:
         fig.suptitle(f"Adaptive speculative decoding on a draining rollout ({device})", fontsize=9)
     return _save(fig, Path(png))
+
+
+def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path:
+    """Returns the PNG overlaying RL runs (directories with a metrics.jsonl): training reward, held-out accuracy
+    (solid at the rollout temperature, dashed greedy), mean response length, and seconds per step split into
+    rollout (solid) and update (dashed); one colour per run, labelled by its directory name."""
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        path = d / "metrics.jsonl" if d.is_dir() else d
+        runs.append((d.name if d.is_dir() else d.stem, read_metrics(path)))
+    panels = [("reward (critic/score/mean)", [("critic/score/mean", "-")]),
+              ("held-out accuracy", [("val/accuracy", "-"), ("val/accuracy_greedy", "--")]),
+              ("response length (tokens)", [("response_length/mean", "-")]),
+              ("seconds per step", [("timing/rollout_s", "-"), ("timing/update_s", "--")])]
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    for i, (title, series) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for j, (name, records) in enumerate(runs):
+            for key, style in series:
+                points = [(r.get("step", n), r[key]) for n, r in enumerate(records) if _is_number(r.get(key))]
+                if points:
+                    label = name if len(series) == 1 else f"{name} {key.rsplit('/', 1)[-1]}"
+                    ax.plot(*zip(*points, strict=True), style, color=f"C{j % 10}", label=label,
+                            marker="." if len(points) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, Path(png))

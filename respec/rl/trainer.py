@@ -1,0 +1,605 @@
+"""GRPO on the speculative engine: the RL loop that rolls out, scores, updates the actor and pushes its weights.
+
+One step (the loop slime fits on a screen):
+  1. rollout: P prompts x G samples from the engine, which holds its own copy of the policy (as vLLM does) and
+     returns, per token, the logprob of the verifying forward: the old-policy logprobs, never recomputed;
+  2. reward: `reward_fn(problem, completion_text)` per sample (default: the task's scorer);
+  3. advantages: group-normalised within each prompt's G samples (`grpo.group_advantages`);
+  4. update: `ppo_epochs` passes over minibatches of `ppo_mini_batch_size` prompts; the actor's forward over
+     prompt + completion also returns the drafter's features (aux hidden states) at no extra cost, kept per step
+     in `Trainer.last_features` for the online learner;
+  5. push: `engine.load_weights(actor.state_dict())`, in memory.
+Every step appends one JSON line to run_dir/metrics.jsonl (verl's metric names, TRL's aliases); every
+`save_every` steps run_dir/checkpoint is replaced atomically by one that resumes the run exactly where it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from respec.engine.checkpoint import (
+    atomic_directory,
+    commit_directory,
+    load_model,
+    resolve_dtype,
+    save_model,
+    torch_threads,
+)
+from respec.engine.drafter import load_drafter, save_drafter
+from respec.engine.generate import Engine, GenerationResult
+from respec.engine.model import Transformer
+from respec.engine.sampling import SamplingParams
+from respec.errors import CheckpointError, ConfigError, DataError, TrainingError
+from respec.rl.config import TrainConfig, load_config, save_config
+from respec.rl.grpo import (
+    agg_loss,
+    entropy_from_logits,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+)
+from respec.world.prompts import encode_prompt
+from respec.world.tasks import Problem, Task, get_task
+from respec.world.tokenizer import load_tokenizer, save_tokenizer
+
+Log = Callable[..., None]  # log(message) or log(message, fraction_done)
+RewardFn = Callable[[Problem, str], float]  # (problem, completion text) -> reward
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint"
+STATE_FORMAT = 1  # bump when the checkpoint layout changes
+
+
+@dataclass
+class StepRollouts:
+    """One step's rollouts as the actor saw them, in the layout of `world.distill.DistillBatch` (position t of a
+    row pairs the aux feature at t with the next token x_{t+1}): what the online learner consumes."""
+
+    step: int  # the RL step whose rollouts these are (1-based)
+    input_ids: torch.Tensor  # [N, L] prompt + completion ids, right-padded with 0
+    prompt_lens: torch.Tensor  # [N]
+    loss_mask: torch.Tensor  # [N, L] bool: x_{t+1} is a completion token
+    features: torch.Tensor | None  # [N, L, 3H] the actor's aux states at the drafter's layers (first epoch's
+    # forward, detached; minibatch i's rows after i updates), None without a drafter
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+
+
+@dataclass
+class _Batch:
+    """A step's rollouts as training tensors; completion tensors are [N, Tc] (token j of row b's completion)."""
+
+    input_ids: torch.Tensor  # [N, L]
+    prompt_lens: torch.Tensor  # [N]
+    seq_lens: torch.Tensor  # [N] prompt + completion
+    tokens: torch.Tensor  # [N, Tc] completion ids (0 past the end)
+    old_logp: torch.Tensor  # [N, Tc] the engine's logprobs of them
+    mask: torch.Tensor  # [N, Tc] bool
+    advantages: torch.Tensor  # [N]
+
+
+class Trainer:
+    """Owns the actor, its optimiser, the optional reference, the engine (with its policy copy, drafter and
+    tuner), the data position, the RNG and the metrics writer of one run directory.
+
+    Build with `Trainer.start(config, run_dir)` or `Trainer.resume(run_dir)`; then `train()` or `step()`.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, actor: Transformer, engine: Engine, tokenizer,
+                 task: Task, eval_problems: list[Problem], reward_fn: RewardFn,
+                 reference: Transformer | None = None):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.actor = actor.train()
+        self.engine = engine
+        self.tokenizer, self.task, self.eval_problems, self.reward_fn = tokenizer, task, eval_problems, reward_fn
+        self.reference = reference
+        self.device = next(actor.parameters()).device
+        self.autocast = engine.dtype if engine.dtype != torch.float32 else None  # the actor's forward dtype
+        self.spec = config.rollout.spec_config()
+        self.aux_layers = tuple(engine.drafter.aux_layer_ids) if engine.drafter is not None else ()
+        self.held_out = {p.prompt for p in eval_problems}  # never trained on
+        t = config.trainer
+        decay = [p for p in actor.parameters() if p.ndim >= 2]
+        no_decay = [p for p in actor.parameters() if p.ndim < 2]
+        # torch's AdamW defaults (betas 0.9/0.999, eps 1e-8) are what verl and TRL use.
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+        self.global_step = 0  # RL steps done
+        self.epoch, self.cursor = 0, 0  # data position: pass over the problems, index in that pass's order
+        self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
+        self.metrics_lines = 0  # lines of metrics.jsonl that belong to this run's history
+        self.last_features: StepRollouts | None = None
+        self._pool: tuple[int, list[Problem]] | None = None
+        self._eval_chooser = None
+        self._tensorboard = None
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, config: TrainConfig, run_dir: str | os.PathLike, reward_fn: RewardFn | None = None,
+              log: Log | None = None) -> Trainer:
+        """Returns a trainer for a new run in `run_dir` (which must not hold one); writes run_dir/config.yaml.
+
+        With no trainer.model the embedded default policy and drafter are built or reused from the cache; the
+        config saved is the resolved one (their directories filled in).
+        """
+        run_dir = Path(run_dir)
+        if any((run_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINT)):
+            raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir} "
+                              "(Trainer.resume) or choose another --out")
+        if config.trainer.model is None:
+            from respec.world.defaults import resolve_models
+
+            synthetic = config.data.task if config.data.task in ("arithmetic", "countdown") else "arithmetic"
+            policy, drafter = resolve_models(None, config.rollout.drafter, synthetic, log=log)
+            config = replace(config, trainer=replace(config.trainer, model=str(policy)),
+                             rollout=replace(config.rollout, drafter=str(drafter)))
+        trainer = cls._build(config, run_dir, None, reward_fn)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG)
+        return trainer
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, reward_fn: RewardFn | None = None,
+               overrides: dict[str, str] | None = None) -> Trainer:
+        """Returns the trainer of the run in `run_dir` at its last checkpoint (at step 0 if it has none).
+
+        metrics.jsonl is cut back to the lines the checkpoint had seen, so no step appears twice. `overrides`
+        ({"trainer.steps": "300"}) change the saved config, which is rewritten.
+        """
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG).is_file():
+            raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG}); start one with --out")
+        config = load_config(run_dir / CONFIG, overrides)
+        checkpoint = _recover_checkpoint(run_dir / CHECKPOINT)
+        trainer = cls._build(config, run_dir, checkpoint, reward_fn)
+        if overrides:
+            save_config(config, run_dir / CONFIG)
+        if checkpoint is not None:
+            trainer._load_state(checkpoint)
+        _truncate_lines(run_dir / METRICS, trainer.metrics_lines)
+        return trainer
+
+    @classmethod
+    def _build(cls, config: TrainConfig, run_dir: Path, checkpoint: Path | None,
+               reward_fn: RewardFn | None) -> Trainer:
+        t, r, d = config.trainer, config.rollout, config.data
+        task, eval_task = _tasks(config)  # data errors first, before the (slow) model loads
+        reward_fn = reward_fn or _reward_fn(d.reward_fn, task)
+        device = torch.device(t.device)
+        engine_dtype = resolve_dtype(t.dtype, device)
+        policy_dir = checkpoint / "actor" if checkpoint is not None else Path(t.model)
+        actor = load_model(policy_dir, torch.float32, device)  # fp32 master weights
+        tokenizer = load_tokenizer(policy_dir)
+        # The engine's own copy of the policy, loaded in its dtype (a .to(dtype) would round the RoPE buffers).
+        rollout_model = load_model(policy_dir, engine_dtype, device).requires_grad_(False)
+        drafter_dir = checkpoint / "drafter" if checkpoint is not None and (checkpoint / "drafter").is_dir() \
+            else (Path(r.drafter) if r.drafter else None)
+        drafter = load_drafter(drafter_dir, rollout_model) if drafter_dir is not None else None
+        if drafter is not None:
+            drafter.requires_grad_(False)
+        reference = None
+        if config.algorithm.kl_coef > 0:
+            ref_dir = checkpoint / "reference" if checkpoint is not None else Path(t.model)
+            reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
+        eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
+        return cls(config, run_dir, actor, Engine(rollout_model, drafter), tokenizer, task, eval_problems,
+                   reward_fn, reference)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None, log: Log | None = None) -> list[dict]:
+        """Runs steps until `global_step == steps` (default trainer.steps), checkpointing every save_every steps
+        and at the end; returns this call's metrics rows."""
+        cfg = self.config.trainer
+        total = cfg.steps if steps is None else steps
+        rows = []
+        with torch_threads(cfg.num_threads):
+            if cfg.eval_before_train and self.global_step == 0 and self.metrics_lines == 0:
+                row = {"step": 0, **self.evaluate()}
+                self._write_metrics(row)
+                _log(log, f"eval  step 0: accuracy {row['val/accuracy']:.1%} (T={self.config.rollout.temperature:g})"
+                          f", {row['val/accuracy_greedy']:.1%} greedy")
+                rows.append(row)
+            while self.global_step < total:
+                row = self.step()
+                rows.append(row)
+                if self.global_step == total or (cfg.save_every and self.global_step % cfg.save_every == 0):
+                    self.save_checkpoint()
+                _log(log, f"train step {self.global_step}/{total}: reward {row['critic/score/mean']:.3f}, "
+                          f"{row['timing/step_s']:.2f} s (rollout {row['timing/rollout_s']:.2f} s, k "
+                          f"{row['rollout/k_mean']:.1f})", self.global_step / total)
+                if "val/accuracy" in row:
+                    _log(log, f"eval  step {self.global_step}: accuracy {row['val/accuracy']:.1%}, "
+                              f"{row['val/accuracy_greedy']:.1%} greedy")
+        return rows
+
+    def step(self) -> dict:
+        """Runs one RL step (rollout, reward, update, weight push, and evaluation when due); appends its metrics
+        line and returns it."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        G = cfg.rollout.group_size
+        problems = self._next_problems(cfg.data.prompts_per_step)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.rng))
+        prompts = [self._encode(p) for p in problems for _ in range(G)]  # consecutive groups of G
+        params = SamplingParams(temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=seed)
+        result = self.engine.generate(prompts, params, self.spec)
+        t_rollout = time.perf_counter()
+
+        texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
+        rewards = []
+        for i, text in enumerate(texts):
+            reward = float(self.reward_fn(problems[i // G], text))
+            if not math.isfinite(reward):
+                raise TrainingError(f"the reward function returned {reward} for problem {problems[i // G].prompt!r} "
+                                    f"at step {self.global_step + 1}: rewards must be finite numbers")
+            rewards.append(reward)
+        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)  # [N]
+        advantages = group_advantages(rewards_t, G, scale=cfg.algorithm.adv_scale)  # [N]
+        batch = self._batch(prompts, result, advantages)
+        t_reward = time.perf_counter()
+
+        update = self._update(batch, rewards_t)
+        t_update = time.perf_counter()
+        self.engine.load_weights(self.actor.state_dict())  # in memory, from the next rollout on
+        self.global_step += 1
+        t_push = time.perf_counter()
+
+        lengths = batch.mask.sum(1).float()  # [N]
+        groups = rewards_t.view(-1, G)
+        row = {
+            "step": self.global_step,
+            "critic/score/mean": rewards_t.mean().item(),
+            "critic/score/std": rewards_t.std().item(),
+            "critic/score/max": rewards_t.max().item(),
+            "critic/score/min": rewards_t.min().item(),
+            "critic/advantages/mean": advantages.mean().item(),
+            "critic/advantages/max": advantages.max().item(),
+            "critic/advantages/min": advantages.min().item(),
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/clip_ratio": sum(s.finish_reason == "length" for s in result.sequences) / len(texts),
+            **update,
+            "actor/lr": self._lr(self.global_step - 1),
+            "rollout/tokens_per_s": result.num_tokens / max(t_rollout - t0, 1e-9),
+            "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
+            "rollout/k_mean": result.mean_k,
+            "timing/rollout_s": t_rollout - t0,
+            "timing/reward_s": t_reward - t_rollout,
+            "timing/update_s": t_update - t_reward,
+            "timing/push_s": t_push - t_update,
+            "timing/step_s": t_push - t0,
+            # TRL's names for the same quantities (reward_std: the mean of the per-prompt stds, as TRL logs it)
+            "reward": rewards_t.mean().item(),
+            "reward_std": groups.std(1).mean().item(),
+            "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+        }
+        every = cfg.trainer.eval_every
+        if every and (self.global_step % every == 0 or self.global_step == cfg.trainer.steps):
+            t_eval = time.perf_counter()
+            row.update(self.evaluate())
+            row["timing/eval_s"] = time.perf_counter() - t_eval
+        self._write_metrics(row)
+        return row
+
+    def _batch(self, prompts: list[list[int]], result: GenerationResult, advantages: torch.Tensor) -> _Batch:
+        """Returns the step's training tensors from the prompts and the engine's sequences (once per step)."""
+        seqs = result.sequences
+        N, dev = len(seqs), self.device
+        prompt_lens = torch.tensor([len(p) for p in prompts])
+        comp_lens = torch.tensor([len(s.tokens) for s in seqs])
+        seq_lens = prompt_lens + comp_lens
+        L, Tc = int(seq_lens.max()), max(int(comp_lens.max()), 1)
+        input_ids = torch.zeros(N, L, dtype=torch.long)
+        tokens = torch.zeros(N, Tc, dtype=torch.long)
+        old_logp = torch.zeros(N, Tc, dtype=torch.float32)
+        for b, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+            input_ids[b, : len(p) + len(s.tokens)] = torch.tensor(p + s.tokens)
+            tokens[b, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
+            old_logp[b, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
+        mask = torch.arange(Tc)[None] < comp_lens[:, None]
+        return _Batch(input_ids.to(dev), prompt_lens.to(dev), seq_lens.to(dev), tokens.to(dev), old_logp.to(dev),
+                      mask.to(dev), advantages)
+
+    def _completion_logits(self, model: Transformer, batch: _Batch, rows: torch.Tensor, aux_layers: tuple[int, ...]):
+        """Returns (logits / T [n, Tc, V] at the rows' completion tokens, aux [n, S, 3H] or None, S) of one causal
+        forward over the rows' prompt + completion (right-padded, trimmed to their longest, S positions)."""
+        S = int(batch.seq_lens[rows].max())
+        ids = batch.input_ids[rows, :S]  # [n, S]
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            hidden, aux = model(ids, aux_layers=aux_layers)  # [n, S, H], [n, S, 3H] or None
+            Tc = batch.tokens.shape[1]
+            # Completion token j of row b sits at prompt_len + j and is predicted from the position before it.
+            pos = (batch.prompt_lens[rows, None] - 1 + torch.arange(Tc, device=ids.device)[None]).clamp(max=S - 1)
+            hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, Tc, H]
+            logits = model.lm_head(hidden)  # [n, Tc, V]: the head only where a loss is taken
+        return logits.float() / self.config.rollout.temperature, aux, S
+
+    def _update(self, batch: _Batch, rewards: torch.Tensor) -> dict:
+        """Runs the ppo_epochs x minibatches optimiser steps of one RL step; returns the actor/* metrics."""
+        cfg = self.config
+        alg = cfg.algorithm
+        N = batch.tokens.shape[0]
+        mini = alg.ppo_mini_batch_size * cfg.rollout.group_size
+        max_new = cfg.rollout.max_new_tokens
+        lr = self._lr(self.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        features = None
+        if self.aux_layers:
+            H = self.actor.config.hidden_size
+            features = torch.zeros(N, batch.input_ids.shape[1], len(self.aux_layers) * H, device=self.device)
+        sums: dict[str, list[float]] = {}
+        diff_max = 0.0
+        for epoch in range(alg.ppo_epochs):
+            order = torch.randperm(N, generator=self.rng).to(self.device)
+            for i, rows in enumerate(order.split(mini)):
+                logits, aux, S = self._completion_logits(self.actor, batch, rows, self.aux_layers)
+                tokens, mask, old_logp = batch.tokens[rows], batch.mask[rows], batch.old_logp[rows]
+                logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, Tc]
+                if epoch == 0:
+                    if aux is not None:
+                        features[rows, :S] = aux.detach().float()
+                    if i == 0:  # before any update: the trainer's logprobs must equal the verifier's
+                        diff_max = (logp.detach() - old_logp).abs().masked_fill(~mask, 0).max().item()
+                # verl pads responses to max_response_length, the divisor of seq-mean-token-sum-norm (Dr. GRPO).
+                loss, metrics = policy_loss(logp, old_logp, batch.advantages[rows], mask, clip_low=alg.clip_low,
+                                            clip_high=alg.clip_high, clip_c=alg.clip_c, agg=alg.loss_agg,
+                                            loss_scale_factor=max_new)
+                metrics = {"actor/pg_loss": loss.detach(), **{_metric_name(k): v for k, v in metrics.items()}}
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logits, _, _ = self._completion_logits(self.reference, batch, rows, ())
+                        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+                    kl_loss = agg_loss(kl_penalty(logp, ref_logp, kind=alg.kl_kind), mask, alg.loss_agg,
+                                       loss_scale_factor=max_new)
+                    loss = loss + alg.kl_coef * kl_loss
+                    metrics["actor/kl_loss"] = kl_loss.detach()
+                with torch.no_grad():
+                    metrics["actor/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask)
+                self._check_finite(loss, "loss", epoch, i)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.trainer.grad_clip)
+                self._check_finite(grad_norm, "gradient norm", epoch, i)
+                self.optimizer.step()
+                metrics["actor/grad_norm"] = grad_norm
+                values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                                      for v in metrics.values()])
+                for key, v in zip(metrics, values.tolist(), strict=True):  # one host sync for them all
+                    sums.setdefault(key, []).append(v)
+        self.last_features = StepRollouts(self.global_step + 1, batch.input_ids, batch.prompt_lens,
+                                          _loss_mask(batch), features, rewards, batch.advantages)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**{k: sum(v) / len(v) for k, v in sums.items()}, "rollout/logprob_diff_max": diff_max}
+
+    def _check_finite(self, value: torch.Tensor, what: str, epoch: int, minibatch: int) -> None:
+        if not bool(torch.isfinite(value)):
+            saved = self._saved_step()
+            kept = f"the last checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved"
+            raise TrainingError(
+                f"{what} is {float(value)} at step {self.global_step + 1} (epoch {epoch}, minibatch {minibatch}), "
+                f"before the update; {kept}: resume with a lower trainer.lr, or check the rewards and the weights")
+
+    def _lr(self, step: int) -> float:
+        from respec.world.pretrain import lr_schedule
+
+        t = self.config.trainer
+        return lr_schedule(min(step, t.steps - 1), t.steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Returns held-out metrics through the engine: mean reward at the rollout temperature (val/accuracy) and
+        greedy (val/accuracy_greedy), and the mean response length at that temperature."""
+        d, r = self.config.data, self.config.rollout
+        prompts = [self._encode(p) for p in self.eval_problems]
+        budget = d.eval_max_new_tokens or r.max_new_tokens
+        out = {}
+        for name, temperature in (("", r.temperature), ("_greedy", 0.0)):
+            params = SamplingParams(temperature=temperature, max_new_tokens=budget, seed=self.config.trainer.seed)
+            result = self.engine.generate(prompts, params, self.spec, chooser=self._eval_k_chooser())
+            texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
+            rewards = [float(self.reward_fn(p, t)) for p, t in zip(self.eval_problems, texts, strict=True)]
+            out[f"val/accuracy{name}"] = sum(rewards) / len(rewards)
+            if not name:
+                out["val/response_length"] = result.num_tokens / len(prompts)
+        return out
+
+    def _eval_k_chooser(self):
+        """Returns a tuner of its own for evaluation (adaptive mode), so that greedy acceptance rates do not leak
+        into the rollout tuner's estimates; it shares the profiled costs."""
+        if self.spec.mode != "adaptive":
+            return None
+        if self._eval_chooser is None:
+            from respec.engine.tuner import Tuner
+
+            tuner = self.engine.default_tuner(self.spec.k_max)
+            self._eval_chooser = Tuner(tuner.costs, tuner.k_max, tuner.config)
+        return self._eval_chooser
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def _encode(self, problem: Problem) -> list[int]:
+        return encode_prompt(self.tokenizer, problem.prompt)
+
+    def _next_problems(self, n: int) -> list[Problem]:
+        """Returns the next n training problems of the run's deterministic stream, advancing the data position."""
+        out: list[Problem] = []
+        while len(out) < n:
+            pool = self._epoch_pool()
+            if self.cursor >= len(pool):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                continue
+            take = pool[self.cursor: self.cursor + n - len(out)]
+            self.cursor += len(take)
+            out.extend(take)
+        return out
+
+    def _epoch_pool(self) -> list[Problem]:
+        """Returns the training problems of the current pass, in its order, held-out prompts removed."""
+        if self._pool is None or self._pool[0] != self.epoch:
+            all_problems = getattr(self.task, "all_problems", None)  # a file: one pass over all of it
+            size = len(all_problems) if all_problems is not None else self.config.data.epoch_problems
+            seed = self.config.trainer.seed * 1_000_003 + self.epoch
+            pool = [p for p in self.task.problems(size, seed=seed) if p.prompt not in self.held_out]
+            if not pool:
+                raise DataError(f"every problem of {getattr(self.task, 'path', self.task.name)} is held out for "
+                                "evaluation: lower data.eval_problems or give data.eval_path")
+            self._pool = (self.epoch, pool)
+        return self._pool[1]
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def _write_metrics(self, row: dict) -> None:
+        """Appends one line to metrics.jsonl (flushed: a killed run keeps every finished step's line)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.metrics_lines += 1
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, row["step"])
+            writer.flush()
+
+    def _tensorboard_writer(self):
+        """Returns a TensorBoard writer on run_dir/tensorboard when tensorboard is installed, else None."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+                return None
+            # purge_step drops events a killed run wrote past the checkpoint it resumes from.
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.global_step + 1)
+        return self._tensorboard or None
+
+    def save_checkpoint(self) -> Path:
+        """Writes run_dir/checkpoint atomically (the previous one stays whole until the new one is): the actor
+        (HF layout with its tokenizer), optimiser, reference, drafter, tuner state, data position, RNG states and
+        the metrics line count. Returns its path."""
+        path = self.run_dir / CHECKPOINT
+        tmp = atomic_directory(path)
+        try:
+            save_model(self.actor, tmp / "actor")
+            save_tokenizer(self.tokenizer, tmp / "actor")
+            if self.reference is not None:
+                save_model(self.reference, tmp / "reference")
+            if self.engine.drafter is not None:
+                save_drafter(self.engine.drafter, tmp / "drafter")
+            tuner = self.engine.tuner
+            if tuner is not None and hasattr(tuner, "state_dict"):
+                (tmp / "tuner.json").write_text(json.dumps(tuner.state_dict()) + "\n")
+            torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                        "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+            state = {"format": STATE_FORMAT, "step": self.global_step, "epoch": self.epoch, "cursor": self.cursor,
+                     "metrics_lines": self.metrics_lines, "python_rng": random.getstate()}
+            (tmp / "state.json").write_text(json.dumps(state) + "\n")
+            commit_directory(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _load_state(self, checkpoint: Path) -> None:
+        try:
+            state = json.loads((checkpoint / "state.json").read_text())
+            saved = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"{checkpoint}: unreadable trainer state ({type(e).__name__}: {e})") from None
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{checkpoint}: checkpoint format {state.get('format')}, this respec reads "
+                                  f"{STATE_FORMAT}")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.rng.set_state(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        self.global_step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
+        self.metrics_lines = state["metrics_lines"]
+        tuner_file = checkpoint / "tuner.json"
+        if tuner_file.is_file() and self.spec.mode == "adaptive":
+            self.engine.default_tuner(self.spec.k_max).load_state_dict(json.loads(tuner_file.read_text()))
+
+    def _saved_step(self) -> int | None:
+        try:
+            return json.loads((self.run_dir / CHECKPOINT / "state.json").read_text())["step"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            return None
+
+
+def _tasks(config: TrainConfig) -> tuple[Task, Task]:
+    """Returns (training task, held-out task); a jsonl file is read and checked now."""
+    d = config.data
+    if d.task != "jsonl":
+        task = get_task(d.task)
+        return task, task
+    task = get_task("jsonl", path=d.path)
+    return task, (get_task("jsonl", path=d.eval_path) if d.eval_path else task)
+
+
+def _reward_fn(spec: str | None, task: Task) -> RewardFn:
+    """Returns the reward function named by data.reward_fn ("module:function"), else the task's scorer."""
+    if spec is None:
+        return lambda problem, completion: task.score(problem, completion).reward
+    module, name = spec.split(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"data.reward_fn {spec!r} cannot be imported ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"data.reward_fn {spec!r} is not a function")
+    return fn
+
+
+def _recover_checkpoint(path: Path) -> Path | None:
+    """Returns the run's checkpoint directory, or None if it has none. A kill between the two renames of
+    `commit_directory` leaves only the previous checkpoint, set aside as .checkpoint.old-PID: it is put back."""
+    if path.is_dir():
+        return path
+    old = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if old:
+        os.replace(old[-1], path)
+        return path
+    return None
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Keeps the first n lines of a text file (atomically); lines a killed run wrote after its checkpoint go."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) == n and (not lines or lines[-1].endswith("\n")):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(lines[:n]))
+    os.replace(tmp, path)
+
+
+def _loss_mask(batch: _Batch) -> torch.Tensor:
+    """Returns [N, L] bool: position t predicts a completion token (prompt_len - 1 <= t < seq_len - 1)."""
+    t = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)[None]
+    return (t >= batch.prompt_lens[:, None] - 1) & (t < batch.seq_lens[:, None] - 1)
+
+
+def _metric_name(key: str) -> str:
+    """Returns the metrics-line name of a policy_loss metric: verl's under actor/, TRL's clip_ratio/* as they are."""
+    return key if "/" in key else f"actor/{key}"
+
+
+def _log(log: Log | None, message: str, fraction: float | None = None) -> None:
+    if log is not None:
+        log(message, fraction)
