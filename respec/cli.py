@@ -252,7 +252,7 @@ def train(
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
     task: str | None = typer.Option(None, help="arithmetic | countdown | jsonl"),
-    data: Path | None = typer.Option(None, help="GSM8K-style .jsonl file of --task jsonl"),
+    data: Path | None = typer.Option(None, help="GSM8K-style .jsonl file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:
     """GRPO on the speculative engine; with no other flag, trains the embedded default policy (built or reused)."""
@@ -265,6 +265,8 @@ def train(
         if not sep or not key.strip():
             raise ConfigError(f"--set takes section.key=value, e.g. algorithm.clip_high=0.28, got '{item}'")
         overrides[key.strip()] = value.strip()
+    if data is not None and task is None:
+        task = "jsonl"  # --data names a jsonl file
     flags = {"trainer.steps": steps, "trainer.model": model, "rollout.drafter": drafter, "data.task": task,
              "data.path": data, "rollout.spec": spec}
     overrides.update({k: str(v) for k, v in flags.items() if v is not None})

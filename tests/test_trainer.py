@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,22 +142,23 @@ def test_logprobs_of_the_verifier_equal_the_trainers(world, tmp_path, sections):
 
 def test_resume_after_sigkill_reaches_the_same_step_count(world, tmp_path):
     policy, drafter = world
-    run, steps = tmp_path / "run", 40
+    run, steps = tmp_path / "run", 12
     env = {**os.environ, "RESPEC_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     common = ["--steps", str(steps), "--set", "trainer.save_every=1", "--set", "trainer.eval_every=0",
               "--set", "data.prompts_per_step=4", "--set", "rollout.group_size=4", "--set",
               "rollout.max_new_tokens=8", "--set", "algorithm.ppo_mini_batch_size=2", "--set", "data.eval_problems=4"]
     cmd = [sys.executable, "-m", "respec.cli", "train"]
-    proc = subprocess.Popen([*cmd, "--out", str(run), "--model", str(policy), "--drafter", str(drafter),
-                             "--spec", "adaptive", *common], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen([*cmd, "--out", str(run), "--model", str(policy), "--drafter", str(drafter),
+                                 "--spec", "adaptive", *common], env=env, stdout=out, stderr=subprocess.STDOUT)
     state = run / "checkpoint" / "state.json"
     deadline = time.monotonic() + 60
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     killed_at = json.loads(state.read_text())["step"]
     assert 1 <= killed_at < steps
 
@@ -182,6 +184,36 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(world, tmp_path):
     assert resumed.step()["step"] == 3
 
 
+def test_resume_drops_what_a_killed_run_wrote_after_its_checkpoint(world, tmp_path, monkeypatch):
+    """Metrics lines and TensorBoard events past the checkpoint go; a checkpoint set aside by a kill between
+    the two renames of its commit is put back."""
+    writers = []
+
+    class Writer:  # torch.utils.tensorboard.SummaryWriter's interface, recorded
+        def __init__(self, logdir, purge_step=None):
+            self.purge_step, self.scalars = purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run = tmp_path / "run"
+    trainer = Trainer.start(tiny_config(world, trainer=dict(save_every=2, eval_every=0)), run, reward_fn=digit_share)
+    trainer.train(steps=2)
+    trainer.step()  # step 3 is logged, then the run is "killed" before its next checkpoint
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3] and writers[0].purge_step == 0
+    assert ("critic/score/mean", 3) in writers[0].scalars and ("val/accuracy", 0) in writers[0].scalars
+    os.replace(run / "checkpoint", run / ".checkpoint.old-123")  # killed between commit_directory's renames
+    resumed = Trainer.resume(run, reward_fn=digit_share)
+    assert resumed.global_step == 2 and [r["step"] for r in read_metrics(run)] == [0, 1, 2]
+    assert resumed.step()["step"] == 3 and writers[1].purge_step == 3
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
+
+
 def test_a_non_finite_reward_is_one_clear_error(world, tmp_path):
     trainer = Trainer.start(tiny_config(world), tmp_path / "run", reward_fn=lambda problem, text: float("inf"))
     with pytest.raises(TrainingError, match="reward function returned inf"):
@@ -190,9 +222,9 @@ def test_a_non_finite_reward_is_one_clear_error(world, tmp_path):
 
 def test_resume_of_a_run_without_checkpoint_restarts_it(world, tmp_path):
     run = tmp_path / "run"
-    trainer = Trainer.start(tiny_config(world, trainer=dict(save_every=0)), run, reward_fn=digit_share)
-    trainer.train(steps=1)  # killed before any checkpoint: metrics hold steps 0 and 1
-    assert len(read_metrics(run)) == 2 and not (run / "checkpoint").exists()
+    trainer = Trainer.start(tiny_config(world), run, reward_fn=digit_share)
+    trainer.step()  # as if killed before its first checkpoint
+    assert len(read_metrics(run)) == 1 and not (run / "checkpoint").exists()
     resumed = Trainer.resume(run, reward_fn=digit_share)
     assert resumed.global_step == 0 and not (run / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -262,13 +294,18 @@ def test_bad_data_file_is_one_error_naming_the_line(world, tmp_path):
         Trainer.start(cfg, tmp_path / "run")
 
 
-def test_cli_bad_config_is_one_error_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["respec", "train", "--out", str(tmp_path / "run"), "--set",
-                                      "rollout.group_size=1"])
+def run_cli(monkeypatch, args: list[str]) -> int:
+    """Returns the exit code of `respec *args` run in-process."""
+    monkeypatch.setattr(sys, "argv", ["respec", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
+    return exit_info.value.code
+
+
+def test_cli_bad_config_is_one_error_line(monkeypatch, capsys, tmp_path):
+    assert run_cli(monkeypatch, ["train", "--out", str(tmp_path / "run"), "--set", "rollout.group_size=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "group_size" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "group_size" in err[0]
 
 
 def test_plot_runs_overlays_run_directories(monkeypatch, capsys, tmp_path):
@@ -280,6 +317,6 @@ def test_plot_runs_overlays_run_directories(monkeypatch, capsys, tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "runs.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    monkeypatch.setattr(sys, "argv", ["respec", "plot", str(tmp_path / "a"), str(tmp_path / "b")])
-    main()
+    (tmp_path / "runs.png").unlink()
+    assert run_cli(monkeypatch, ["plot", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "runs.png" in capsys.readouterr().out and (tmp_path / "runs.png").is_file()

@@ -2,20 +2,23 @@
 emitted tokens per second for the live batch, from a profiled cost model and a live acceptance estimate.
 
     rate(B, k) = B * E(k) / t(B, k),   E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i,
-    t(B, 0) = t_target(B, 1) + o_plain(B),   t(B, k) = t_target(B, k+1) + k * t_draft(B) + o_spec(B)
+    t(B, 0) = t_target(B, 1) * c_plain(B),   t(B, k) = (t_target(B, k+1) + k * t_draft(B)) * c_spec(B)
 
 - t_target(B, n), t_draft(B): profiled once per (target, drafter architecture, dtype, device, threads) on a small
   grid of batch sizes, interpolated in B, cached on disk (a corrupt cache file is rebuilt with a warning).
-- o_plain(B), o_spec(B): what the raw forwards miss (sampling, acceptance, bookkeeping, the host sync), learnt
-  online from the measured seconds of every step as a line c0 + c1 * B by exponentially weighted least squares.
+- c_plain(B), c_spec(B): what the raw forwards miss (sampling, acceptance, bookkeeping, the host sync, other
+  processes on the machine), learnt online as the median measured / profiled ratio of recent steps in each
+  power-of-two batch bucket (robust to a preempted step); an unvisited bucket borrows its nearest neighbour's.
 - a_j: the probability that draft j is accepted given drafts 1..j-1 were, from the per-row accepted counts of
   each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
   decayed counts shrunk towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a
   position never tried inherits its neighbour's estimate). A drafter swap decays the evidence.
 - Hysteresis: the k in use is kept unless another k is predicted `hysteresis` faster, so the choice does not
   flap when the live batch hovers at a break-even point (vLLM issue #49548).
-- While k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the tuner takes
-  one probe step at the best k >= 1, which measures the current drafter honestly at a bounded cost.
+- Exploration: while k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the
+  tuner takes one probe step at the best k >= 1, which measures the current drafter honestly at a bounded cost.
+  Symmetrically, the first time it would speculate in a batch bucket where plain steps were never measured, it
+  takes one plain step there, so that plain decoding's cost is measured rather than borrowed.
 Decisions depend on measured times, so adaptive runs are reproducible in distribution only; the engine logs
 every step's k (GenerationResult.trace) and `SpecConfig(mode="replay")` reproduces a run token for token.
 """
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 import warnings
 from bisect import bisect_left
@@ -59,7 +63,7 @@ class TunerConfig:
     prior_weight: float = 8.0  # pseudo-rows of the prior
     decay: float = 0.95  # per observed step, old acceptance evidence is multiplied by this
     swap_decay: float = 0.1  # a drafter swap multiplies the acceptance evidence by this
-    overhead_decay: float = 0.98  # per observed step, old overhead evidence is multiplied by this
+    calibration_window: int = 16  # recent steps per batch bucket whose measured/profiled ratio is kept
     hysteresis: float = 0.05  # switch k only when another is predicted this much faster
     probe_every: int = 16  # after this many consecutive k = 0 steps, one probe step at the best k >= 1
     use_disk_cache: bool = True  # keep profiled costs in cache_dir
@@ -73,7 +77,9 @@ class TunerConfig:
             raise ConfigError("context, repeats and probe_every must be >= 1")
         if not 0 < self.prior_accept < 1 or self.prior_weight <= 0:
             raise ConfigError("prior_accept must be in (0, 1) and prior_weight > 0")
-        for name in ("decay", "swap_decay", "overhead_decay"):
+        if self.calibration_window < 1:
+            raise ConfigError(f"calibration_window must be >= 1, got {self.calibration_window}")
+        for name in ("decay", "swap_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.hysteresis < 0:
@@ -126,28 +132,46 @@ def expected_emitted(accept: list[float], k: int) -> float:
     return total
 
 
-class _LineFit:
-    """Exponentially weighted least squares of y = c0 + c1 * x (the per-step overhead in the batch size)."""
+class _Calibration:
+    """measured / profiled seconds of plain and of speculative steps, per power-of-two batch bucket.
 
-    def __init__(self, decay: float):
-        self.decay = decay
-        self.s = [0.0] * 5  # sums of w, w x, w x^2, w y, w x y
+    Each bucket keeps the log ratios of its last `window` steps of each kind and predicts with their median,
+    taken together with two pseudo-steps at ratio 1 (the profile): one step preempted by another process moves
+    nothing, a sustained slowdown (sampling and bookkeeping overhead, a longer context than profiled, a busy
+    machine) moves the bucket within a few steps, and an unmeasured option is never judged worse than its
+    profile (optimism, so it gets tried). An unvisited bucket borrows its nearest visited neighbour's ratio.
+    """
 
-    def add(self, x: float, y: float) -> None:
-        self.s = [v * self.decay for v in self.s]
-        for i, v in enumerate((1.0, x, x * x, y, x * y)):
-            self.s[i] += v
+    PRIOR = (0.0, 0.0)  # two pseudo-steps at the profiled cost
 
-    def __call__(self, x: float) -> float:
-        w, sx, sxx, sy, sxy = self.s
-        if w < 1e-9:
-            return 0.0
-        det = w * sxx - sx * sx
-        if det <= 1e-9 * max(w * sxx, 1e-30):  # a single batch size seen so far: the mean
-            return sy / w
-        c1 = (w * sxy - sx * sy) / det
-        c0 = (sy - c1 * sx) / w
-        return c0 + c1 * x
+    def __init__(self, window: int):
+        self.window = window
+        self.stats: dict[tuple[bool, int], list[float]] = {}  # (speculative, bucket) -> recent log ratios
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(batch, 1).bit_length() - 1  # floor(log2 batch)
+
+    def add(self, speculative: bool, batch: int, ratio: float) -> None:
+        if not math.isfinite(ratio) or ratio <= 0:
+            return
+        recent = self.stats.setdefault((speculative, self.bucket(batch)), [])
+        recent.append(math.log(ratio))
+        del recent[: -self.window]
+
+    def has(self, speculative: bool, batch: int) -> bool:
+        """Returns whether steps of this kind were measured in this batch's bucket."""
+        return (speculative, self.bucket(batch)) in self.stats
+
+    def factor(self, speculative: bool, batch: int) -> float:
+        """Returns the expected measured / profiled ratio of a step (1.0 before any evidence)."""
+        b = self.bucket(batch)
+        for kind in (speculative, not speculative):  # the other kind's ratio beats none: contention is shared
+            seen = [bb for (sp, bb) in self.stats if sp == kind]
+            if seen:
+                recent = self.stats[(kind, min(seen, key=lambda bb: (abs(bb - b), bb)))]
+                return math.exp(statistics.median([*recent, *self.PRIOR]))
+        return 1.0
 
 
 class Tuner:
@@ -159,7 +183,7 @@ class Tuner:
         self.costs, self.k_max, self.config = costs, k_max, config or TunerConfig()
         self.accepted = [0.0] * k_max  # decayed count of rows that accepted draft j (given j - 1 accepted)
         self.tried = [0.0] * k_max  # decayed count of rows that tried draft j
-        self.overhead = {False: _LineFit(self.config.overhead_decay), True: _LineFit(self.config.overhead_decay)}
+        self.calibration = _Calibration(self.config.calibration_window)
         self.current_k: int | None = None
         self.plain_run = 0  # consecutive k = 0 decisions
         self.drafter_version: int | None = None
@@ -185,8 +209,7 @@ class Tuner:
 
     def predict_s(self, batch: int, k: int) -> float:
         """Returns the predicted seconds of a step at live batch `batch` with k drafts."""
-        raw = self.costs.step_s(batch, k)
-        return max(raw + self.overhead[k > 0](batch), 0.25 * raw)
+        return self.costs.step_s(batch, k) * self.calibration.factor(k > 0, batch)
 
     def rates(self, batch: int) -> list[float]:
         """Returns the predicted emitted tokens per second for k = 0..k_max at live batch `batch`."""
@@ -211,12 +234,16 @@ class Tuner:
                 k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
         else:
             self.plain_run = 0
+            if self.calibration.stats and not self.calibration.has(False, batch):
+                # Plain decoding has never been measured at this batch size: its cost is only borrowed, and a
+                # speculative choice would never correct it. One plain step measures it.
+                k = 0
         return k, self.predict_s(batch, k)
 
     def observe(self, stats: StepStats) -> None:
         """Learns from one step: acceptance per position (k >= 1) and the overhead beyond the raw costs."""
         B, k = stats.batch, stats.k
-        self.overhead[k > 0].add(B, stats.seconds - self.costs.step_s(B, k))
+        self.calibration.add(k > 0, B, stats.seconds / self.costs.step_s(B, k))
         if k == 0 or stats.drafter_version != self.drafter_version:
             return  # a step drafted by a drafter swapped out since says nothing about the current one
         d = self.config.decay
@@ -240,7 +267,7 @@ class Tuner:
         """Returns the learnt state (acceptance and overhead evidence, current k) as plain JSON-able values."""
         return {"accepted": self.accepted, "tried": self.tried, "current_k": self.current_k,
                 "plain_run": self.plain_run, "drafter_version": self.drafter_version,
-                "overhead": {str(k): v.s for k, v in self.overhead.items()}}
+                "calibration": [[sp, b, list(v)] for (sp, b), v in self.calibration.stats.items()]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["accepted"]) != self.k_max:
@@ -248,8 +275,7 @@ class Tuner:
         self.accepted, self.tried = list(state["accepted"]), list(state["tried"])
         self.current_k, self.plain_run = state["current_k"], state["plain_run"]
         self.drafter_version = state.get("drafter_version")
-        for k, fit in self.overhead.items():
-            fit.s = list(state["overhead"][str(k)])
+        self.calibration.stats = {(bool(sp), int(b)): list(v) for sp, b, v in state["calibration"]}
 
 
 # -- profiling ---------------------------------------------------------------------------------------------------

@@ -192,7 +192,8 @@ class Trainer:
             drafter.requires_grad_(False)
         reference = None
         if config.algorithm.kl_coef > 0:
-            ref_dir = checkpoint / "reference" if checkpoint is not None else Path(t.model)
+            saved = checkpoint / "reference" if checkpoint is not None else None
+            ref_dir = saved if saved is not None and saved.is_dir() else Path(t.model)  # the starting policy
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
         return cls(config, run_dir, actor, Engine(rollout_model, drafter), tokenizer, task, eval_problems,
@@ -392,7 +393,7 @@ class Trainer:
             saved = self._saved_step()
             kept = f"the last checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved"
             raise TrainingError(
-                f"{what} is {float(value)} at step {self.global_step + 1} (epoch {epoch}, minibatch {minibatch}), "
+                f"{what} is {float(value.detach())} at step {self.global_step + 1} (epoch {epoch}, minibatch {minibatch}), "
                 f"before the update; {kept}: resume with a lower trainer.lr, or check the rewards and the weights")
 
     def _lr(self, step: int) -> float:
@@ -468,23 +469,24 @@ class Trainer:
         with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.metrics_lines += 1
-        writer = self._tensorboard_writer()
+        writer = self._tensorboard_writer(row["step"])
         if writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, row["step"])
             writer.flush()
 
-    def _tensorboard_writer(self):
-        """Returns a TensorBoard writer on run_dir/tensorboard when tensorboard is installed, else None."""
+    def _tensorboard_writer(self, first_step: int):
+        """Returns a TensorBoard writer on run_dir/tensorboard when tensorboard is installed, else None; opened
+        at this process's first metrics row, whose step it purges from (and every later one)."""
         if self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self._tensorboard = False
                 return None
-            # purge_step drops events a killed run wrote past the checkpoint it resumes from.
-            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.global_step + 1)
+            # purge_step drops the events a killed run wrote past the checkpoint this one resumed from.
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=first_step)
         return self._tensorboard or None
 
     def save_checkpoint(self) -> Path:
@@ -567,7 +569,10 @@ def _reward_fn(spec: str | None, task: Task) -> RewardFn:
 
 def _recover_checkpoint(path: Path) -> Path | None:
     """Returns the run's checkpoint directory, or None if it has none. A kill between the two renames of
-    `commit_directory` leaves only the previous checkpoint, set aside as .checkpoint.old-PID: it is put back."""
+    `commit_directory` leaves only the previous checkpoint, set aside as .checkpoint.old-PID: it is put back.
+    Half-written checkpoints (.checkpoint.tmp-*) of killed runs are removed."""
+    for partial in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)
     if path.is_dir():
         return path
     old = sorted(path.parent.glob(f".{path.name}.old-*"))
