@@ -106,9 +106,22 @@ def test_low_acceptance_gives_plain():
 
 
 def measure_plain(tuner: Tuner) -> None:
-    """Observes one plain step at exactly its profiled cost in every batch bucket (no plain probes needed)."""
+    """Records plain and speculative steps at exactly their profiled cost in every batch bucket, so that the
+    decision is not a first-visit probe."""
     for b in (1, 2, 4, 8, 16, 32, 64, 128):
-        tuner.observe(step(tuner.costs, b, 0))
+        tuner.calibration.add(False, b, 1.0)
+        tuner.calibration.add(True, b, 1.0)
+
+
+def test_first_plain_choice_in_an_unmeasured_bucket_measures_speculation_once():
+    tuner = Tuner(roofline(draft=BASE), 4)  # drafting as dear as the target: plain is the choice
+    tuner.observe(step(tuner.costs, 64, 0))
+    assert tuner.choose(64)[0] >= 1  # measured plain, never speculation, at batch 64-127: one probe
+    tuner.observe(step(tuner.costs, 64, 1, [0] * 64))
+    assert tuner.choose(64)[0] == 0
+    assert tuner.choose(8)[0] >= 1  # speculation never measured at batch 8-15: one probe
+    tuner.observe(step(tuner.costs, 8, 2, [0] * 8))
+    assert tuner.choose(8)[0] == 0
 
 
 def test_first_speculative_choice_in_an_unmeasured_bucket_measures_plain_once():
@@ -245,7 +258,8 @@ def test_slowdown_is_learnt_online_per_batch_bucket():
         tuner.observe(step(costs, 100, 2, extra=-0.1 * costs.step_s(100, 2)))
     assert tuner.predict_s(70, 4) == pytest.approx(0.9 * costs.step_s(70, 4))
     assert tuner.predict_s(8, 2) == pytest.approx(1.5 * costs.step_s(8, 2))
-    assert tuner.choose(16)[1] == pytest.approx(tuner.predict_s(16, tuner.current_k), abs=1e-12)
+    k, predicted = tuner.choose(16)
+    assert predicted == pytest.approx(tuner.predict_s(16, k), abs=1e-12)
 
 
 def test_a_preempted_step_moves_nothing_and_recent_steps_dominate():

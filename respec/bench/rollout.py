@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
                 warm: dict[int, list[GenerationResult]] = {}
                 for k, spec in static.items():
                     bar.update(task, description=f"round {r} {'plain' if k == 0 else f'static k={k}'}")
-                    out = engine.generate(prompts, params, spec)
+                    out = _timed(engine, prompts, params, spec)
                     (runs[f"static_{k}"] if r else warm.setdefault(k, [])).append(out)
                     bar.advance(task)
                 if table is None:  # filled from the warm-up round's static grid, as offline tuning would be
@@ -156,7 +157,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
                     bandit = BanditPolicy(ks=list(cfg.ks), seed=cfg.seed)
                 for name, chooser in (("table", table), ("bandit", bandit), ("adaptive", None)):
                     bar.update(task, description=f"round {r} {name}")
-                    out = engine.generate(prompts, params, adaptive, chooser=chooser)
+                    out = _timed(engine, prompts, params, adaptive, chooser)
                     if r:
                         runs[name].append(out)
                     bar.advance(task)
@@ -165,11 +166,14 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
     costs = step_costs(static_runs)
     oracle_runs = [oracle(run, costs, list(cfg.ks)) for run in static_runs[cfg.k_max]]
     med = lambda rs: statistics.median(r.seconds for r in rs)  # noqa: E731
+    cpu = lambda rs: statistics.median(r.cpu_seconds for r in rs)  # noqa: E731
     data = {
         "plain_s": med(static_runs[0]),
         "static_s": {str(k): med(static_runs[k]) for k in cfg.ks},
         "table_s": med(runs["table"]), "bandit_s": med(runs["bandit"]), "adaptive_s": med(runs["adaptive"]),
         "oracle_s": statistics.median(s for s, _ in oracle_runs),
+        "cpu_s": {"plain": cpu(static_runs[0]), **{f"static_{k}": cpu(static_runs[k]) for k in cfg.ks},
+                  "table": cpu(runs["table"]), "bandit": cpu(runs["bandit"]), "adaptive": cpu(runs["adaptive"])},
         "table": {str(b): k for b, k in table.table.items()},
         "tokens": statistics.median(r.num_tokens for r in runs["adaptive"]),
         "mean_k": {name: statistics.mean(r.mean_k for r in runs[name]) for name in ("table", "bandit", "adaptive")},
@@ -185,10 +189,25 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_bandit": data["bandit_s"] / data["adaptive_s"],
         "adaptive_vs_oracle": data["oracle_s"] / data["adaptive_s"],
     }
+    data["cpu_ratios"] = {
+        "adaptive_vs_plain": data["cpu_s"]["plain"] / data["cpu_s"]["adaptive"],
+        "adaptive_vs_best_static": min(data["cpu_s"][f"static_{k}"] for k in cfg.ks) / data["cpu_s"]["adaptive"],
+        "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
+        "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
+    }
     print_rollout_table(data, console)
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
+
+
+def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:
+    """Returns the rollout with `cpu_seconds` set: this process's CPU time over the call. With one torch thread
+    on a CPU that is the work done, unaffected by other processes taking the core (wall time is not)."""
+    c0 = time.process_time()
+    out = engine.generate(prompts, params, spec, chooser=chooser)
+    out.cpu_seconds = time.process_time() - c0
+    return out
 
 
 def _trace(run: GenerationResult, costs: dict[tuple[int, int], float], cfg: RolloutBenchConfig) -> dict:
@@ -213,11 +232,16 @@ def print_rollout_table(data: dict, console: Console) -> None:
     table.add_column("mode")
     table.add_column("seconds", justify="right")
     table.add_column("vs plain", justify="right")
-    rows = [("plain", data["plain_s"])] + [(f"static k={k}", s) for k, s in data["static_s"].items()]
-    rows += [("table (vLLM)", data["table_s"]), ("bandit (TLT)", data["bandit_s"]),
-             ("adaptive (ours)", data["adaptive_s"]), ("oracle (bound)", data["oracle_s"])]
-    for name, s in rows:
-        table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x")
+    table.add_column("CPU seconds", justify="right")
+    table.add_column("vs plain", justify="right")
+    cpu = data["cpu_s"]
+    rows = [("plain", data["plain_s"], cpu["plain"])]
+    rows += [(f"static k={k}", s, cpu[f"static_{k}"]) for k, s in data["static_s"].items()]
+    rows += [("table (vLLM)", data["table_s"], cpu["table"]), ("bandit (TLT)", data["bandit_s"], cpu["bandit"]),
+             ("adaptive (ours)", data["adaptive_s"], cpu["adaptive"]), ("oracle (bound)", data["oracle_s"], None)]
+    for name, s, c in rows:
+        table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
+                      "" if c is None else f"{cpu['plain'] / c:.2f}x")
     console.print(table)
     r = data["ratios"]
     console.print(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best static "

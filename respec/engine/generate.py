@@ -31,7 +31,7 @@ import torch
 
 from respec.engine.checkpoint import check_finite, check_tensors
 from respec.engine.drafter import Eagle3Drafter, check_fits
-from respec.engine.kvcache import KVCache
+from respec.engine.kvcache import KVCache, fill_holes, keep_rows
 from respec.engine.model import Transformer, fused_state
 from respec.engine.sampling import SamplingParams, rejection_sample, sample, target_probs, token_logprobs
 from respec.errors import CheckpointError, ConfigError, DrafterMismatchError, PromptError
@@ -496,20 +496,25 @@ class _Run:
         for i in range(B):  # only over rows that finished this step: bookkeeping, not the hot path
             if done_host[i]:
                 self.finish[orig[i]] = "stop" if stopped_host[i] else "length"
-        keep = torch.tensor([i for i in range(B) if not done_host[i]], dtype=torch.long, device=emitted.device)
+        keep = fill_holes([bool(d) for d in done_host])
         self.gen_len_final[self.rows] = self.gen_len
-        self._keep(keep)
+        if keep:
+            self._keep(keep)
         return acc_host, len(keep) > 0
 
-    def _keep(self, keep: torch.Tensor) -> None:
-        """Compacts every per-row tensor and cache to the rows in `keep`."""
-        self.rows, self.gen_len, self.last = self.rows[keep], self.gen_len[keep], self.last[keep]
+    def _keep(self, keep: list[int]) -> None:
+        """Compacts every per-row tensor and cache to the rows in `keep` (in place for the large ones)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        self.rows, self.gen_len, self.last = self.rows[index], self.gen_len[index], self.last[index]
         self.cache.keep(keep)
         if self.drafter is not None:
             self.dcache.keep(keep)
-            self.backlog_tok, self.backlog_feat = self.backlog_tok[keep], self.backlog_feat[keep]
+            n = len(keep)
+            for buf in (self.backlog_tok, self.backlog_feat):
+                keep_rows(buf, keep, dim=0)
+            self.backlog_tok, self.backlog_feat = self.backlog_tok[:n], self.backlog_feat[:n]
             if self.buffered:
                 self.pend_tok, self.pend_feat = self.backlog_tok, self.backlog_feat
             else:
-                self.pend_tok, self.pend_feat = self.pend_tok[keep], self.pend_feat[keep]
-            self.pend_len = self.pend_len[keep]
+                self.pend_tok, self.pend_feat = self.pend_tok[index], self.pend_feat[index]
+            self.pend_len = self.pend_len[index]

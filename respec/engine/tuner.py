@@ -17,8 +17,8 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
   flap when the live batch hovers at a break-even point (vLLM issue #49548).
 - Exploration: while k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the
   tuner takes one probe step at the best k >= 1, which measures the current drafter honestly at a bounded cost.
-  Symmetrically, the first time it would speculate in a batch bucket where plain steps were never measured, it
-  takes one plain step there, so that plain decoding's cost is measured rather than borrowed.
+  The first time it would speculate (or decode plainly) in a batch bucket where that kind of step was never
+  measured, it takes one step of the other kind there too, so both costs are measured rather than borrowed.
 Decisions depend on measured times, so adaptive runs are reproducible in distribution only; the engine logs
 every step's k (GenerationResult.trace) and `SpecConfig(mode="replay")` reproduces a run token for token.
 """
@@ -229,7 +229,8 @@ class Tuner:
         self.current_k = k
         if k == 0:
             self.plain_run += 1
-            if self.plain_run > self.config.probe_every and limit >= 1:  # probe_every plain steps came before
+            unmeasured = bool(self.calibration.stats) and not self.calibration.has(True, batch)
+            if limit >= 1 and (self.plain_run > self.config.probe_every or unmeasured):
                 self.plain_run = 0
                 k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
         else:

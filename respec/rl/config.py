@@ -48,7 +48,8 @@ class TrainerConfig:
     eval_before_train: bool = True  # evaluate the starting policy too, logged as step 0 (verl val_before_train)
     save_every: int = 10  # checkpoint every N steps and at the last one; 0 = only at the last
     seed: int = 0  # data order, rollout sampling, minibatch shuffling
-    dtype: str = "fp32"  # "fp32" | "bf16": the engine's weights and the actor's autocast (master weights fp32)
+    dtype: str | None = None  # "fp32" | "bf16": the engine's weights and the actor's autocast (master weights
+    # stay fp32); None = fp32 on CPU, bf16 on CUDA
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:1" ...
     num_threads: int | None = 1  # torch CPU threads (1: on a shared 2-core machine more threads ran slower)
 
@@ -66,7 +67,7 @@ class TrainerConfig:
         _positive_int(s, "save_every", self.save_every, 0)
         if not isinstance(self.seed, int):
             raise ConfigError(f"trainer.seed must be an integer, got {self.seed!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"trainer.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads is not None:
             _positive_int(s, "num_threads", self.num_threads)

@@ -52,7 +52,7 @@ from respec.rl.grpo import (
 )
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem, Task, get_task
-from respec.world.tokenizer import load_tokenizer, save_tokenizer
+from respec.world.tokenizer import load_tokenizer
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done)
 RewardFn = Callable[[Problem, str], float]  # (problem, completion text) -> reward
@@ -60,6 +60,10 @@ RewardFn = Callable[[Problem, str], float]  # (problem, completion text) -> rewa
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint"
+# the policy directory's files besides the weights that a checkpoint's actor/ carries over (tokenizer, generation)
+POLICY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                "generation_config.json")
 STATE_FORMAT = 1  # bump when the checkpoint layout changes
 
 
@@ -100,8 +104,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, actor: Transformer, engine: Engine, tokenizer,
                  task: Task, eval_problems: list[Problem], reward_fn: RewardFn,
-                 reference: Transformer | None = None):
+                 reference: Transformer | None = None, policy_dir: Path | None = None):
         self.config, self.run_dir = config, Path(run_dir)
+        self.policy_dir = Path(policy_dir or config.trainer.model)  # where the tokenizer files come from
         self.actor = actor.train()
         self.engine = engine
         self.tokenizer, self.task, self.eval_problems, self.reward_fn = tokenizer, task, eval_problems, reward_fn
@@ -197,7 +202,7 @@ class Trainer:
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
         return cls(config, run_dir, actor, Engine(rollout_model, drafter), tokenizer, task, eval_problems,
-                   reward_fn, reference)
+                   reward_fn, reference, policy_dir)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None, log: Log | None = None) -> list[dict]:
@@ -497,7 +502,9 @@ class Trainer:
         tmp = atomic_directory(path)
         try:
             save_model(self.actor, tmp / "actor")
-            save_tokenizer(self.tokenizer, tmp / "actor")
+            for name in POLICY_FILES:  # copied as they are: a tokenizer re-saved after loading may differ
+                if (self.policy_dir / name).is_file():
+                    shutil.copy2(self.policy_dir / name, tmp / "actor" / name)
             if self.reference is not None:
                 save_model(self.reference, tmp / "reference")
             if self.engine.drafter is not None:
