@@ -8,11 +8,14 @@ large k), so every single static choice loses somewhere.
 
 - table: a k per batch-size range, filled offline from this run's own static and plain rollouts (the k with
   the highest measured tokens/s among steps at each range), as a vLLM user fills the table from a benchmark.
-- oracle: for every step of the static k_max rollout, a row that accepted c of k_max drafts would have
-  accepted min(c, k) of k (the rejection rule's draws for drafts 1..k do not depend on k), so the tokens every
-  k would have emitted are known in hindsight; with each k's measured seconds per step at that live batch
-  (medians over this run's static and plain steps), the oracle takes the best tokens-per-second k at every
-  step. oracle_s = prefill + sum over steps of the step's tokens at the oracle's rate: no real chooser beats it.
+- oracle: in a static-k rollout, a row that accepted c of its k drafts would have accepted min(c, j) of j <= k
+  (the rejection rule's draws for drafts 1..j do not depend on k), so the tokens every j <= k would have
+  emitted at each step are known in hindsight. With each j's measured seconds per step at that live batch (a
+  least-squares line in the batch over all of this run's steps with that j), the oracle takes the best
+  tokens-per-second j at every step: time = prefill + sum over steps of the step's tokens at the oracle's
+  rate. Each static rollout drains at its own pace (which sets the batch at which tokens are made), so the
+  oracle is evaluated on every static rollout and the best is reported. A bound under the fitted costs: a
+  chooser can beat it only by the fit's error.
 Choosers keep their state across repeats (one untimed warm-up round first), as they would across RL steps.
 """
 
@@ -77,15 +80,23 @@ def range_of(batch: int) -> int:
     return max(b for b in BATCH_RANGES if b <= batch)
 
 
-def step_costs(results: dict[int, list[GenerationResult]]) -> dict[tuple[int, int], float]:
-    """Returns the median measured seconds per step for each (batch range, k) over the given rollouts by k."""
-    times: dict[tuple[int, int], list[float]] = defaultdict(list)
+def step_costs(results: dict[int, list[GenerationResult]]) -> dict[int, tuple[float, float]]:
+    """Returns, per k, the least-squares line seconds = a + b * batch over every measured step of the rollouts
+    run with that k (k = 0: plain): the measured cost of a step at any live batch."""
+    fits = {}
     for k, runs in results.items():
-        for run in runs:
-            for s in run.stats:
-                if s.k == k:
-                    times[(range_of(s.batch), k)].append(s.seconds / s.batch)  # per row: ranges hold many B
-    return {key: statistics.median(v) for key, v in times.items()}
+        pts = [(s.batch, s.seconds) for run in runs for s in run.stats if s.k == k]
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        var = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / var if var > 0 else 0.0
+        fits[k] = (my - slope * mx, slope)
+    return fits
+
+
+def _cost(fits: dict[int, tuple[float, float]], k: int, batch: int) -> float:
+    a, b = fits[k]
+    return max(a + b * batch, 1e-6)
 
 
 def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int, int]:
@@ -103,21 +114,16 @@ def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int,
     return dict(sorted(table.items()))
 
 
-def oracle(reference: GenerationResult, costs: dict[tuple[int, int], float], ks: list[int]) -> tuple[float, list[int]]:
-    """Returns (seconds, k per step) of the hindsight oracle over the steps of a static k_max rollout."""
+def oracle(reference: GenerationResult, fits: dict[int, tuple[float, float]]) -> tuple[float, list[int]]:
+    """Returns (seconds, k per step) of the hindsight oracle over the steps of a static-k rollout (k >= 1),
+    choosing among the draft lengths 0..k that it can judge exactly."""
     seconds, trace = reference.prefill_seconds, []
+    k_ref = max(s.k for s in reference.stats)
     for s in reference.stats:
-        r = range_of(s.batch)
-        best_k, best_rate = 0, 0.0
-        for k in [0, *ks]:
-            if (r, k) not in costs:
-                continue
-            tokens = sum(min(c, k) + 1 for c in s.accepted)
-            rate = tokens / (costs[(r, k)] * s.batch)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        trace.append(best_k)
-        seconds += s.emitted / best_rate
+        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / _cost(fits, k, s.batch) for k in fits if k <= k_ref}
+        best = max(rates, key=lambda k: (rates[k], -k))
+        trace.append(best)
+        seconds += s.emitted / rates[best]
     return seconds, trace
 
 
@@ -164,14 +170,16 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         machine = machine_info(cfg.device)
     static_runs = {k: runs[f"static_{k}"] for k in static}
     costs = step_costs(static_runs)
-    oracle_runs = [oracle(run, costs, list(cfg.ks)) for run in static_runs[cfg.k_max]]
+    # The oracle's schedule applied to each static trajectory (its rows drain at that k's pace); the best one.
+    oracle_by_k = {k: statistics.median(oracle(run, costs)[0] for run in static_runs[k]) for k in cfg.ks}
     med = lambda rs: statistics.median(r.seconds for r in rs)  # noqa: E731
     cpu = lambda rs: statistics.median(r.cpu_seconds for r in rs)  # noqa: E731
     data = {
         "plain_s": med(static_runs[0]),
         "static_s": {str(k): med(static_runs[k]) for k in cfg.ks},
         "table_s": med(runs["table"]), "bandit_s": med(runs["bandit"]), "adaptive_s": med(runs["adaptive"]),
-        "oracle_s": statistics.median(s for s, _ in oracle_runs),
+        "oracle_s": min(oracle_by_k.values()),
+        "oracle_by_reference_s": {str(k): v for k, v in oracle_by_k.items()},
         "cpu_s": {"plain": cpu(static_runs[0]), **{f"static_{k}": cpu(static_runs[k]) for k in cfg.ks},
                   "table": cpu(runs["table"]), "bandit": cpu(runs["bandit"]), "adaptive": cpu(runs["adaptive"])},
         "table": {str(b): k for b, k in table.table.items()},
@@ -210,18 +218,12 @@ def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationRes
     return out
 
 
-def _trace(run: GenerationResult, costs: dict[tuple[int, int], float], cfg: RolloutBenchConfig) -> dict:
+def _trace(run: GenerationResult, fits: dict[int, tuple[float, float]], cfg: RolloutBenchConfig) -> dict:
     """Returns the adaptive decision trace (live batch, chosen k, predicted and measured seconds per step) and
-    the oracle's k at each step's batch (its best k for the tuner's acceptance in hindsight)."""
-    accept_rows = [c for s in run.stats if s.k for c in s.accepted]
-    oracle_k = []
-    for s in run.stats:
-        r = range_of(s.batch)
-        # expected tokens per row for each k under this run's realised acceptance counts (capped at k)
-        best = max((k for k in [0, *cfg.ks] if (r, k) in costs),
-                   key=lambda k: (statistics.mean(min(c, k) for c in accept_rows) + 1 if accept_rows else 1)
-                   / costs[(r, k)])
-        oracle_k.append(best)
+    the oracle's k at each step's batch (the best k under the measured costs and this run's acceptance)."""
+    accept_rows = [c for s in run.stats if s.k for c in s.accepted] or [0]
+    emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in fits}
+    oracle_k = [max(fits, key=lambda k: (emitted[k] / _cost(fits, k, s.batch), -k)) for s in run.stats]
     return {"batch": [s.batch for s in run.stats], "k": [s.k for s in run.stats], "oracle_k": oracle_k,
             "seconds": [s.seconds for s in run.stats], "predicted_seconds": [s.predicted_seconds for s in run.stats]}
 

@@ -214,7 +214,9 @@ class Tuner:
     def rates(self, batch: int) -> list[float]:
         """Returns the predicted emitted tokens per second for k = 0..k_max at live batch `batch`."""
         accept = self.acceptance()
-        return [batch * expected_emitted(accept, k) / self.predict_s(batch, k) for k in range(self.k_max + 1)]
+        plain, spec = self.calibration.factor(False, batch), self.calibration.factor(True, batch)
+        return [batch * expected_emitted(accept, k) / (self.costs.step_s(batch, k) * (spec if k else plain))
+                for k in range(self.k_max + 1)]
 
     # -- the engine's interface ------------------------------------------------------------------------------
     def choose(self, batch: int, k_max: int | None = None) -> tuple[int, float]:
@@ -250,11 +252,15 @@ class Tuner:
         d = self.config.decay
         self.accepted = [v * d for v in self.accepted]
         self.tried = [v * d for v in self.tried]
+        # A row that accepted c drafts tried positions 1..min(c+1, k) and accepted 1..c: count rows by c once.
+        rows_with = [0] * (k + 2)  # rows_with[c] = rows that accepted exactly c
         for c in stats.accepted:
-            for j in range(min(c + 1, k, self.k_max)):  # positions 1..min(c+1, k) were tried
-                self.tried[j] += 1
-                if j < c:
-                    self.accepted[j] += 1
+            rows_with[min(c, k)] += 1
+        at_least = len(stats.accepted)  # rows that accepted >= j drafts, for j = 0, 1, ...
+        for j in range(min(k, self.k_max)):
+            self.tried[j] += at_least  # position j + 1 was tried by rows that accepted >= j
+            at_least -= rows_with[j]
+            self.accepted[j] += at_least  # and accepted by rows that accepted >= j + 1
 
     def on_drafter_change(self, version: int | None) -> None:
         """Decays the acceptance evidence: it described the previous drafter."""
