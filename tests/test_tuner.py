@@ -2,7 +2,6 @@
 engine's adaptive mode. Decision tests use hand-built costs and simulated step stats, so they are exact."""
 
 import json
-import math
 import random
 
 import pytest

@@ -94,6 +94,13 @@ class _Batch:
     mask: torch.Tensor  # [N, Tc] bool
     advantages: torch.Tensor  # [N]
 
+    def rows(self, index: torch.Tensor) -> _Batch:
+        """Returns the sub-batch of rows `index`, trimmed to its longest sequence and completion."""
+        S, Tc = int(self.seq_lens[index].max()), int(self.mask[index].sum(1).max())
+        return _Batch(self.input_ids[index, :S], self.prompt_lens[index], self.seq_lens[index],
+                      self.tokens[index, :Tc], self.old_logp[index, :Tc], self.mask[index, :Tc],
+                      self.advantages[index])
+
 
 class Trainer:
     """Owns the actor, its optimiser, the optional reference, the engine (with its policy copy, drafter and
@@ -321,19 +328,17 @@ class Trainer:
         return _Batch(input_ids.to(dev), prompt_lens.to(dev), seq_lens.to(dev), tokens.to(dev), old_logp.to(dev),
                       mask.to(dev), advantages)
 
-    def _completion_logits(self, model: Transformer, batch: _Batch, rows: torch.Tensor, aux_layers: tuple[int, ...]):
-        """Returns (logits / T [n, Tc, V] at the rows' completion tokens, aux [n, S, 3H] or None, S) of one causal
-        forward over the rows' prompt + completion (right-padded, trimmed to their longest, S positions)."""
-        S = int(batch.seq_lens[rows].max())
-        ids = batch.input_ids[rows, :S]  # [n, S]
+    def _completion_logits(self, model: Transformer, batch: _Batch, aux_layers: tuple[int, ...]):
+        """Returns (logits / T [n, Tc, V] at the completion tokens, aux features [n, S, 3H] or None) of one causal
+        forward over prompt + completion (right-padded)."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            hidden, aux = model(ids, aux_layers=aux_layers)  # [n, S, H], [n, S, 3H] or None
-            Tc = batch.tokens.shape[1]
+            hidden, aux = model(batch.input_ids, aux_layers=aux_layers)  # [n, S, H], [n, S, 3H] or None
             # Completion token j of row b sits at prompt_len + j and is predicted from the position before it.
-            pos = (batch.prompt_lens[rows, None] - 1 + torch.arange(Tc, device=ids.device)[None]).clamp(max=S - 1)
+            j = torch.arange(batch.tokens.shape[1], device=hidden.device)
+            pos = (batch.prompt_lens[:, None] - 1 + j[None]).clamp(max=hidden.shape[1] - 1)  # [n, Tc]
             hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, Tc, H]
             logits = model.lm_head(hidden)  # [n, Tc, V]: the head only where a loss is taken
-        return logits.float() / self.config.rollout.temperature, aux, S
+        return logits.float() / self.config.rollout.temperature, aux
 
     def _update(self, batch: _Batch, rewards: torch.Tensor) -> dict:
         """Runs the ppo_epochs x minibatches optimiser steps of one RL step; returns the actor/* metrics."""
@@ -354,23 +359,24 @@ class Trainer:
         for epoch in range(alg.ppo_epochs):
             order = torch.randperm(N, generator=self.rng).to(self.device)
             for i, rows in enumerate(order.split(mini)):
-                logits, aux, S = self._completion_logits(self.actor, batch, rows, self.aux_layers)
-                tokens, mask, old_logp = batch.tokens[rows], batch.mask[rows], batch.old_logp[rows]
-                logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, Tc]
+                mb = batch.rows(rows)
+                mask = mb.mask
+                logits, aux = self._completion_logits(self.actor, mb, self.aux_layers)
+                logp = torch.log_softmax(logits, -1).gather(-1, mb.tokens[..., None]).squeeze(-1)  # [n, Tc]
                 if epoch == 0:
                     if aux is not None:
-                        features[rows, :S] = aux.detach().float()
+                        features[rows, : aux.shape[1]] = aux.detach().float()
                     if i == 0:  # before any update: the trainer's logprobs must equal the verifier's
-                        diff_max = (logp.detach() - old_logp).abs().masked_fill(~mask, 0).max().item()
+                        diff_max = (logp.detach() - mb.old_logp).abs().masked_fill(~mask, 0).max().item()
                 # verl pads responses to max_response_length, the divisor of seq-mean-token-sum-norm (Dr. GRPO).
-                loss, metrics = policy_loss(logp, old_logp, batch.advantages[rows], mask, clip_low=alg.clip_low,
+                loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_low=alg.clip_low,
                                             clip_high=alg.clip_high, clip_c=alg.clip_c, agg=alg.loss_agg,
                                             loss_scale_factor=max_new)
                 metrics = {"actor/pg_loss": loss.detach(), **{_metric_name(k): v for k, v in metrics.items()}}
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref_logits, _, _ = self._completion_logits(self.reference, batch, rows, ())
-                        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+                        ref_logits, _ = self._completion_logits(self.reference, mb, ())
+                        ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, mb.tokens[..., None]).squeeze(-1)
                     kl_loss = agg_loss(kl_penalty(logp, ref_logp, kind=alg.kl_kind), mask, alg.loss_agg,
                                        loss_scale_factor=max_new)
                     loss = loss + alg.kl_coef * kl_loss
