@@ -69,6 +69,23 @@ def test_saved_tokenizer_loads_with_identical_ids(tokenizer, texts, tmp_path):
             assert loaded.decode(loaded.encode(text)) == text
 
 
+def test_tokenizer_in_a_policy_directory_keeps_its_own_pre_tokenizer(tokenizer, texts, tmp_path):
+    """Beside a Qwen2 config.json, transformers 5's AutoTokenizer builds a Qwen2Tokenizer with Qwen2's regex
+    pre-tokenizer instead of ours (digits split differently, one more token): load_tokenizer must not."""
+    from respec.engine.checkpoint import save_model
+    from respec.engine.model import ModelConfig, init_model
+
+    cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    files = {f.name: f.read_text() for f in (tmp_path / "tok").iterdir()}
+    policy = save_model(init_model(cfg), tmp_path / "policy", extra_files=files)
+    loaded = load_tokenizer(policy)
+    assert len(loaded) == len(tokenizer)
+    for text in ["Q: 623-141=?\n", *texts[:100]]:
+        assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such tokenizer directory"):
         load_tokenizer(tmp_path / "missing")

@@ -80,17 +80,27 @@ def range_of(batch: int) -> int:
     return max(b for b in BATCH_RANGES if b <= batch)
 
 
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Returns (a, b) of the least-squares line y = a + b x through pts."""
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / var if var > 0 else 0.0
+    return my - slope * mx, slope
+
+
 def step_costs(results: dict[int, list[GenerationResult]]) -> dict[int, tuple[float, float]]:
-    """Returns, per k, the least-squares line seconds = a + b * batch over every measured step of the rollouts
-    run with that k (k = 0: plain): the measured cost of a step at any live batch."""
+    """Returns, per k, the line seconds = a + b * batch fitted to every measured step of the rollouts run with
+    that k (k = 0: plain): the measured cost of a step at any live batch. Steps more than 3 median absolute
+    residuals off the first fit (preempted by another process) are dropped before the second."""
     fits = {}
     for k, runs in results.items():
         pts = [(s.batch, s.seconds) for run in runs for s in run.stats if s.k == k]
-        n = len(pts)
-        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-        var = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / var if var > 0 else 0.0
-        fits[k] = (my - slope * mx, slope)
+        a, b = _line(pts)
+        residuals = [abs(y - a - b * x) for x, y in pts]
+        cut = 3 * statistics.median(residuals)
+        kept = [p for p, r in zip(pts, residuals, strict=True) if r <= cut] if cut > 0 else pts
+        fits[k] = _line(kept if len(kept) >= 2 else pts)
     return fits
 
 

@@ -50,6 +50,7 @@ from respec.rl.grpo import (
     masked_mean,
     policy_loss,
 )
+from respec.world.pretrain import lr_schedule
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem, Task, get_task
 from respec.world.tokenizer import load_tokenizer
@@ -272,35 +273,29 @@ class Trainer:
         t_push = time.perf_counter()
 
         lengths = batch.mask.sum(1).float()  # [N]
-        groups = rewards_t.view(-1, G)
-        row = {
-            "step": self.global_step,
-            "critic/score/mean": rewards_t.mean().item(),
-            "critic/score/std": rewards_t.std().item(),
-            "critic/score/max": rewards_t.max().item(),
-            "critic/score/min": rewards_t.min().item(),
-            "critic/advantages/mean": advantages.mean().item(),
-            "critic/advantages/max": advantages.max().item(),
-            "critic/advantages/min": advantages.min().item(),
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/clip_ratio": sum(s.finish_reason == "length" for s in result.sequences) / len(texts),
-            **update,
-            "actor/lr": self._lr(self.global_step - 1),
-            "rollout/tokens_per_s": result.num_tokens / max(t_rollout - t0, 1e-9),
-            "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
-            "rollout/k_mean": result.mean_k,
-            "timing/rollout_s": t_rollout - t0,
-            "timing/reward_s": t_reward - t_rollout,
-            "timing/update_s": t_update - t_reward,
-            "timing/push_s": t_push - t_update,
-            "timing/step_s": t_push - t0,
-            # TRL's names for the same quantities (reward_std: the mean of the per-prompt stds, as TRL logs it)
-            "reward": rewards_t.mean().item(),
-            "reward_std": groups.std(1).mean().item(),
-            "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
-            "completions/mean_length": lengths.mean().item(),
+        group_std = rewards_t.view(-1, G).std(1)  # [P]
+        stats = {
+            "critic/score/mean": rewards_t.mean(), "critic/score/std": rewards_t.std(),
+            "critic/score/max": rewards_t.max(), "critic/score/min": rewards_t.min(),
+            "critic/advantages/mean": advantages.mean(), "critic/advantages/max": advantages.max(),
+            "critic/advantages/min": advantages.min(),
+            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
+            # TRL's names (reward_std: the mean of the per-prompt stds, as TRL logs it)
+            "reward": rewards_t.mean(), "reward_std": group_std.mean(),
+            "frac_reward_zero_std": (group_std == 0).float().mean(), "completions/mean_length": lengths.mean(),
         }
+        row = {"step": self.global_step, **dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True)),
+               "response_length/clip_ratio": sum(s.finish_reason == "length" for s in result.sequences) / len(texts),
+               **update,
+               "actor/lr": self._lr(self.global_step - 1),
+               "rollout/tokens_per_s": result.num_tokens / max(t_rollout - t0, 1e-9),
+               "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
+               "rollout/k_mean": result.mean_k,
+               "timing/rollout_s": t_rollout - t0,
+               "timing/reward_s": t_reward - t_rollout,
+               "timing/update_s": t_update - t_reward,
+               "timing/push_s": t_push - t_update,
+               "timing/step_s": t_push - t0}
         every = cfg.trainer.eval_every
         if every and (self.global_step % every == 0 or self.global_step == cfg.trainer.steps):
             t_eval = time.perf_counter()
@@ -404,12 +399,11 @@ class Trainer:
             saved = self._saved_step()
             kept = f"the last checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved"
             raise TrainingError(
-                f"{what} is {float(value.detach())} at step {self.global_step + 1} (epoch {epoch}, minibatch {minibatch}), "
-                f"before the update; {kept}: resume with a lower trainer.lr, or check the rewards and the weights")
+                f"{what} is {float(value.detach())} at step {self.global_step + 1} (epoch {epoch}, minibatch "
+                f"{minibatch}), before the update; {kept}: resume with a lower trainer.lr, or check the rewards "
+                "and the weights")
 
     def _lr(self, step: int) -> float:
-        from respec.world.pretrain import lr_schedule
-
         t = self.config.trainer
         return lr_schedule(min(step, t.steps - 1), t.steps, t.lr, t.warmup_steps, t.min_lr_ratio)
 

@@ -48,7 +48,8 @@ from respec.world.artifacts import MARKER, cache_path, discard_partial, is_compl
 from respec.world.pretrain import Log, lr_schedule
 from respec.world.prompts import task_prompts
 
-VERSION = 1  # bump when a change here should invalidate cached drafters
+VERSION = 2  # bump when a change here should invalidate cached drafters (2: prompts tokenised by the policy's own
+# tokenizer; transformers 5 had swapped in Qwen2's pre-tokenizer when loading it from the policy directory)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json or tokenizer_config.json")
     try:
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend") and \
+                (path / "tokenizer.json").is_file():
+            # Load tokenizer.json as it is. AutoTokenizer would pick a class from the model's config.json
+            # (transformers 5 maps model_type qwen2 to Qwen2Tokenizer) and swap in that model's pre-tokenizer.
+            special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+            return PreTrainedTokenizerFast(
+                tokenizer_file=str(path / "tokenizer.json"), **special,
+                clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False))
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
         message = " ".join(str(e).split())[:200]
