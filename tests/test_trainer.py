@@ -76,12 +76,12 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def test_reward_rises_and_metrics_are_logged(world, tmp_path):
-    trainer = Trainer.start(tiny_config(world), tmp_path / "run", reward_fn=digit_share)
+    trainer = Trainer.start(tiny_config(world, trainer={"steps": 9}), tmp_path / "run", reward_fn=digit_share)
     rows = trainer.train()
-    assert [r["step"] for r in rows] == list(range(7)) and read_metrics(tmp_path / "run") == rows
+    assert [r["step"] for r in rows] == list(range(10)) and read_metrics(tmp_path / "run") == rows
     train_rows = rows[1:]
     first, last = train_rows[0]["critic/score/mean"], sum(r["critic/score/mean"] for r in train_rows[-2:]) / 2
-    assert last > first + 0.2, [r["critic/score/mean"] for r in train_rows]
+    assert last > first + 0.1, [r["critic/score/mean"] for r in train_rows]
     names = {"critic/score/mean", "critic/score/std", "critic/advantages/mean", "response_length/mean",
              "response_length/max", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
              "actor/grad_norm", "actor/lr", "timing/rollout_s", "timing/update_s", "timing/step_s",
@@ -92,14 +92,14 @@ def test_reward_rises_and_metrics_are_logged(world, tmp_path):
         assert row["rollout/k_mean"] == 2.0 and row["rollout/logprob_diff_max"] <= 1e-4
         assert "actor/kl_loss" not in row  # kl_coef 0: no reference, no KL term
     evals = {"val/accuracy", "val/accuracy_greedy", "val/response_length"}
-    assert [r["step"] for r in rows if evals <= set(r)] == [0, 3, 6]
+    assert [r["step"] for r in rows if evals <= set(r)] == [0, 3, 6, 9]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert load_config(tmp_path / "run" / "config.yaml") == trainer.config
 
     # The features the online learner reads: the first epoch's forward over this step's 64 rollouts.
     f = trainer.last_features
     N, L = f.input_ids.shape
-    assert f.step == 6 and N == 64 and f.features.shape == (N, L, 3 * 32) and f.rewards.shape == (N,)
+    assert f.step == 9 and N == 64 and f.features.shape == (N, L, 3 * 32) and f.rewards.shape == (N,)
     assert f.loss_mask.sum(1).float().mean().item() == pytest.approx(rows[-1]["response_length/mean"])
     assert (f.loss_mask.float().argmax(1) == f.prompt_lens - 1).all()  # the last prompt position comes first
     assert f.features[f.loss_mask].abs().sum(-1).min() > 0
