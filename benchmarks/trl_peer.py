@@ -318,7 +318,7 @@ def summarise(results: dict, k: int) -> dict:
             "response_length_mean": _mean(r.get("response_length") or []),
         }
     base = out.get("trl", {}).get("step_s_median_2_to_n")
-    for name, s in out.items():
+    for s in out.values():
         s["speedup_vs_trl"] = base / s["step_s_median_2_to_n"] if base and s["step_s_median_2_to_n"] else None
     return out
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from respec.engine.generate import Engine, StepStats
     from respec.engine.model import Transformer
 
-COST_FORMAT = 1  # bump when profiling changes, so cached cost models are re-measured
+COST_FORMAT = 2  # bump when profiling changes, so cached cost models are re-measured (2: smoothed in n)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class TunerConfig:
 
     batch_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # live batch sizes profiled (interpolated between)
     context: int = 64  # cached positions per row while profiling (attention cost at a typical rollout length)
-    repeats: int = 3  # timed forwards per profiled cell; the fastest is kept
+    repeats: int = 5  # timed forwards per profiled cell; the fastest is kept
     prior_accept: float = 0.6  # a_1 before any evidence
     prior_weight: float = 8.0  # pseudo-rows of the prior
     decay: float = 0.95  # per observed step, old acceptance evidence is multiplied by this
@@ -362,10 +362,24 @@ def profile_costs(target: Transformer, drafter: Eagle3Drafter, n_max: int, confi
     gen = torch.Generator().manual_seed(seed)
     rows, draft = [], []
     for batch in config.batch_grid:
-        rows.append([target_seconds(target, batch, n, config.context, config.repeats, gen)
-                     for n in range(1, n_max + 1)])
+        measured = [target_seconds(target, batch, n, config.context, config.repeats, gen)
+                    for n in range(1, n_max + 1)]
+        rows.append(smooth_verify_costs(measured))
         draft.append(draft_seconds(drafter, batch, config.context, config.repeats, gen))
     return CostModel(list(config.batch_grid), rows, draft, cost_key(target, drafter, n_max, config))
+
+
+def smooth_verify_costs(seconds: list[float]) -> list[float]:
+    """Returns the verify costs t(n), n = 1..n_max, of one batch size with noise removed: n = 1 as measured
+    (plain decoding, the alternative to every k), n >= 2 on the least-squares line through n >= 2, and never
+    below t(1). A forward over n tokens costs a fixed part plus a part linear in n; one cell of the profile
+    disturbed by another process would otherwise rank two draft lengths the wrong way round."""
+    if len(seconds) < 3:
+        return [max(seconds[0], s) if i else s for i, s in enumerate(seconds)]
+    pts = list(enumerate(seconds[1:], start=2))
+    mx, my = sum(n for n, _ in pts) / len(pts), sum(t for _, t in pts) / len(pts)
+    slope = max(sum((n - mx) * (t - my) for n, t in pts) / sum((n - mx) ** 2 for n, _ in pts), 0.0)
+    return [seconds[0]] + [max(my + slope * (n - mx), seconds[0]) for n, _ in pts]
 
 
 def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig) -> CostModel:
