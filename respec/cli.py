@@ -123,7 +123,9 @@ def _prompts(text: str) -> list[list[int]]:
 def generate(
     model: Path = typer.Option(..., help="HF checkpoint directory of the target"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter directory (enables --mode static)"),
-    prompt_ids: str = typer.Option(..., help="prompt token ids, e.g. 1,2,3 (';' separates prompts)"),
+    prompt_ids: str | None = typer.Option(None, help="prompt token ids, e.g. 1,2,3 (';' separates prompts)"),
+    prompt: list[str] = typer.Option([], help="prompt text (repeatable), encoded by the model's tokenizer"),
+    prompts_file: Path | None = typer.Option(None, help="text file with one prompt per line"),
     temperature: float = typer.Option(1.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0, help="0 = off"),
@@ -135,7 +137,8 @@ def generate(
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Generate from a checkpoint (optionally with a drafter) and print the new token ids."""
+    """Generate from a checkpoint (optionally with a drafter): token ids in and out (--prompt-ids), or text in
+    and out through the checkpoint's tokenizer (--prompt / --prompts-file)."""
     from respec.engine.checkpoint import load_model
     from respec.engine.generate import Engine, SpecConfig
     from respec.engine.sampling import SamplingParams
@@ -144,7 +147,22 @@ def generate(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed)
     spec = SpecConfig(mode=mode or ("adaptive" if drafter is not None else "off"), k=k, k_max=k_max)
-    prompts = _prompts(prompt_ids)
+    texts = list(prompt)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise PromptError(f"{prompts_file}: prompts file does not exist")
+        texts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if (prompt_ids is None) == (not texts):
+        raise PromptError("give either --prompt-ids or --prompt/--prompts-file (one of the two)")
+    tokenizer = None
+    if texts:
+        from respec.world.prompts import encode_prompt
+        from respec.world.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        prompts = [encode_prompt(tokenizer, t.replace("\\n", "\n")) for t in texts]
+    else:
+        prompts = _prompts(prompt_ids)
     target = load_model(model, dtype, device)
     draft = None
     if drafter is not None:
@@ -153,7 +171,10 @@ def generate(
         draft = load_drafter(drafter, target)
     out = Engine(target, draft).generate(prompts, params, spec)
     for i, seq in enumerate(out.sequences):
-        typer.echo(f"{i}: {','.join(map(str, seq.tokens))} ({seq.finish_reason})")
+        if tokenizer is not None:
+            typer.echo(f"{i}: {tokenizer.decode(seq.tokens, skip_special_tokens=True)!r} ({seq.finish_reason})")
+        else:
+            typer.echo(f"{i}: {','.join(map(str, seq.tokens))} ({seq.finish_reason})")
     typer.echo(f"{out.num_tokens} tokens in {out.seconds:.3f} s ({out.tokens_per_s:.1f} tokens/s, "
                f"{out.mean_emitted_per_step:.2f} tokens per row per verify step, mean k {out.mean_k:.2f})", err=True)
 

@@ -98,3 +98,23 @@ def test_plot_bad_jsonl_is_one_error_line(monkeypatch, capsys, tmp_path):
     metrics.write_text('{"step": 0, "reward": 1}\nnot json\n')
     code, _, err = run_cli(monkeypatch, capsys, "plot", str(metrics))
     assert_one_error_line(code, err, ":2:")
+
+
+def test_generate_text_in_text_out(monkeypatch, capsys, tmp_path):
+    from respec.world.tokenizer import build_tokenizer, save_tokenizer
+
+    tok = build_tokenizer(["Q: 12+34=?\nAnswer: 46", "Q: 7*8=?\nAnswer: 56"] * 20, vocab_size=64)
+    save_tokenizer(tok, tmp_path / "tok")
+    files = {f.name: f.read_text() for f in (tmp_path / "tok").iterdir()}
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id)
+    model = save_model(init_model(cfg, seed=0), tmp_path / "m", extra_files=files)
+    (tmp_path / "prompts.txt").write_text("Q: 1+2=?\\n\n\nQ: 3*4=?\\n\n")
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", str(model), "--prompt", "Q: 5+6=?\\n",
+                             "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6",
+                             "--temperature", "0")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{i}: '") for i, line in enumerate(lines))
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(model))
+    assert code == 2 and "either --prompt-ids or --prompt" in err and "Traceback" not in err
