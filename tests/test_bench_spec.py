@@ -35,21 +35,22 @@ def test_bench_spec_grid_json_and_plot(models, tmp_path, monkeypatch):
     data = bench_spec(cfg, tmp_path / "spec.json")
     saved = json.loads((tmp_path / "spec.json").read_text())
     assert (tmp_path / "spec.png").stat().st_size > 0
-    assert len(saved["cells"]) == 2 * 2 * (1 + 2 + 3) and "machine" in saved
+    assert len(saved["cells"]) == 2 * 2 * (1 + 2 + 2 + 3) and "machine" in saved  # + plain/best static again
     for c in saved["cells"]:
         assert {"batch", "temperature", "mode", "k", "tokens_per_s", "tokens_per_s_median", "speedup_vs_plain",
                 "mean_emitted_per_step"} <= set(c)
         assert 0 < c["tokens_per_s_median"] <= c["tokens_per_s"]  # the fastest of the repeats is kept
         assert c["speedup_vs_plain"] > 0
-        if c["mode"] in ("plain", "static"):
-            assert (c["mode"] == "plain") == (c["k"] == 0)
+        if c["mode"] in ("plain", "static", "plain_again", "best_static_again"):
+            assert (c["mode"] in ("plain", "plain_again")) == (c["k"] == 0)
         else:  # the mean chosen k over the cell's decode steps
             assert c["mode"] in ("adaptive", "table", "bandit") and 0 <= c["k"] <= 2
-        if c["mode"] == "plain":
+        if c["mode"] in ("plain", "plain_again"):
             assert c["speedup_vs_plain"] == 1.0 and c["mean_emitted_per_step"] == 1.0
         else:  # per row per verify step: at most the step's drafts + 1 (k_max = 2 for the choosers)
             assert 1.0 <= c["mean_emitted_per_step"] <= (c["k"] if c["mode"] == "static" else 2) + 1
-    assert [c["mode"] for c in saved["cells"][:6]] == ["plain", "static", "static", "adaptive", "table", "bandit"]
+    assert [c["mode"] for c in saved["cells"][:8]] == ["plain", "static", "static", "plain_again",
+                                                       "best_static_again", "adaptive", "table", "bandit"]
     assert len(best_cells(data)) == 4
     for c in saved["cells"]:  # the table is this run's grid of the same temperature, in vLLM's format
         if c["mode"] == "table":
@@ -70,7 +71,7 @@ def test_bench_spec_table_and_bandit_choose_k_from_their_own_rules(models, tmp_p
                           min_prompts=2)
     data = bench_spec(cfg)
     cells = {c["mode"] if c["mode"] != "static" else c["k"]: c for c in data["cells"]}
-    assert set(cells) == {"plain", 1, 2, "table", "bandit"}
+    assert set(cells) == {"plain", 1, 2, "plain_again", "best_static_again", "table", "bandit"}
     fastest = max(("plain", 1, 2), key=lambda m: (cells[m]["tokens_per_s"], m == "plain", m == 1))
     want_k = 0 if fastest == "plain" else fastest
     assert cells["table"]["table"] == [[1, 1, want_k]]
@@ -92,7 +93,7 @@ def test_bench_spec_cli(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.json").exists() and "speedup" in result.output and "best static" in result.output
     saved = json.loads((tmp_path / "s.json").read_text())
-    assert [c["mode"] for c in saved["cells"]] == ["plain", "static", "table"]
+    assert [c["mode"] for c in saved["cells"]] == ["plain", "static", "plain_again", "best_static_again", "table"]
 
 
 @pytest.mark.parametrize("kwargs", [{"ks": (0,)}, {"batch_sizes": ()}, {"temperatures": (-1.0,)},

@@ -134,8 +134,9 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         # The tuner's cost profile is measured (or loaded) here, outside every timed region.
         profiled = engine.default_tuner(k_max) if "adaptive" in cfg.modes else None
         grid = [(batch, t) for batch in cfg.batch_sizes for t in cfg.temperatures]
-        per_point = ("plain" in cfg.modes) + len(cfg.ks) * ("static" in cfg.modes) + \
-            sum(m in cfg.modes for m in CHOOSER_MODES)
+        choosers = sum(m in cfg.modes for m in CHOOSER_MODES)
+        per_point = ("plain" in cfg.modes) + len(cfg.ks) * ("static" in cfg.modes) + choosers + \
+            (1 + ("static" in cfg.modes)) * (choosers > 0)
         cells, plain_tps = [], {}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
@@ -148,7 +149,8 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                 batches = [prompts[i * batch:(i + 1) * batch] for i in range(rounds)]
                 params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
                 r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
-                plain_tps.setdefault((batch, temperature), r["tokens_per_s"])  # plain runs first
+                if mode in ("plain", "plain_again"):  # plain runs first in each phase; later cells compare with the latest
+                    plain_tps[(batch, temperature)] = r["tokens_per_s"]
                 ref = plain_tps[(batch, temperature)]
                 cells.append({"batch": batch, "temperature": temperature, "mode": mode,
                               "k": r["mean_k"] if k is None else k, "tokens_per_s": r["tokens_per_s"],
@@ -168,6 +170,14 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
             for batch, temperature in grid:
                 table = table_from_cells(c for c in cells if c["temperature"] == temperature) \
                     if "static" in cfg.modes else None
+                # The choosers run minutes after the grid; plain and the best static k are measured again right
+                # before them, so that every ratio of a cell compares runs made close together in time (the
+                # machine's speed drifts over a run on a shared host).
+                run(batch, temperature, "plain_again", 0, SpecConfig(mode="off"))
+                if "static" in cfg.modes:
+                    best_k = max((c for c in cells if (c["batch"], c["temperature"]) == (batch, temperature)
+                                  and c["mode"] == "static"), key=lambda c: c["tokens_per_s"])["k"]
+                    run(batch, temperature, "best_static_again", best_k, SpecConfig(mode="static", k=best_k))
                 if "adaptive" in cfg.modes:
                     run(batch, temperature, "adaptive", None, adaptive, Tuner(profiled.costs, k_max, profiled.config))
                 if "table" in cfg.modes:
@@ -181,7 +191,8 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                         sd_batch_threshold=threshold)
         machine = machine_info(cfg.device)  # while the benchmark's thread count is still set
     order = {(b, t): i for i, (b, t) in enumerate(grid)}
-    cells.sort(key=lambda c: (order[(c["batch"], c["temperature"])], MODES.index(c["mode"])))  # stable: k order
+    rank = ("plain", "static", "plain_again", "best_static_again", *CHOOSER_MODES)
+    cells.sort(key=lambda c: (order[(c["batch"], c["temperature"])], rank.index(c["mode"])))  # stable: k order
     data = {"cells": cells, "machine": machine, "config": asdict(cfg),
             "policy": str(policy_dir), "drafter": str(drafter_dir)}
     print_spec_table(data, console)
@@ -229,8 +240,8 @@ def print_spec_table(data: dict, console: Console) -> None:
                 *(["adaptive / best static"] if ratio else [])):
         table.add_column(col, justify="right")
     for key, row in points.items():
-        b = best.get(key)
-        table.add_row(str(key[0]), f"{key[1]:g}", f"{row['plain']['tokens_per_s']:.0f}",
+        b = row.get("best_static_again", best.get(key))  # measured beside the choosers when present
+        table.add_row(str(key[0]), f"{key[1]:g}", f"{row.get('plain_again', row['plain'])['tokens_per_s']:.0f}",
                       *([f"{b['speedup_vs_plain']:.2f}x (k={b['k']})"] if best else []),
                       *(f"{row[m]['speedup_vs_plain']:.2f}x ({row[m]['k']:.1f})" if m in row else "-" for m in modes),
                       *([f"{row['adaptive']['tokens_per_s'] / b['tokens_per_s']:.2f}"] if ratio else []))
