@@ -19,6 +19,25 @@ def _sharp_target(vocab: int, seed: int = 0, max_positions: int = 256):
     return model.eval()
 
 
+# A tiny embedded world: a 2-layer width-32 policy (40 SFT steps: it writes near-random text) and its drafter.
+TINY_POLICY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=40,
+                   warmup=2, batch_size=16, num_train_problems=400, eval_problems=4, eval_max_new_tokens=8,
+                   max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """(policy dir, drafter dir) of the tiny world, built once per test session (~3 s)."""
+    from respec.world.distill import DistillConfig, build_drafter
+    from respec.world.pretrain import PretrainConfig, pretrain
+
+    draft = DistillConfig(num_rollouts=8, max_new_tokens=8, steps=3, batch_size=4, warmup_steps=1, ttt_steps=2,
+                          eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1,))
+    root = tmp_path_factory.mktemp("tiny-world")
+    policy = pretrain(PretrainConfig(**TINY_POLICY), out=root / "policy", log=None)
+    return policy, build_drafter(policy, draft, out=root / "drafter", log=None)
+
+
 @pytest.fixture(scope="session")
 def sharp_target():
     """The factory `sharp_target(vocab, seed=0, max_positions=256)` of tiny peaky random targets."""

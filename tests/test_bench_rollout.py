@@ -9,21 +9,11 @@ from respec.bench.rollout import RolloutBenchConfig, bench_rollout, oracle, step
 from respec.cli import app
 from respec.engine.generate import GenerationResult, StepStats
 from respec.errors import ConfigError
-from respec.world.distill import DistillConfig, build_drafter
-from respec.world.pretrain import PretrainConfig, pretrain
-
-TINY_POLICY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=20,
-                   warmup=2, batch_size=16, num_train_problems=200, eval_problems=4, eval_max_new_tokens=8,
-                   max_seq_len=96)
-TINY_DRAFT = DistillConfig(num_rollouts=8, max_new_tokens=8, steps=3, batch_size=4, warmup_steps=1, ttt_steps=2,
-                           eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1,))
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    policy = pretrain(PretrainConfig(**TINY_POLICY), out=root / "policy", log=None)
-    return policy, build_drafter(policy, TINY_DRAFT, out=root / "drafter", log=None)
+def models(tiny_world):
+    return tiny_world
 
 
 def run(steps: list[tuple[int, int, list[int], float]], prefill: float = 0.0) -> GenerationResult:

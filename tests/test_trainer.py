@@ -32,22 +32,11 @@ from respec.rl.config import (
     load_config,
 )
 from respec.rl.trainer import Trainer
-from respec.world.distill import DistillConfig, build_drafter
-from respec.world.pretrain import PretrainConfig, pretrain
-
-TINY_POLICY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=40,
-                   warmup=2, batch_size=16, num_train_problems=400, eval_problems=4, eval_max_new_tokens=8,
-                   max_seq_len=128)
-TINY_DRAFT = DistillConfig(num_rollouts=8, max_new_tokens=8, steps=3, batch_size=4, warmup_steps=1, ttt_steps=2,
-                           eval_prompts=2, eval_max_new_tokens=4, eval_ks=(1,))
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """(policy dir, drafter dir) of a 2-layer width-32 policy (40 SFT steps: it writes near-random text)."""
-    root = tmp_path_factory.mktemp("world")
-    policy = pretrain(PretrainConfig(**TINY_POLICY), out=root / "policy", log=None)
-    return policy, build_drafter(policy, TINY_DRAFT, out=root / "drafter", log=None)
+def world(tiny_world):
+    return tiny_world
 
 
 @pytest.fixture(autouse=True)
