@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	.venv/bin/respec bench engine --threads 1 --verify-repeats 9 --json runs/bench/engine.json
 	.venv/bin/respec bench spec --json runs/bench/spec.json
+	.venv/bin/respec bench rollout --repeats 5 --json runs/bench/rollout.json
 
 lint: $(STAMP)
 	.venv/bin/ruff check respec tests
