@@ -188,6 +188,15 @@ def test_probe_after_probe_every_plain_steps():
     assert [once.choose(8)[0] > 0 for _ in range(6)] == [False, True] * 3
 
 
+def test_a_new_tuner_learns_from_the_engines_drafter_whatever_its_version():
+    tuner, rng = Tuner(roofline(), 4), random.Random(8)
+    for _ in range(30):
+        stats = step(tuner.costs, 8, 4, simulate_rows(rng, 0.9, 4, 8))
+        stats.drafter_version = 0  # the engine numbers its first drafter 0; the tuner was built knowing none
+        tuner.observe(stats)
+    assert tuner.drafter_version == 0 and tuner.acceptance()[0] > 0.8
+
+
 def test_steps_of_a_swapped_out_drafter_are_ignored():
     tuner, rng = Tuner(roofline(), 4), random.Random(9)
     tuner.on_drafter_change(2)

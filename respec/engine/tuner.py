@@ -247,7 +247,11 @@ class Tuner:
         """Learns from one step: acceptance per position (k >= 1) and the overhead beyond the raw costs."""
         B, k = stats.batch, stats.k
         self.calibration.add(k > 0, B, stats.seconds / self.costs.step_s(B, k))
-        if k == 0 or stats.drafter_version != self.drafter_version:
+        if k == 0:
+            return
+        if self.drafter_version is None:
+            self.drafter_version = stats.drafter_version  # a new tuner models the drafter it first sees
+        elif stats.drafter_version != self.drafter_version:
             return  # a step drafted by a drafter swapped out since says nothing about the current one
         d = self.config.decay
         self.accepted = [v * d for v in self.accepted]
