@@ -24,7 +24,7 @@ from respec.engine.checkpoint import load_model, resolve_dtype, save_model, torc
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
-from respec.engine.tuner import target_seconds
+from respec.engine.tuner import sync_device, target_seconds
 from respec.errors import ConfigError
 
 # A Qwen2-shaped decoder of ~27M parameters: big enough that matmuls dominate, small enough for 2 CPU cores.
@@ -94,11 +94,6 @@ def machine_info(device: str) -> dict:
             "device_name": name}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _prompts(cfg: EngineBenchConfig, vocab: int, batch: int, gen: torch.Generator) -> list[list[int]]:
     lo, hi = cfg.prompt_len
     lens = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
@@ -118,21 +113,21 @@ def _left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple
 
 def _time_ours(engine: Engine, prompts: list[list[int]], params: SamplingParams,
                device: torch.device) -> tuple[float, int, list[list[int]]]:
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     out = engine.generate(prompts, params, SpecConfig(mode="off"))
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - t0, out.num_tokens, [s.tokens for s in out.sequences]
 
 
 def _time_hf(hf, prompts: list[list[int]], max_new: int, pad: int,
              device: torch.device) -> tuple[float, int, list[list[int]]]:
     ids, mask = _left_pad(prompts, pad, device)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                       pad_token_id=pad)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - t0
     new = out[:, ids.shape[1]:]  # [B, max_new]
     return seconds, new.numel(), new.tolist()

@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from respec.bench.engine import machine_info, write_results
+from respec.bench.policies import BanditPolicy, TablePolicy, table_from_cells
 from respec.engine.checkpoint import load_model, torch_threads
 from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
@@ -110,18 +111,18 @@ def _cost(fits: dict[int, tuple[float, float]], k: int, batch: int) -> float:
 
 
 def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int, int]:
-    """Returns {batch range lower bound: k} with the highest measured tokens/s of steps in that range (k=0 plain)."""
-    rate: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    """Returns {batch range lower bound: k}: per power-of-two batch range, the k (0 = plain) whose steps in that
+    range had the highest measured tokens/s, filled like a bench-spec grid (`table_from_cells`)."""
+    totals: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0])  # (range, k) -> tokens, seconds
     for k, runs in results.items():
         for run in runs:
             for s in run.stats:
-                acc = rate[range_of(s.batch)][k]
-                acc[0] += s.emitted
-                acc[1] += s.seconds
-    table = {b: max(ks, key=lambda k: ks[k][0] / max(ks[k][1], 1e-12)) for b, ks in sorted(rate.items())}
-    first = min(table)
-    table[1] = table.pop(first)  # vLLM's ranges start at 1: the smallest measured range covers the batches below
-    return dict(sorted(table.items()))
+                total = totals[(range_of(s.batch), k)]
+                total[0] += s.emitted
+                total[1] += s.seconds
+    return table_from_cells({"batch": b, "mode": "static" if k else "plain", "k": k,
+                             "tokens_per_s": tokens / max(seconds, 1e-12)}
+                            for (b, k), (tokens, seconds) in totals.items())
 
 
 def oracle(reference: GenerationResult, fits: dict[int, tuple[float, float]]) -> tuple[float, list[int]]:
@@ -141,7 +142,6 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
                   console: Console | None = None) -> dict:
     """Returns {"plain_s", "static_s", "table_s", "bandit_s", "adaptive_s", "oracle_s", ...}; writes JSON + PNG."""
     from respec.bench.plot import plot_bench_rollout
-    from respec.bench.policies import BanditPolicy, TablePolicy
     from respec.world.defaults import resolve_models
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 

@@ -291,7 +291,8 @@ class Tuner:
 
 # -- profiling ---------------------------------------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Waits for the device's queued work (timings on CUDA are otherwise of the launch, not the work)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -310,11 +311,11 @@ def target_seconds(model: Transformer, batch: int, n: int, context: int, repeats
     ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen).to(device)  # [B, n]
     times = []
     for i in range(repeats + 1):  # the first forward warms up and is not counted
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         hidden, _ = model(ids, cache)  # [B, n, H]
         model.lm_head(hidden)  # [B, n, V]: verification scores every position
-        _sync(device)
+        sync_device(device)
         if i:
             times.append(time.perf_counter() - t0)
         cache.set_lengths(lengths, extent=extent)  # roll back: the next repeat sees the same prefix
@@ -336,13 +337,13 @@ def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int
     params = SamplingParams(temperature=1.0)
     times = []
     for i in range(repeats + 1):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         _, logits = drafter(token, h, cache)  # [B, 1, Vd]
         q = target_probs(logits[:, 0], params)
         drafter.expand_probs(q)
         drafter.draft_to_target(sample(q, None))
-        _sync(device)
+        sync_device(device)
         if i:
             times.append(time.perf_counter() - t0)
         cache.set_lengths(lengths, extent=extent)
