@@ -1,5 +1,6 @@
 import json
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -287,6 +288,101 @@ def test_jsonl_bad_files_name_the_line(tmp_path, lines, message):
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         JsonlTask(tmp_path / "nope.jsonl").problems(1, 0)
+
+
+# ---- parquet (same task, .parquet suffix) ----
+
+
+def _write_parquet(tmp_path, rows, name="data.parquet"):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / name
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _verl_row(question, answer_raw, ground_truth):
+    # The row verl's examples/data_preprocess/gsm8k.py writes.
+    instruction = 'Let\'s think step by step and output the final answer after "####".'
+    return {
+        "data_source": "openai/gsm8k",
+        "prompt": [{"role": "user", "content": f"{question} {instruction}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": {"split": "train", "index": 0, "answer": answer_raw, "question": question},
+    }
+
+
+def test_parquet_reads_verls_layout(tmp_path):
+    rows = [_verl_row("What is 6*7?", "6*7=42\n#### 42", "42"),
+            _verl_row("Half of 2,000?", "#### 1,000", "1000")]
+    task = get_task("jsonl", path=str(_write_parquet(tmp_path, rows)))
+    assert [p.prompt for p in task.all_problems] == ["Q: What is 6*7?\n", "Q: Half of 2,000?\n"]
+    assert [p.answer for p in task.all_problems] == ["42", "1000"]
+    assert task.all_problems[1].meta == {"row": 2}
+    first, second = task.all_problems
+    assert task.score(first, "6*7=42\nAnswer: 42").reward == 1.0
+    assert task.score(first, "Answer: 41").reward == 0.0
+    assert task.score(second, "so #### 1,000").reward == 1.0
+
+
+def test_parquet_verl_question_falls_back_to_the_last_user_message(tmp_path):
+    row = _verl_row("q", "#### 3", "3")
+    del row["extra_info"]
+    row["prompt"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+2?"}]
+    task = JsonlTask(_write_parquet(tmp_path, [row]))
+    assert (task.all_problems[0].prompt, task.all_problems[0].answer) == ("Q: What is 1+2?\n", "3")
+
+
+def test_parquet_flat_columns(tmp_path):
+    rows = [{"question": "Half of one?", "answer": "It is $\\boxed{\\frac{1}{2}}$."},
+            {"question": "Three?", "answer": "3"}]
+    task = JsonlTask(_write_parquet(tmp_path, rows))
+    assert [p.answer for p in task.all_problems] == ["\\frac{1}{2}", "3"]
+    assert task.score(task.all_problems[0], "Answer: 0.5").reward == 1.0
+    custom_file = _write_parquet(tmp_path, [{"problem": "1+1?", "solution": "\\boxed{2}"}], "custom.parquet")
+    custom = JsonlTask(custom_file, question_field="problem", answer_field="solution")
+    assert custom.all_problems[0].answer == "2"
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"question": "q", "answer": "1"}] * 6 + [{"question": "q", "answer": None}],
+         r"data\.parquet row 7: missing field 'answer'"),
+        ([_verl_row("q", "#### 1", "1"), {**_verl_row("q", "x", "1"), "reward_model": None}],
+         r"data\.parquet row 2: missing field 'reward_model\.ground_truth'"),
+        ([{"question": "", "answer": "1"}], r"data\.parquet row 1: field 'question' must be a non-empty"),
+        ([{"text": "no question here"}], r"data\.parquet row 1: missing field 'question'"),
+    ],
+)
+def test_parquet_bad_rows_name_the_row(tmp_path, rows, message):
+    path = _write_parquet(tmp_path, rows)
+    with pytest.raises(DataError, match=message):
+        get_task("jsonl", path=str(path))
+
+
+def test_parquet_empty_and_unreadable_files(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    empty = tmp_path / "empty.parquet"
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), empty)
+    with pytest.raises(DataError, match="no problems \\(the file is empty\\)"):
+        JsonlTask(empty).problems(1, 0)
+    with pytest.raises(DataError, match="no such file"):
+        JsonlTask(tmp_path / "nope.parquet").problems(1, 0)
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read as Parquet"):
+        JsonlTask(tmp_path / "bad.parquet").problems(1, 0)
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "data.parquet"
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` raise ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError) as error:
+        JsonlTask(path).problems(1, 0)
+    assert str(error.value) == f"reading {path} needs pyarrow: pip install 'respec[parquet]'"
 
 
 # ---- get_task ----

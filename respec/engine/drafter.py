@@ -291,7 +291,10 @@ class Eagle3Drafter(nn.Module):
 
     def bind_target(self, target: Transformer) -> None:
         """Shares `target`'s token embedding (after the engine swaps in a new target module)."""
-        emb = target.embed_tokens
+        self.bind_embedding(target.embed_tokens)
+
+    def bind_embedding(self, emb: nn.Embedding) -> None:
+        """Reads tokens through `emb` (shared, not a parameter of the drafter): a target's, or a frozen copy."""
         if emb.weight.shape != (self.config.vocab_size, self.config.hidden_size):
             raise DrafterMismatchError(
                 f"target embedding is {tuple(emb.weight.shape)}, drafter expects "

@@ -183,6 +183,54 @@ class DataConfig:
             _positive_int(s, "eval_max_new_tokens", self.eval_max_new_tokens)
 
 
+LEARNER_MODES = ("off", "async", "sync")
+WEIGHTINGS = ("reward", "uniform")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The online drafter learner (rl/learner.py): reward-weighted distillation of the drafter on the rollouts,
+    published to the engine between decode steps. ReSpec's names have no verl/TRL counterpart."""
+
+    mode: str = "off"  # "off": the drafter stays frozen; "async": a thread trains while rollout and update go on;
+    # "sync": the same steps run in the trainer's thread after each update (deterministic; for tests and ablations)
+    weighting: str = "reward"  # "reward": w ∝ exp(A / weight_temperature) per sequence (see learner.py);
+    # "uniform": every sequence weighs 1 (plain online KD)
+    weight_temperature: float = 1.0  # tau of the reward weights; larger = closer to uniform
+    max_weight: float = 4.0  # reward weights are clipped to [0, max_weight] after normalising to mean 1
+    lr: float = 1e-3  # AdamW learning rate of the drafter (constant)
+    batch_size: int = 32  # sequences per learner step
+    steps_per_rollout: int = 16  # learner steps per RL step at most (async: then it waits for the next rollouts)
+    buffer_steps: int = 4  # the buffer keeps the rollouts of the last N RL steps
+    holdout_fraction: float = 0.125  # share of each step's prompts (whole groups) kept out of training for the guard
+    publish_every: int = 8  # learner steps between candidate checks (guard, then publish)
+    guard_k: int = 4  # the guard compares expected tokens per verify step at this draft length
+    guard_margin: float = 0.0  # publish only if candidate >= current + margin (tokens per verify step)
+    ttt_steps: int = 4  # training-time-test unroll, as the offline drafter's
+    step_decay: float = 0.8  # weight of unroll step j is step_decay ** j
+    max_restarts: int = 3  # consecutive crashes after which the learner stops (training goes on, drafter frozen)
+
+    def __post_init__(self) -> None:
+        s = "learner"
+        if self.mode not in LEARNER_MODES:
+            raise ConfigError(f"learner.mode must be one of {', '.join(LEARNER_MODES)}, got {self.mode!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"learner.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        _finite(s, "weight_temperature", self.weight_temperature, 0.0, False)
+        _finite(s, "max_weight", self.max_weight, 1.0, True)
+        _finite(s, "lr", self.lr, 0.0, False)
+        for name in ("batch_size", "steps_per_rollout", "buffer_steps", "publish_every", "guard_k", "ttt_steps"):
+            _positive_int(s, name, getattr(self, name))
+        _positive_int(s, "max_restarts", self.max_restarts, 0)
+        _finite(s, "holdout_fraction", self.holdout_fraction, 0.0, False)
+        if self.holdout_fraction >= 1:
+            raise ConfigError(f"learner.holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
+        _finite(s, "guard_margin", self.guard_margin, 0.0, True)
+        _finite(s, "step_decay", self.step_decay, 0.0, False)
+        if self.step_decay > 1:
+            raise ConfigError(f"learner.step_decay must be in (0, 1], got {self.step_decay!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One RL run: `TrainConfig(trainer=TrainerConfig(lr=1e-3), rollout=RolloutConfig(spec="off"))`."""
@@ -191,6 +239,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
         P, G, mini = self.data.prompts_per_step, self.rollout.group_size, self.algorithm.ppo_mini_batch_size
@@ -204,6 +253,9 @@ class TrainConfig:
             raise ConfigError(
                 f"rollout.spec '{self.rollout.spec}' needs a drafter for the policy {self.trainer.model}: pass "
                 "--drafter DIR (an EAGLE-3 drafter of this policy, e.g. from `respec train-drafter`) or --spec off")
+        if self.learner.mode != "off" and self.trainer.model is not None and self.rollout.drafter is None:
+            raise ConfigError(f"learner.mode '{self.learner.mode}' trains a drafter online and needs one to start "
+                              f"from for the policy {self.trainer.model}: pass --drafter DIR or learner.mode=off")
 
     def to_dict(self) -> dict:
         """Returns the config as nested plain values (the layout of config.yaml)."""
@@ -218,7 +270,8 @@ class TrainConfig:
         return from_dict(tree)
 
 
-SECTIONS = {"trainer": TrainerConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig, "data": DataConfig}
+SECTIONS = {"trainer": TrainerConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig, "data": DataConfig,
+            "learner": LearnerConfig}
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -326,5 +379,5 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["AlgorithmConfig", "DataConfig", "RolloutConfig", "TrainConfig", "TrainerConfig", "from_dict",
+__all__ = ["AlgorithmConfig", "DataConfig", "LearnerConfig", "RolloutConfig", "TrainConfig", "TrainerConfig", "from_dict",
            "load_config", "save_config"]

@@ -37,7 +37,7 @@ from respec.engine.checkpoint import (
     torch_threads,
 )
 from respec.engine.drafter import load_drafter, save_drafter
-from respec.engine.generate import Engine, GenerationResult
+from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.model import Transformer
 from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -50,6 +50,7 @@ from respec.rl.grpo import (
     masked_mean,
     policy_loss,
 )
+from respec.rl.learner import Learner, StepRollouts
 from respec.world.pretrain import lr_schedule
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem, Task, get_task
@@ -66,21 +67,7 @@ POLICY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                 "generation_config.json")
 STATE_FORMAT = 1  # bump when the checkpoint layout changes
-
-
-@dataclass
-class StepRollouts:
-    """One step's rollouts as the actor saw them, in the layout of `world.distill.DistillBatch` (position t of a
-    row pairs the aux feature at t with the next token x_{t+1}): what the online learner consumes."""
-
-    step: int  # the RL step whose rollouts these are (1-based)
-    input_ids: torch.Tensor  # [N, L] prompt + completion ids, right-padded with 0
-    prompt_lens: torch.Tensor  # [N]
-    loss_mask: torch.Tensor  # [N, L] bool: x_{t+1} is a completion token
-    features: torch.Tensor | None  # [N, L, 3H] the actor's aux states at the drafter's layers (first epoch's
-    # forward, detached; minibatch i's rows after i updates), None without a drafter
-    rewards: torch.Tensor  # [N]
-    advantages: torch.Tensor  # [N]
+EVAL_K = 4  # draft length of the sampled evaluation pass (the drafter's staleness measure)
 
 
 @dataclass
@@ -135,6 +122,9 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
         self.metrics_lines = 0  # lines of metrics.jsonl that belong to this run's history
         self.last_features: StepRollouts | None = None
+        self.learner: Learner | None = None
+        if config.learner.mode != "off" and engine.drafter is not None:
+            self.learner = Learner(config.learner, engine.drafter, engine.set_drafter, seed=t.seed)
         self._pool: tuple[int, list[Problem]] | None = None
         self._eval_chooser = None
         self._tensorboard = None
@@ -219,6 +209,8 @@ class Trainer:
         cfg = self.config.trainer
         total = cfg.steps if steps is None else steps
         rows = []
+        if self.learner is not None:
+            self.learner.log = lambda message: _log(log, message)
         with torch_threads(cfg.num_threads):
             if cfg.eval_before_train and self.global_step == 0 and self.metrics_lines == 0:
                 row = {"step": 0, **self.evaluate()}
@@ -233,7 +225,9 @@ class Trainer:
                     self.save_checkpoint()
                 _log(log, f"train step {self.global_step}/{total}: reward {row['critic/score/mean']:.3f}, "
                           f"{row['timing/step_s']:.2f} s (rollout {row['timing/rollout_s']:.2f} s, k "
-                          f"{row['rollout/k_mean']:.1f})", self.global_step / total)
+                          f"{row['rollout/k_mean']:.1f})"
+                          + (f", drafter v{row['drafter/version']}" if self.learner is not None else ""),
+                     self.global_step / total)
                 if "val/accuracy" in row:
                     _log(log, f"eval  step {self.global_step}: accuracy {row['val/accuracy']:.1%}, "
                               f"{row['val/accuracy_greedy']:.1%} greedy")
@@ -271,6 +265,9 @@ class Trainer:
         self.engine.load_weights(self.actor.state_dict())  # in memory, from the next rollout on
         self.global_step += 1
         t_push = time.perf_counter()
+        if self.learner is not None:  # async: hands the rollouts over; sync: also trains the drafter now
+            self.learner.submit(self.last_features)
+        t_learner = time.perf_counter()
 
         lengths = batch.mask.sum(1).float()  # [N]
         group_std = rewards_t.view(-1, G).std(1)  # [P]
@@ -295,7 +292,9 @@ class Trainer:
                "timing/reward_s": t_reward - t_rollout,
                "timing/update_s": t_update - t_reward,
                "timing/push_s": t_push - t_update,
-               "timing/step_s": t_push - t0}
+               "timing/learner_s": t_learner - t_push,
+               "timing/step_s": t_learner - t0,
+               **self._drafter_metrics()}
         every = cfg.trainer.eval_every
         if every and (self.global_step % every == 0 or self.global_step == cfg.trainer.steps):
             t_eval = time.perf_counter()
@@ -303,6 +302,19 @@ class Trainer:
             row["timing/eval_s"] = time.perf_counter() - t_eval
         self._write_metrics(row)
         return row
+
+    def _drafter_metrics(self) -> dict:
+        """Returns the staleness metrics: the drafter's version and age in policy steps, the learner's state."""
+        if self.engine.drafter is None:
+            return {}
+        through = self.learner.trained_through if self.learner is not None else 0
+        out = {"drafter/version": self.engine.drafter_version or 0, "drafter/age_steps": self.global_step - through}
+        return {**out, **(self.learner.metrics() if self.learner is not None else {})}
+
+    def close(self) -> None:
+        """Stops the learner's thread (a no-op without one); the trainer must not step afterwards."""
+        if self.learner is not None:
+            self.learner.close()
 
     def _batch(self, prompts: list[list[int]], result: GenerationResult, advantages: torch.Tensor) -> _Batch:
         """Returns the step's training tensors from the prompts and the engine's sequences (once per step)."""
@@ -324,8 +336,8 @@ class Trainer:
                       mask.to(dev), advantages)
 
     def _completion_logits(self, model: Transformer, batch: _Batch, aux_layers: tuple[int, ...]):
-        """Returns (logits / T [n, Tc, V] at the completion tokens, aux features [n, S, 3H] or None) of one causal
-        forward over prompt + completion (right-padded)."""
+        """Returns (logits [n, Tc, V] at the completion tokens, before the temperature, aux features [n, S, 3H] or
+        None) of one causal forward over prompt + completion (right-padded)."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             hidden, aux = model(batch.input_ids, aux_layers=aux_layers)  # [n, S, H], [n, S, 3H] or None
             # Completion token j of row b sits at prompt_len + j and is predicted from the position before it.
@@ -333,7 +345,7 @@ class Trainer:
             pos = (batch.prompt_lens[:, None] - 1 + j[None]).clamp(max=hidden.shape[1] - 1)  # [n, Tc]
             hidden = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, Tc, H]
             logits = model.lm_head(hidden)  # [n, Tc, V]: the head only where a loss is taken
-        return logits.float() / self.config.rollout.temperature, aux
+        return logits.float(), aux
 
     def _update(self, batch: _Batch, rewards: torch.Tensor) -> dict:
         """Runs the ppo_epochs x minibatches optimiser steps of one RL step; returns the actor/* metrics."""
@@ -345,10 +357,15 @@ class Trainer:
         lr = self._lr(self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        features = None
+        features = target_logp = in_draft = None
+        L = batch.input_ids.shape[1]
         if self.aux_layers:
             H = self.actor.config.hidden_size
-            features = torch.zeros(N, batch.input_ids.shape[1], len(self.aux_layers) * H, device=self.device)
+            features = torch.zeros(N, L, len(self.aux_layers) * H, device=self.device)
+        if self.learner is not None:
+            Vd = self.engine.drafter.config.draft_vocab_size
+            target_logp = torch.zeros(N, L, Vd, device=self.device)
+            in_draft = torch.zeros(N, L, dtype=torch.bool, device=self.device)
         sums: dict[str, list[float]] = {}
         diff_max = 0.0
         for epoch in range(alg.ppo_epochs):
@@ -356,7 +373,10 @@ class Trainer:
             for i, rows in enumerate(order.split(mini)):
                 mb = batch.rows(rows)
                 mask = mb.mask
-                logits, aux = self._completion_logits(self.actor, mb, self.aux_layers)
+                raw, aux = self._completion_logits(self.actor, mb, self.aux_layers)
+                if epoch == 0 and target_logp is not None:
+                    self._keep_targets(target_logp, in_draft, rows, mb, raw.detach())
+                logits = raw / cfg.rollout.temperature
                 logp = torch.log_softmax(logits, -1).gather(-1, mb.tokens[..., None]).squeeze(-1)  # [n, Tc]
                 if epoch == 0:
                     if aux is not None:
@@ -371,6 +391,7 @@ class Trainer:
                 if self.reference is not None:
                     with torch.no_grad():
                         ref_logits, _ = self._completion_logits(self.reference, mb, ())
+                        ref_logits = ref_logits / cfg.rollout.temperature
                         ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, mb.tokens[..., None]).squeeze(-1)
                     kl_loss = agg_loss(kl_penalty(logp, ref_logp, kind=alg.kl_kind), mask, alg.loss_agg,
                                        loss_scale_factor=max_new)
@@ -389,10 +410,30 @@ class Trainer:
                                       for v in metrics.values()])
                 for key, v in zip(metrics, values.tolist(), strict=True):  # one host sync for them all
                     sums.setdefault(key, []).append(v)
-        self.last_features = StepRollouts(self.global_step + 1, batch.input_ids, batch.prompt_lens,
-                                          _loss_mask(batch), features, rewards, batch.advantages)
+        loss_mask = _loss_mask(batch)
+        if in_draft is not None:  # SpecForge skips positions whose target argmax the draft vocab cannot say
+            loss_mask &= in_draft
+        self.last_features = StepRollouts(
+            self.global_step + 1, batch.input_ids, batch.prompt_lens, loss_mask, features, rewards,
+            batch.advantages, self.config.rollout.group_size, target_logp,
+            self.actor.embed_tokens.weight.detach().clone() if self.learner is not None else None)
         self.optimizer.zero_grad(set_to_none=True)
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, "rollout/logprob_diff_max": diff_max}
+
+    def _keep_targets(self, target_logp: torch.Tensor, in_draft: torch.Tensor, rows: torch.Tensor, mb: _Batch,
+                      raw: torch.Tensor) -> None:
+        """Writes minibatch rows' next-token log-distributions at T = 1 on the draft vocab into target_logp
+        [N, L, Vd] at their sequence positions (completion token j is predicted at prompt_len - 1 + j), and
+        whether the target's argmax is in the draft vocab into in_draft [N, L]: the learner's distillation targets,
+        from the forward the update runs anyway."""
+        draft_ids = self.learner.draft_ids
+        logits = raw if draft_ids is None else raw.index_select(-1, draft_ids)  # [n, Tc, Vd]
+        valid = mb.mask  # [n, Tc]
+        pos = mb.prompt_lens[:, None] - 1 + torch.arange(valid.shape[1], device=self.device)[None]  # [n, Tc]
+        b = rows[:, None].expand_as(pos)
+        target_logp[b[valid], pos[valid]] = torch.log_softmax(logits, -1)[valid]
+        ok = valid if draft_ids is None else valid & torch.isin(raw.argmax(-1), draft_ids)
+        in_draft[b[valid], pos[valid]] = ok[valid]
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int, minibatch: int) -> None:
         if not bool(torch.isfinite(value)):
@@ -410,14 +451,22 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Returns held-out metrics through the engine: mean reward at the rollout temperature (val/accuracy) and
-        greedy (val/accuracy_greedy), and the mean response length at that temperature."""
+        greedy (val/accuracy_greedy), and the mean response length at that temperature.
+
+        With a drafter, the sampled pass runs static SD with k = EVAL_K drafts (exact, so the accuracy is the
+        policy's) and also returns `val/emitted_per_step_k4`: the current drafter's tokens per verify step on the
+        held-out prompts, the staleness measure that does not depend on the tuner's choice of k."""
         d, r = self.config.data, self.config.rollout
         prompts = [self._encode(p) for p in self.eval_problems]
         budget = d.eval_max_new_tokens or r.max_new_tokens
         out = {}
         for name, temperature in (("", r.temperature), ("_greedy", 0.0)):
             params = SamplingParams(temperature=temperature, max_new_tokens=budget, seed=self.config.trainer.seed)
-            result = self.engine.generate(prompts, params, self.spec, chooser=self._eval_k_chooser())
+            if not name and self.engine.drafter is not None:
+                result = self.engine.generate(prompts, params, SpecConfig(mode="static", k=EVAL_K))
+                out[f"val/emitted_per_step_k{EVAL_K}"] = result.mean_emitted_per_step
+            else:
+                result = self.engine.generate(prompts, params, self.spec, chooser=self._eval_k_chooser())
             texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
             rewards = [float(self.reward_fn(p, t)) for p, t in zip(self.eval_problems, texts, strict=True)]
             out[f"val/accuracy{name}"] = sum(rewards) / len(rewards)
@@ -508,7 +557,9 @@ class Trainer:
             if self.reference is not None:
                 save_model(self.reference, tmp / "reference")
             if self.engine.drafter is not None:
-                save_drafter(self.engine.drafter, tmp / "drafter")
+                save_drafter(self.engine.drafter, tmp / "drafter")  # the published version
+            if self.learner is not None:
+                torch.save(self.learner.state_dict(), tmp / "learner.pt")
             tuner = self.engine.tuner
             if tuner is not None and hasattr(tuner, "state_dict"):
                 (tmp / "tuner.json").write_text(json.dumps(tuner.state_dict()) + "\n")
@@ -539,6 +590,13 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
         self.global_step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.metrics_lines = state["metrics_lines"]
+        if self.learner is not None and (checkpoint / "learner.pt").is_file():
+            try:
+                learner = torch.load(checkpoint / "learner.pt", map_location=self.device, weights_only=True)
+            except (OSError, RuntimeError, EOFError) as e:
+                raise CheckpointError(f"{checkpoint}: unreadable learner state ({type(e).__name__}: {e})") from None
+            self.learner.load_state_dict(learner)
+            self.engine.drafter_version = self.learner.version  # checkpoint/drafter is the learner's published one
         tuner_file = checkpoint / "tuner.json"
         if tuner_file.is_file() and self.spec.mode == "adaptive":
             self.engine.default_tuner(self.spec.k_max).load_state_dict(json.loads(tuner_file.read_text()))

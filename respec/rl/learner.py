@@ -1,0 +1,385 @@
+"""The online drafter learner: keeps the EAGLE-3 drafter aligned with the moving policy (ReSpec's second and third
+ideas: online distillation on the rollouts RL produces anyway, weighted by reward, run asynchronously).
+
+Data. After each update the trainer submits the step's rollouts as its own forward saw them (`StepRollouts`):
+token ids, the actor's aux features at the drafter's layers, the actor's next-token log-distribution on the draft
+vocab, and each sequence's reward and advantage. No extra target forward is run. The buffer keeps the last
+`buffer_steps` steps; a share of each step's prompts (whole groups) is held out for the guard.
+
+Loss. `world.distill.distill_loss` (TTT-unrolled forward KL to the target), with per-sequence weights.
+
+Reward weighting (ReSpec publishes no formula; this is ours). The policy update moves probability towards
+sequences with positive advantage. The KL-regularised improvement step has the closed form
+    pi_{t+1}(y | x) = pi_t(y | x) exp(A(x, y) / tau) / Z(x),
+so the distillation loss under the *next* policy's rollouts (where the drafter will be used) is, by importance
+sampling from the rollouts we have (drawn from pi_t),
+    E_{y ~ pi_{t+1}}[KL_y] = E_{y ~ pi_t}[w(y) KL_y],   w(y) = exp(A(x, y) / tau) / mean_{y' in group(x)} exp(A / tau).
+Normalising within the prompt's group estimates Z(x) and keeps every prompt's total weight at G (the prompt
+distribution does not move). The weights are clipped to `max_weight` to bound the estimator's variance. tau is
+`weight_temperature`; tau -> infinity (or weighting="uniform") is plain online KD. With GRPO's group-normalised
+advantages (|A| <= ~2.5 for G = 8) and tau = 1 a correct answer among mostly wrong ones weighs up to 4x.
+
+Guard. Every `publish_every` learner steps the candidate's expected tokens per verify step (static k = guard_k,
+T = 1, `expected_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
+on the same rows; a candidate that is worse is not published (it keeps training).
+
+Asynchrony. mode "async" trains in a daemon thread: torch ops release the GIL, so with the trainer's torch thread
+count (1 by default) the learner occupies the core that rollout and the update leave idle. It publishes a copy of
+its drafter through `publish(drafter, version)` (the trainer passes `Engine.set_drafter`, which takes effect
+between decode steps). A crash is logged, the learner restarts from the last published weights with a fresh
+optimiser; after `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
+mode "sync" runs the same steps in the trainer's thread after each update (deterministic).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from respec.engine.drafter import Eagle3Drafter
+from respec.errors import TrainingError
+from respec.rl.config import LearnerConfig
+from respec.world.distill import DistillBatch, distill_loss, ttt_logits
+
+Publish = Callable[[Eagle3Drafter, int], None]  # (drafter copy in the engine's dtype, version) -> None
+Log = Callable[..., None]
+
+
+@dataclass
+class StepRollouts:
+    """One RL step's rollouts as the actor's forward saw them, in the layout of `world.distill.DistillBatch`
+    (position t of a row pairs the aux feature at t with the next token x_{t+1})."""
+
+    step: int  # the RL step whose rollouts these are (1-based)
+    input_ids: torch.Tensor  # [N, L] prompt + completion ids, right-padded with 0
+    prompt_lens: torch.Tensor  # [N]
+    loss_mask: torch.Tensor  # [N, L] bool: x_{t+1} is a completion token
+    features: torch.Tensor | None  # [N, L, 3H] the actor's aux states at the drafter's layers (first epoch's
+    # forward, detached; minibatch i's rows after i updates), None without a drafter
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    group_size: int = 1  # rows are consecutive groups of this many samples of one prompt
+    target_logp: torch.Tensor | None = None  # [N, L, Vd] log p_t on the draft vocab (T = 1, renormalised), from
+    # the same forward as `features`; None when no learner asked for it
+    embed_weight: torch.Tensor | None = None  # [V, H] the policy's token embedding at that forward
+
+
+def sequence_weights(advantages: torch.Tensor, group_size: int, weighting: str = "reward",
+                     temperature: float = 1.0, max_weight: float = 4.0) -> torch.Tensor:
+    """Returns the distillation weight of each sequence [N] (see the module docstring): ones for "uniform";
+    for "reward", exp(A / temperature) normalised to mean 1 within each group of `group_size`, clipped to
+    max_weight."""
+    if weighting == "uniform":
+        return torch.ones_like(advantages, dtype=torch.float32)
+    if weighting != "reward":
+        raise ValueError(f"weighting must be 'reward' or 'uniform', got {weighting!r}")
+    a = advantages.float().view(-1, group_size) / temperature  # [P, G]
+    w = torch.softmax(a, dim=1) * group_size  # exp(a) / mean_group exp(a), computed stably
+    return w.clamp(max=max_weight).flatten()
+
+
+@torch.no_grad()
+def expected_emitted(drafter: Eagle3Drafter, batch: DistillBatch, k: int) -> float:
+    """Returns the expected tokens emitted per verify step of static-k SD at T = 1, estimated teacher-forced.
+
+    For a catch-up ending at position t, the j-th chained draft is accepted with probability
+    a_j(t) = sum_v min(p_{t+j+1}(v), q_j(v)) (the chain rule's acceptance at T = 1), and the step emits
+    1 + sum_{j<k} prod_{i<=j} a_i(t) tokens in expectation. The unroll conditions on the rollout's own tokens
+    (target samples) rather than on accepted drafts, and positions past a sequence's end count as rejections:
+    an estimate that ranks drafters on the same rows, which is what the guard needs.
+    """
+    logits = ttt_logits(drafter, batch.input_ids, batch.features, k)  # k x [B, T, Vd]
+    mask0 = batch.loss_mask.roll(-1, 1)  # step 0 at t reads p_{t+1}: valid iff x_{t+2} is a completion token
+    mask0[:, -1] = False
+    chain = torch.ones(batch.loss_mask.shape, device=batch.loss_mask.device)  # [B, T]
+    emitted = torch.ones_like(chain)
+    for j, step_logits in enumerate(logits):
+        logp = batch.target_logp.roll(-(j + 1), 1)  # [B, T, Vd] p_{t+j+1}
+        valid = batch.loss_mask.roll(-(j + 1), 1)
+        valid[:, batch.loss_mask.shape[1] - j - 1:] = False
+        overlap = torch.minimum(logp.exp(), F.softmax(step_logits.float(), -1)).sum(-1)  # [B, T]
+        chain = chain * overlap * valid
+        emitted = emitted + chain
+    n = mask0.sum()
+    return float((emitted * mask0).sum() / n) if n else 0.0
+
+
+def _cat_batches(parts: list[DistillBatch]) -> DistillBatch:
+    """Returns the rows of several batches in one, right-padded to the longest."""
+    T = max(p.input_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, T - x.shape[1]))
+
+    return DistillBatch(torch.cat([pad(p.input_ids) for p in parts]), torch.cat([pad(p.features) for p in parts]),
+                        torch.cat([pad(p.target_logp) for p in parts]), torch.cat([pad(p.loss_mask) for p in parts]))
+
+
+@dataclass
+class _Entry:
+    step: int
+    train: DistillBatch
+    weights: torch.Tensor  # [n_train]
+    held_out: DistillBatch
+
+
+class Learner:
+    """Owns the training copy of the drafter, its optimiser, the buffer, the published version and the thread.
+
+    `submit(rollouts)` after each RL update; `metrics()` once per step; `state_dict()` / `load_state_dict()` for
+    checkpoints; `close()` at the end of training.
+    """
+
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, publish: Publish, seed: int = 0,
+                 log: Log | None = None):
+        self.config = config
+        self.publish_fn, self.log = publish, log
+        self.device = drafter.fc.weight.device
+        self.publish_dtype = drafter.fc.weight.dtype
+        # The learner's own embedding: the shared one is the engine's, updated in place while this thread reads.
+        emb = drafter.embed_tokens
+        self.embed = torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=self.device)
+        self.embed.weight.data.copy_(emb.weight.detach().float())
+        self.embed.requires_grad_(False)
+        self.drafter = self._own_copy(drafter).train().requires_grad_(True)
+        self.published = self._own_copy(drafter).eval().requires_grad_(False)  # the guard's reference
+        self.optimizer = self._new_optimizer()
+        self.draft_ids = None if drafter.config.draft_vocab_size == drafter.config.vocab_size \
+            else drafter.draft_ids_in_target()
+        self.buffer: deque[_Entry] = deque(maxlen=config.buffer_steps)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.version = 0  # of the published drafter (0 = the one training started with)
+        self.trained_through = 0  # newest RL step in the buffer when the published drafter was chosen
+        self.steps = 0  # learner optimiser steps
+        self.published_count = self.rejected_count = self.error_count = 0
+        self.errors: list[str] = []
+        self.alive = True
+        self.guard_last: tuple[float, float] | None = None  # (candidate, published) at the last check
+        self._credits = 0  # learner steps allowed before the next submission
+        self._consecutive = 0  # crashes since the last good step
+        self._pending_embed: torch.Tensor | None = None
+        self._window = {"loss": 0.0, "steps": 0, "busy_s": 0.0}
+        self._cond = threading.Condition()  # guards buffer, credits, pending embedding, window, stop flag
+        self._train_lock = threading.Lock()  # held through each learner step; checkpoints wait for it
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if config.mode == "async":
+            self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
+            self._thread.start()
+
+    # -- construction helpers -----------------------------------------------------------------------------------
+    def _own_copy(self, drafter: Eagle3Drafter) -> Eagle3Drafter:
+        """Returns an fp32 copy of `drafter` reading the learner's own embedding."""
+        out = copy.deepcopy(drafter).float()  # the copy still shares the engine's embedding until rebound
+        out.bind_embedding(self.embed)
+        return out
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    # -- the trainer's side ---------------------------------------------------------------------------------------
+    def submit(self, rollouts: StepRollouts) -> None:
+        """Adds one RL step's rollouts to the buffer and grants `steps_per_rollout` learner steps; in sync mode
+        runs them now."""
+        entry = self._entry(rollouts)
+        with self._cond:
+            self.buffer.append(entry)
+            if rollouts.embed_weight is not None:
+                self._pending_embed = rollouts.embed_weight.detach().to(self.device, torch.float32).clone()
+            self._credits = self.config.steps_per_rollout  # unused credits of a slow learner do not pile up
+            self._cond.notify_all()
+        if self.config.mode == "sync" and self.alive:
+            while self._credits > 0 and self.alive:
+                self._guarded_step()
+
+    def _entry(self, r: StepRollouts) -> _Entry:
+        if r.features is None or r.target_logp is None:
+            raise TrainingError("the learner needs the step's features and target distributions (the trainer "
+                                "collects them when a drafter and learner.mode != off are set)")
+        mask = r.loss_mask
+        batch = DistillBatch(r.input_ids.to(self.device), r.features.to(self.device).float(),
+                             r.target_logp.to(self.device).float(), mask.to(self.device))
+        N, G = r.input_ids.shape[0], r.group_size
+        groups = N // G
+        n_held = max(1, round(self.config.holdout_fraction * groups)) if groups > 1 else 0
+        order = torch.randperm(groups, generator=self.gen)
+        held_groups, train_groups = order[:n_held], order[n_held:]
+
+        def rows(g: torch.Tensor) -> torch.Tensor:
+            return (g[:, None] * G + torch.arange(G)[None]).flatten().sort().values.to(self.device)
+
+        weights = sequence_weights(r.advantages.to(self.device), G, self.config.weighting,
+                                   self.config.weight_temperature, self.config.max_weight)
+        train_rows = rows(train_groups)
+        held_rows = rows(held_groups) if n_held else train_rows  # a single group: the guard sees training rows
+        return _Entry(r.step, _take(batch, train_rows), weights[train_rows], _take(batch, held_rows))
+
+    def metrics(self) -> dict:
+        """Returns the learner's metrics for the trainer's step line (window values since the previous call)."""
+        with self._cond:
+            w, self._window = self._window, {"loss": 0.0, "steps": 0, "busy_s": 0.0}
+        out = {"learner/steps": self.steps, "learner/version": self.version,
+               "learner/published": self.published_count, "learner/rejected": self.rejected_count,
+               "learner/errors": self.error_count, "learner/alive": int(self.alive),
+               "learner/busy_s": w["busy_s"],
+               "learner/steps_per_s": w["steps"] / w["busy_s"] if w["busy_s"] > 0 else 0.0}
+        if w["steps"]:
+            out["learner/loss"] = w["loss"] / w["steps"]
+        if self.guard_last is not None:
+            out["learner/guard_candidate"], out["learner/guard_published"] = self.guard_last
+        return out
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the thread (after its current step)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the learner's side -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (self._credits <= 0 or not self.buffer):
+                    self._cond.wait()
+                if self._stop:
+                    return
+            self._guarded_step()
+            if not self.alive:
+                return
+
+    def _guarded_step(self) -> None:
+        """Runs one learner step; a crash is logged and the learner restarts from the published weights."""
+        try:
+            self._step()
+            self._consecutive = 0
+        except Exception as e:  # noqa: BLE001 (any crash of the learner must leave training running)
+            self.error_count += 1
+            self._consecutive += 1
+            message = f"learner crashed at its step {self.steps} ({type(e).__name__}: {e})"
+            self.errors.append(message)
+            with self._cond:
+                self._credits -= 1  # a step that always crashes must not spin
+            if self._consecutive > self.config.max_restarts:
+                self.alive = False
+                self._emit(f"{message}; {self.config.max_restarts} restarts failed, the learner stops and training "
+                           f"goes on with drafter version {self.version}")
+                return
+            self._emit(f"{message}; restarting from drafter version {self.version}")
+            with self._train_lock:
+                self.drafter.load_state_dict(self.published.state_dict())
+                self.optimizer = self._new_optimizer()
+
+    def _step(self) -> None:
+        cfg = self.config
+        with self._cond:
+            entries = list(self.buffer)
+            embed, self._pending_embed = self._pending_embed, None
+        with self._train_lock:
+            t0 = time.perf_counter()
+            if embed is not None:
+                self.embed.weight.data.copy_(embed)
+            batch, weights = self._sample(entries)
+            self.drafter.train()
+            loss, _ = distill_loss(self.drafter, batch, cfg.ttt_steps, weights, cfg.step_decay)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"learner loss is {float(loss)}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+            self.optimizer.step()
+            self.steps += 1
+            if self.steps % cfg.publish_every == 0:
+                self._check_and_publish(entries)
+            busy = time.perf_counter() - t0
+        with self._cond:
+            self._credits -= 1
+            self._window["loss"] += loss.item()
+            self._window["steps"] += 1
+            self._window["busy_s"] += busy
+
+    def _sample(self, entries: list[_Entry]) -> tuple[DistillBatch, torch.Tensor]:
+        """Returns batch_size training rows drawn uniformly from the buffer, and their weights."""
+        sizes = torch.tensor([len(e.train) for e in entries])
+        total = int(sizes.sum())
+        pick = torch.randperm(total, generator=self.gen)[: self.config.batch_size].sort().values
+        starts = torch.cumsum(sizes, 0) - sizes
+        parts, weights = [], []
+        for i, e in enumerate(entries):
+            local = pick[(pick >= starts[i]) & (pick < starts[i] + sizes[i])] - starts[i]
+            if len(local):
+                local = local.to(self.device)
+                parts.append(_take(e.train, local))
+                weights.append(e.weights[local])
+        return _cat_batches(parts), torch.cat(weights)
+
+    def _check_and_publish(self, entries: list[_Entry]) -> None:
+        """The guard: publishes the candidate if its expected emitted per step on the newest held-out rows is at
+        least the published drafter's (+ margin)."""
+        held = _cat_batches([e.held_out for e in entries[-2:]])
+        self.drafter.eval()
+        candidate = expected_emitted(self.drafter, held, self.config.guard_k)
+        current = expected_emitted(self.published, held, self.config.guard_k)
+        self.drafter.train()
+        self.guard_last = (candidate, current)
+        if candidate < current + self.config.guard_margin:
+            self.rejected_count += 1
+            return
+        self.published.load_state_dict(self.drafter.state_dict())
+        self.version += 1
+        self.trained_through = entries[-1].step
+        self.published_count += 1
+        out = copy.deepcopy(self.published).to(self.device, self.publish_dtype)
+        self.publish_fn(out, self.version)
+
+    def _emit(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Returns everything a resumed run needs to continue the learner (waits for its current step)."""
+        with self._train_lock, self._cond:
+            return {"drafter": {k: v.clone() for k, v in self.drafter.state_dict().items()},
+                    "published": {k: v.clone() for k, v in self.published.state_dict().items()},
+                    "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                    "embed": self.embed.weight.detach().clone(),
+                    "buffer": [(e.step, _batch_tensors(e.train), e.weights.clone(), _batch_tensors(e.held_out))
+                               for e in self.buffer],
+                    "gen": self.gen.get_state(),
+                    "counters": {"version": self.version, "trained_through": self.trained_through,
+                                 "steps": self.steps, "published": self.published_count,
+                                 "rejected": self.rejected_count, "errors": self.error_count}}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._train_lock, self._cond:
+            self.drafter.load_state_dict(state["drafter"])
+            self.published.load_state_dict(state["published"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.embed.weight.data.copy_(state["embed"])
+            self.buffer.clear()
+            for step, train, weights, held in state["buffer"]:
+                self.buffer.append(_Entry(step, DistillBatch(*train), weights, DistillBatch(*held)))
+            self.gen.set_state(state["gen"])
+            c = state["counters"]
+            self.version, self.trained_through, self.steps = c["version"], c["trained_through"], c["steps"]
+            self.published_count, self.rejected_count, self.error_count = c["published"], c["rejected"], c["errors"]
+            self._credits = 0  # the next submission grants steps
+
+
+def _take(batch: DistillBatch, rows: torch.Tensor) -> DistillBatch:
+    """Returns rows of a batch (no trimming: entries keep their step's length)."""
+    return DistillBatch(batch.input_ids[rows], batch.features[rows], batch.target_logp[rows], batch.loss_mask[rows])
+
+
+def _batch_tensors(b: DistillBatch) -> tuple[torch.Tensor, ...]:
+    return (b.input_ids, b.features, b.target_logp, b.loss_mask)
