@@ -5,6 +5,7 @@ User errors (`RespecError`) are printed as one line, `error: <message>`, with ex
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -280,12 +281,7 @@ def train(
     from respec.rl.config import load_config
     from respec.rl.trainer import CHECKPOINT, METRICS, Trainer
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set takes section.key=value, e.g. algorithm.clip_high=0.28, got '{item}'")
-        overrides[key.strip()] = value.strip()
+    overrides = _overrides(set_)
     if data is not None and task is None:
         task = "jsonl"  # --data names a jsonl file
     flags = {"trainer.steps": steps, "trainer.model": model, "rollout.drafter": drafter, "data.task": task,
@@ -302,9 +298,75 @@ def train(
             if out is None:
                 raise ConfigError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
             trainer = Trainer.start(load_config(config, overrides), out, log=log)
-        trainer.train(log=log)
+        try:
+            trainer.train(log=log)
+        finally:
+            trainer.close()
     run = trainer.run_dir
     typer.echo(f"metrics: {run / METRICS}; checkpoint: {run / CHECKPOINT} (step {trainer.global_step})")
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    """Returns the `--set section.key=value` flags as {"section.key": "value"}."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes section.key=value, e.g. algorithm.clip_high=0.28, got '{item}'")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+@app.command()
+def experiment(
+    out: Path = typer.Option(Path("runs/experiment"), help="directory of the runs (OUT/CONFIG/seedS, replaced)"),
+    steps: int = typer.Option(60, help="RL steps per run"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated trainer seeds"),
+    configs: str = typer.Option(",".join(["no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec"]),
+                                help="comma-separated configurations: no_sd, naive_sd, adaptive_frozen, "
+                                     "online_kd, respec"),
+    json_path: Path | None = typer.Option(None, "--json", help="report JSON (default OUT/experiment.json)"),
+    config: Path | None = typer.Option(None, help="YAML run config every configuration starts from"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override section.key=value for every run "
+                                          "(repeatable), e.g. data.prompts_per_step=8"),
+) -> None:
+    """ReSpec's experiment: the same RL run without SD, with naive SD, adaptive SD, online KD and ReSpec."""
+    from respec.bench.experiment import run_experiment, write_report
+    from respec.bench.plot import plot_experiment
+    from respec.rl.config import load_config
+
+    base = load_config(config, _overrides(set_))
+    names = tuple(c.strip() for c in configs.split(",") if c.strip())
+    json_path = json_path or out / "experiment.json"
+    with _progress() as log:
+        report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
+    write_report(report, json_path)
+    png = plot_experiment(report, json_path.with_suffix(".png"))
+    console = Console()
+    _print_experiment(report, console if console.width >= 140 else Console(width=140))
+    typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
+
+
+def _print_experiment(report: dict, console: Console) -> None:
+    """Prints the experiment's table: seconds by phase, speedups against no_sd, accuracy, drafter acceptance."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['steps']} RL steps, seeds {report['seeds']} (means; evaluation excluded)")
+    for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "accuracy",
+                "tokens/verify k=4 start -> end"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for name, r in report["runs"].items():
+        table.add_row(name, f"{r['wall_s']:.1f}", f"{r['rollout_s']:.1f}", f"{r['update_s']:.1f}",
+                      f"{r['learner_s']:.1f}", f"{r.get('speedup', float('nan')):.2f}x",
+                      f"{r.get('rollout_speedup', float('nan')):.2f}x",
+                      f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
+                      f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
+    console.print(table)
+    for name, checks in report.get("agreement", {}).items():
+        reward = checks["critic/score/mean"]
+        if reward["bins"] and not math.isnan(reward["agree_fraction"]):
+            console.print(f"{name} vs no_sd: reward curve inside the 2-SE seed band in "
+                          f"{reward['agree_fraction']:.0%} of {reward['bin_steps']}-step bins")
 
 
 @app.command("train-drafter")
@@ -329,8 +391,10 @@ def train_drafter(
 def demo(
     json_path: Path = typer.Option(Path("runs/demo/spec.json"), "--json", help="where the results go"),
     full: bool = typer.Option(False, help="the full grid of `respec bench spec` instead of the quick one"),
+    train_steps: int = typer.Option(20, help="RL steps of the ReSpec-vs-no-SD training run (0 skips it)"),
 ) -> None:
-    """Build (or reuse) the embedded policy and drafter, then compare speculative and plain decoding."""
+    """Build (or reuse) the embedded policy and drafter, compare speculative and plain decoding, then train the
+    policy with GRPO twice, without SD and with ReSpec (adaptive SD + the online drafter learner)."""
     from dataclasses import replace
 
     from respec.bench.spec import SpecBenchConfig, bench_spec
@@ -349,6 +413,23 @@ def demo(
     console.rule("speculative vs plain decoding")
     bench_spec(replace(cfg, policy=str(policy), drafter=str(drafter)), json_path, console)
     console.print(f"results: {json_path} and plot: {json_path.with_suffix('.png')}")
+    if train_steps <= 0:
+        return
+    from respec.bench.experiment import run_experiment, write_report
+    from respec.bench.plot import plot_experiment
+    from respec.rl.config import RolloutConfig, TrainConfig, TrainerConfig
+
+    console.rule(f"GRPO, {train_steps} steps: no SD vs ReSpec (adaptive SD + online reward-weighted drafter)")
+    base = TrainConfig(trainer=TrainerConfig(model=str(policy), eval_every=max(train_steps // 2, 1)),
+                       rollout=RolloutConfig(drafter=str(drafter)))
+    runs = json_path.parent / "train"
+    with _progress() as log:
+        report = run_experiment(base, runs, train_steps, (0,), ("no_sd", "respec"), log=log)
+    report_path = write_report(report, runs / "experiment.json")
+    png = plot_experiment(report, report_path.with_suffix(".png"))
+    _print_experiment(report, console if console.width >= 140 else Console(width=140))
+    console.print(f"training runs: {runs} (metrics.jsonl each; `respec plot {runs}/no_sd/seed0 {runs}/respec/seed0`)"
+                  f"\nreport: {report_path}; plot: {png}")
 
 
 def main() -> None:

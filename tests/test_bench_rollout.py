@@ -53,7 +53,7 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch):
     assert set(saved["static_s"]) == {"1", "2"} and saved["ratios"] == data["ratios"]
     trace = saved["trace"]
     assert len(trace["batch"]) == len(trace["k"]) == len(trace["oracle_k"]) > 0
-    assert trace["batch"][0] == 6 and all(0 <= k <= 2 for k in trace["k"])
+    assert 1 <= trace["batch"][0] <= 6 and all(0 <= k <= 2 for k in trace["k"])  # rows may end at prefill
     out = CliRunner().invoke(app, ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter),
                                    "--prompts", "1", "--samples", "2", "--max-new-tokens", "4", "--ks", "1",
                                    "--repeats", "1", "--json", str(tmp_path / "cli.json")])

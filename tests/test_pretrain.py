@@ -17,7 +17,7 @@ from respec.world.tokenizer import load_tokenizer
 # Seconds-long: 2 layers of width 32, 40 steps, a small eval.
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=40, warmup=4,
             batch_size=16, lr=3e-3, num_train_problems=400, eval_problems=8, eval_max_new_tokens=24,
-            max_seq_len=96)
+            max_seq_len=128)
 
 
 @pytest.fixture
@@ -101,8 +101,8 @@ def scripted_engine(tokenizer, completion_of):
 
 @pytest.mark.parametrize("policy,accuracy", [("right", 1.0), ("wrong", 0.0), ("alternating", 0.5)])
 def test_evaluate_policy_scores_known_right_and_wrong_policies(tiny_policy, monkeypatch, policy, accuracy):
-    """A policy that always writes the worked (correct) solution scores 1, one that always writes the sloppy
-    (wrong) solution scores 0, and one that alternates scores 0.5; styles follow."""
+    """A policy that always writes the checked (correct and verified) solution scores 1, one that always writes
+    the sloppy (wrong) solution scores 0, and one that alternates scores 0.5; styles follow."""
     task = get_task("arithmetic")
     problems = task.problems(12, seed=5)
     index = {p.prompt: i for i, p in enumerate(problems)}
@@ -110,15 +110,15 @@ def test_evaluate_policy_scores_known_right_and_wrong_policies(tiny_policy, monk
 
     def completion_of(prompt):
         i = index[prompt]
-        style = {"right": "worked", "wrong": "sloppy", "alternating": ("worked", "sloppy")[i % 2]}[policy]
+        style = {"right": "checked", "wrong": "sloppy", "alternating": ("checked", "sloppy")[i % 2]}[policy]
         return task.sft_completion(problems[i], rng, style=style)[0]
 
     monkeypatch.setattr(pretrain_mod, "Engine", scripted_engine(load_tokenizer(tiny_policy), completion_of))
     result = evaluate_policy(tiny_policy, None, task, problems, temperature=0.0, max_new_tokens=64)
     assert result["n"] == 12 and result["accuracy"] == accuracy
     assert result["finish_reasons"] == {"stop": 12} and result["stop_rate"] == 1.0
-    expected_styles = {"right": {"worked": 1.0}, "wrong": {"sloppy": 1.0},
-                       "alternating": {"sloppy": 0.5, "worked": 0.5}}[policy]
+    expected_styles = {"right": {"checked": 1.0}, "wrong": {"sloppy": 1.0},
+                       "alternating": {"sloppy": 0.5, "checked": 0.5}}[policy]
     assert result["styles"] == expected_styles
 
 

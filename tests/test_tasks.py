@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from respec.errors import ConfigError, DataError
 from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
+from respec.world.tasks.base import Score
 from respec.world.tasks.countdown import InvalidExpression, evaluate
 from respec.world.tasks.jsonl import completion_answer, equivalent, reference_answer
 
@@ -39,8 +40,8 @@ def test_arithmetic_problems_are_deterministic_and_compact():
 def test_arithmetic_score():
     task = ArithmeticTask()
     p = Problem("Q: 47+385=?\n", "432", {"a": 47, "b": 385, "op": "+"})
-    assert task.score(p, "7+5=12;4+8+1=13;0+3+1=4\nAnswer: 432").reward == 1.0
-    assert task.score(p, "Answer: 431\nAnswer: 432").reward == 1.0  # the last one counts
+    assert task.score(p, "7+5=12;4+8+1=13;0+3+1=4\nAnswer: 432").reward == 0.5  # right, unchecked
+    assert task.score(p, "Answer: 431\nAnswer: 432").reward == 0.5  # the last one counts
     assert task.score(p, "Answer: 432\nAnswer: 431").reward == 0.0
     wrong = task.score(p, "Answer: 431")
     assert (wrong.reward, wrong.parsed) == (0.0, "431") and "wrong" in wrong.reason
@@ -65,7 +66,7 @@ def test_sft_styles_and_correct_flag_agree_with_score(task):
     for p in task.problems(300, seed=1):
         for style in task.styles:
             text, correct = task.sft_completion(p, rng, style=style)
-            assert correct == (task.score(p, text).reward == 1.0)
+            assert correct == (task.score(p, text).reward > 0)
             assert text.rsplit("\n", 1)[-1].startswith("Answer: ")
             seen[style].append(correct)
     assert all(seen["worked"])
@@ -85,7 +86,7 @@ def test_sft_mixture_holds_right_and_wrong_completions(task):
 def test_arithmetic_score_never_raises_on_any_text(text):
     p = ArithmeticTask().problems(1, seed=0)[0]
     for completion in (text, f"Answer: {text}"):
-        assert ArithmeticTask().score(p, completion).reward in (0.0, 1.0)
+        assert ArithmeticTask().score(p, completion).reward in (0.0, 0.5, 1.0)
 
 
 def test_arithmetic_completions_are_short():
@@ -93,6 +94,22 @@ def test_arithmetic_completions_are_short():
     rng = random.Random(0)
     lengths = [len(task.sft_completion(p, rng, "worked")[0]) for p in task.problems(300, seed=0)]
     assert max(lengths) <= 60
+
+
+def test_arithmetic_rewards_a_true_check_line_and_half_an_unchecked_right_answer():
+    task = ArithmeticTask()
+    p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
+    checked, right = task.sft_completion(p, random.Random(0), style="checked")
+    assert checked == "2+9=11;7+5+1=13\nCheck: 131 minus 59 is 72, as it should be.\nAnswer: 131" and right
+    assert task.score(p, checked) == Score(1.0, "131", "correct, checked")
+    assert task.style_of(p, checked) == "checked"
+    assert task.score(p, "2+9=11;7+5+1=13\nAnswer: 131").reward == 0.5
+    assert task.score(p, "Check: 131 minus 59 is 71, as it should be.\nAnswer: 131").reward == 0.5  # false check
+    assert task.score(p, "Check: 121 minus 59 is 72, as it should be.\nAnswer: 131").reward == 0.5  # other value
+    assert task.score(p, "Check: 121 minus 59 is 62, as it should be.\nAnswer: 121").reward == 0.0  # wrong answer
+    assert ArithmeticTask(unchecked_reward=1.0).score(p, "Answer: 131") == Score(1.0, "131", "correct")
+    with pytest.raises(ConfigError, match="unchecked_reward"):
+        ArithmeticTask(unchecked_reward=2.0)
 
 
 def test_arithmetic_sloppy_drops_a_carry():

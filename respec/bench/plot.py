@@ -199,3 +199,39 @@ def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _save(fig, Path(png))
+
+
+def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `respec experiment`'s curves (seed means): the drafter's tokens per verify step
+    against RL step (ReSpec's Figure 4: a frozen drafter goes stale), training reward and held-out accuracy
+    (Figure 5: speculative rollouts must not change the learning curve), and the time per configuration."""
+    curves = report["curves"]
+    fig = Figure(figsize=(16, 4))
+    panels = fig.subplots(1, 4)
+    for i, (name, c) in enumerate(curves.items()):
+        style = {"label": name, "color": f"C{i % 10}"}  # one colour per configuration in every panel
+        if c["accept_k4"]:
+            panels[0].plot(c["accept_k4_step"], c["accept_k4"], marker="o", **style)
+        if name != "no_sd":
+            panels[1].plot(c["emitted_step"], _smooth(c["emitted"]), **style)
+        panels[2].plot(c["reward_step"], _smooth(c["reward"]), **style)
+        panels[3].plot(c["accuracy_step"], c["accuracy"], marker="o", **style)
+    titles = ("drafter tokens / verify step (k=4, held out)", "rollout tokens / verify step (smoothed)",
+              "training reward (smoothed)", "held-out accuracy (T=1)")
+    for ax, title in zip(panels, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"respec experiment: {report['steps']} steps, seeds {report['seeds']}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png)
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    """Returns the trailing moving average of `values` over `window` points."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1): i + 1]
+        out.append(sum(part) / len(part))
+    return out

@@ -160,11 +160,14 @@ class Engine:
         if drafter is not None:
             self.set_drafter(drafter, version=0)
 
-    def set_drafter(self, drafter: Eagle3Drafter, version: int | None = None) -> None:
+    def set_drafter(self, drafter: Eagle3Drafter, version: int | None = None,
+                    keep_evidence: float | None = None) -> None:
         """Swaps in `drafter` (validated against the target) from the next decode step on.
 
         A rollout in progress keeps its tokens and target cache; the new drafter starts with an empty cache and
         conditions on the sequence from the swap on. Exactness is unaffected (any drafter is exact).
+        `keep_evidence` is the share of the tuner's acceptance evidence kept (None = its swap_decay; 1.0 for a
+        successor known to be at least as good, as the online learner's guarded versions are).
         """
         check_fits(drafter.config, self.target.config)
         if drafter.embed_tokens is not self.target.embed_tokens:
@@ -183,7 +186,7 @@ class Engine:
             self.drafter_version = version
             self.drafter_epoch += 1
             if swap and self.tuner is not None and hasattr(self.tuner, "on_drafter_change"):
-                self.tuner.on_drafter_change(version)  # the first drafter is what the tuner starts with
+                self.tuner.on_drafter_change(version, keep_evidence)  # the first is what the tuner starts with
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copies new target weights in place (e.g. the trainer's actor after an update), from the next step on.
@@ -282,8 +285,9 @@ class _Run:
         self.gen_len_final = torch.zeros(B, dtype=torch.long, device=dev)  # by original row, set as rows finish
         self.prompts = prompts
         self.stats: list[StepStats] = []
-        self.drafter = engine.drafter if self.speculative else None
-        self.drafter_epoch = engine.drafter_epoch
+        with engine._step_lock:  # a swap from another thread between the two reads would mislabel the drafter
+            self.drafter = engine.drafter if self.speculative else None
+            self.drafter_epoch = engine.drafter_epoch
         self.aux_layers = tuple(self.drafter.aux_layer_ids) if self.drafter is not None else ()
 
     def run(self) -> GenerationResult:

@@ -266,10 +266,12 @@ class Tuner:
             at_least -= rows_with[j]
             self.accepted[j] += at_least  # and accepted by rows that accepted >= j + 1
 
-    def on_drafter_change(self, version: int | None) -> None:
-        """Decays the acceptance evidence: it described the previous drafter."""
+    def on_drafter_change(self, version: int | None, keep_evidence: float | None = None) -> None:
+        """Decays the acceptance evidence, which described the previous drafter, by `keep_evidence` (default
+        config.swap_decay). A guarded successor (the online learner publishes only a drafter at least as good on
+        recent rollouts) keeps it whole: its acceptance is at least the old estimate's."""
         self.drafter_version = version
-        s = self.config.swap_decay
+        s = self.config.swap_decay if keep_evidence is None else keep_evidence
         self.accepted = [v * s for v in self.accepted]
         self.tried = [v * s for v in self.tried]
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from respec.engine.drafter import Eagle3Drafter
+from respec.engine.drafter import Eagle3Drafter, inv_freq_fp32
 from respec.errors import TrainingError
 from respec.rl.config import LearnerConfig
 from respec.world.distill import DistillBatch, distill_loss, ttt_logits
@@ -167,7 +167,9 @@ class Learner:
         self._pending_embed: torch.Tensor | None = None
         self._window = {"loss": 0.0, "steps": 0, "busy_s": 0.0}
         self._cond = threading.Condition()  # guards buffer, credits, pending embedding, window, stop flag
-        self._train_lock = threading.Lock()  # held through each learner step; checkpoints wait for it
+        # Held through each learner step (publication included); checkpoints hold it (`paused`) so that the
+        # engine's drafter and the learner's state are saved as of one moment.
+        self._train_lock = threading.RLock()
         self._stop = False
         self._thread: threading.Thread | None = None
         if config.mode == "async":
@@ -339,6 +341,7 @@ class Learner:
         self.trained_through = entries[-1].step
         self.published_count += 1
         out = copy.deepcopy(self.published).to(self.device, self.publish_dtype)
+        out.inv_freq = inv_freq_fp32(out)  # .to(bf16) rounds RoPE's frequencies; init/load_drafter keep them fp32
         self.publish_fn(out, self.version)
 
     def _emit(self, message: str) -> None:
@@ -346,6 +349,10 @@ class Learner:
             self.log(message)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
+    def paused(self) -> threading.RLock:
+        """Returns the lock to hold (`with learner.paused(): ...`) while nothing may be trained or published."""
+        return self._train_lock
+
     def state_dict(self) -> dict:
         """Returns everything a resumed run needs to continue the learner (waits for its current step)."""
         with self._train_lock, self._cond:

@@ -15,6 +15,7 @@ Every step appends one JSON line to run_dir/metrics.jsonl (verl's metric names, 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -124,7 +125,11 @@ class Trainer:
         self.last_features: StepRollouts | None = None
         self.learner: Learner | None = None
         if config.learner.mode != "off" and engine.drafter is not None:
-            self.learner = Learner(config.learner, engine.drafter, engine.set_drafter, seed=t.seed)
+            # A published version passed the guard (at least as good on recent rollouts): the tuner keeps its
+            # acceptance evidence instead of falling back to its prior after every publication.
+            self.learner = Learner(config.learner, engine.drafter,
+                                   lambda drafter, version: engine.set_drafter(drafter, version, keep_evidence=1.0),
+                                   seed=t.seed)
         self._pool: tuple[int, list[Problem]] | None = None
         self._eval_chooser = None
         self._tensorboard = None
@@ -556,10 +561,11 @@ class Trainer:
                     shutil.copy2(self.policy_dir / name, tmp / "actor" / name)
             if self.reference is not None:
                 save_model(self.reference, tmp / "reference")
-            if self.engine.drafter is not None:
-                save_drafter(self.engine.drafter, tmp / "drafter")  # the published version
-            if self.learner is not None:
-                torch.save(self.learner.state_dict(), tmp / "learner.pt")
+            with self.learner.paused() if self.learner is not None else contextlib.nullcontext():
+                if self.engine.drafter is not None:
+                    save_drafter(self.engine.drafter, tmp / "drafter")  # the learner's published version
+                if self.learner is not None:
+                    torch.save(self.learner.state_dict(), tmp / "learner.pt")
             tuner = self.engine.tuner
             if tuner is not None and hasattr(tuner, "state_dict"):
                 (tmp / "tuner.json").write_text(json.dumps(tuner.state_dict()) + "\n")

@@ -1,4 +1,4 @@
-"""Multi-digit integer arithmetic (+, -, x) with worked solutions in three styles.
+"""Multi-digit integer arithmetic (+, -, x) with worked solutions in four styles, and a reward for checked answers.
 
 Prompt and completion, e.g.::
 
@@ -21,6 +21,15 @@ and RL should visibly move it toward the style that is right):
   a plausible value one digit off.
 - ``sloppy``: looks like ``worked`` but drops one carry (or borrow), and the answer follows
   the slip, so it is wrong. A problem with no carry at all gets a final answer one digit off.
+- ``checked``: ``worked``, then a line that checks the result with the inverse operation, e.g.
+  ``Check: 432 minus 385 is 47, as it should be.``, then the answer.
+
+Reward: 1.0 for the right answer with a true check line of this problem, `unchecked_reward` (0.5) for the right
+answer without one, 0.0 otherwise. Why (the embedded world's design, see README "The demo world"): ReSpec's
+second gap needs RL to move the policy somewhere its initial drafter rarely saw. Rewarding verification, a
+style that is rare in the pretraining mixture (5%), makes RL shift the policy to text that the drafter,
+distilled on the initial policy's rollouts, has seen little of; with all correct answers rewarded alike the
+policy only sharpened the style the drafter already predicted (a frozen drafter lost 2% over 200 steps).
 """
 
 from __future__ import annotations
@@ -48,11 +57,12 @@ class ArithmeticTask:
     min_digits: int = 2  # fewest digits of an operand (the 1-digit factor of x excepted)
     max_digits: int = 3  # most digits of an operand
     ops: str = "+-x"  # which operations to draw from, uniformly
-    style_weights: tuple[float, float, float] = (0.35, 0.35, 0.30)  # worked, direct, sloppy
+    style_weights: tuple[float, ...] = (0.35, 0.35, 0.25, 0.05)  # worked, direct, sloppy, checked
     direct_accuracy: float = 0.4  # chance that a "direct" completion is right
+    unchecked_reward: float = 0.5  # reward of a right answer without a true check line (1.0 = checks not rewarded)
 
     name = "arithmetic"
-    styles = ("worked", "direct", "sloppy")
+    styles = ("worked", "direct", "sloppy", "checked")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits <= 18:
@@ -62,7 +72,9 @@ class ArithmeticTask:
             )
         if not self.ops or set(self.ops) - set("+-x"):
             raise ConfigError(f"arithmetic ops must be a non-empty subset of '+-x', got {self.ops!r}")
-        check_style_mix("arithmetic", self.style_weights, self.direct_accuracy)
+        check_style_mix("arithmetic", self.style_weights, self.direct_accuracy, self.styles)
+        if not 0.0 <= self.unchecked_reward <= 1.0:
+            raise ConfigError(f"arithmetic unchecked_reward must be in [0, 1], got {self.unchecked_reward}")
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """Return `n` problems, the same ones for the same seed."""
@@ -89,7 +101,8 @@ class ArithmeticTask:
         return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
 
     def score(self, problem: Problem, completion: str) -> Score:
-        """Return reward 1.0 when the last ``Answer:`` is the right integer, else 0.0 with the reason."""
+        """Return reward 1.0 when the last ``Answer:`` is the right integer and a true check line of this problem
+        precedes it, `unchecked_reward` when it is right without one, else 0.0; with the reason."""
         parsed = final_answer(completion)
         if parsed is None:
             return Score(0.0, None, "no Answer: line")
@@ -97,12 +110,15 @@ class ArithmeticTask:
             return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
         if int(parsed) != int(problem.answer):
             return Score(0.0, parsed, f"wrong value {int(parsed)}")
-        return Score(1.0, parsed, "correct")
+        body = completion[: completion.rfind(ANSWER_PREFIX)]
+        if problem.meta and _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"], int(parsed)) in body:
+            return Score(1.0, parsed, "correct, checked")
+        return Score(self.unchecked_reward, parsed, "correct" if self.unchecked_reward == 1.0 else "correct, unchecked")
 
     def sft_completion(
         self, problem: Problem, rng: random.Random, style: str | None = None
     ) -> tuple[str, bool]:
-        """Return (completion text, whether it is correct) in `style`, drawn from `style_weights` if None."""
+        """Return (completion text, whether its answer is right) in `style`, drawn from `style_weights` if None."""
         if style is None:
             style = pick_style(self.styles, self.style_weights, rng)
         if style not in self.styles:
@@ -117,17 +133,31 @@ class ArithmeticTask:
             if style == "sloppy" and shown == value:  # nothing to drop: slip on the last line
                 shown = _near_miss(value, rng)
             text = f"{steps}\n{ANSWER_PREFIX} {shown}"
-        return text, self.score(problem, text).reward == 1.0
+            if style == "checked":
+                text = f"{steps}\n{_check_line(a, b, op, shown)}\n{ANSWER_PREFIX} {shown}"
+        return text, self.score(problem, text).reward > 0
 
     def style_of(self, problem: Problem, completion: str) -> str:
-        """Return the style a completion follows: "direct" (no steps), "worked" (the correct steps and answer),
-        else "sloppy" (steps with a slip, or right steps then a wrong answer)."""
+        """Return the style a completion follows: "direct" (no steps), "checked" (the correct steps, a true check
+        line and the right answer), "worked" (the correct steps and answer), else "sloppy" (steps with a slip, or
+        right steps then a wrong answer)."""
         at = completion.rfind(ANSWER_PREFIX)
         steps = (completion[:at] if at >= 0 else completion).strip()
         if not steps:
             return "direct"
-        correct, _ = _worked(problem.meta["a"], problem.meta["b"], problem.meta["op"], None)
-        return "worked" if steps == correct and self.score(problem, completion).reward == 1.0 else "sloppy"
+        a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
+        correct, value = _worked(a, b, op, None)
+        if self.score(problem, completion).reward == 0:
+            return "sloppy"
+        if steps == f"{correct}\n{_check_line(a, b, op, value)}":
+            return "checked"
+        return "worked" if steps == correct else "sloppy"
+
+
+def _check_line(a: int, b: int, op: str, value: int) -> str:
+    """Return the line that checks `value` = a op b with the inverse operation (the "checked" style)."""
+    inverse = {"+": "minus", "-": "plus", "x": "divided by"}[op]
+    return f"Check: {value} {inverse} {b} is {a}, as it should be."
 
 
 def _worked(a: int, b: int, op: str, slip: random.Random | None) -> tuple[str, int]:

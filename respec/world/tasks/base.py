@@ -61,13 +61,14 @@ def final_answer(completion: str) -> str | None:
     return rest.split("\n", 1)[0].strip()
 
 
-def check_style_mix(task: str, style_weights: tuple[float, ...], direct_accuracy: float) -> None:
-    """Raises ConfigError unless style_weights are 3 non-negative weights with a positive sum and
+def check_style_mix(task: str, style_weights: tuple[float, ...], direct_accuracy: float,
+                    styles: tuple[str, ...] = ("worked", "direct", "sloppy")) -> None:
+    """Raises ConfigError unless style_weights are one non-negative weight per style with a positive sum and
     direct_accuracy is a probability."""
-    if len(style_weights) != 3 or min(style_weights) < 0 or sum(style_weights) <= 0:
+    if len(style_weights) != len(styles) or min(style_weights) < 0 or sum(style_weights) <= 0:
         raise ConfigError(
-            f"{task} style_weights must be 3 non-negative weights (worked, direct, sloppy) with a positive "
-            f"sum, got {style_weights}"
+            f"{task} style_weights must be {len(styles)} non-negative weights ({', '.join(styles)}) with a "
+            f"positive sum, got {style_weights}"
         )
     if not 0.0 <= direct_accuracy <= 1.0:
         raise ConfigError(f"{task} direct_accuracy must be in [0, 1], got {direct_accuracy}")
