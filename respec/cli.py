@@ -391,7 +391,7 @@ def train_drafter(
 def demo(
     json_path: Path = typer.Option(Path("runs/demo/spec.json"), "--json", help="where the results go"),
     full: bool = typer.Option(False, help="the full grid of `respec bench spec` instead of the quick one"),
-    train_steps: int = typer.Option(20, help="RL steps of the ReSpec-vs-no-SD training run (0 skips it)"),
+    train_steps: int = typer.Option(12, help="RL steps of the ReSpec-vs-no-SD training run (0 skips it)"),
 ) -> None:
     """Build (or reuse) the embedded policy and drafter, compare speculative and plain decoding, then train the
     policy with GRPO twice, without SD and with ReSpec (adaptive SD + the online drafter learner)."""

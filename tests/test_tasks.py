@@ -100,13 +100,14 @@ def test_arithmetic_rewards_a_true_check_line_and_half_an_unchecked_right_answer
     task = ArithmeticTask()
     p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
     checked, right = task.sft_completion(p, random.Random(0), style="checked")
-    assert checked == "2+9=11;7+5+1=13\nCheck: 131 minus 59 is 72, as it should be.\nAnswer: 131" and right
+    line = "Check: 72 plus 59, column by column, carrying where needed."
+    assert checked == f"{line}\n2+9=11;7+5+1=13\nAnswer: 131" and right
     assert task.score(p, checked) == Score(1.0, "131", "correct, checked")
     assert task.style_of(p, checked) == "checked"
     assert task.score(p, "2+9=11;7+5+1=13\nAnswer: 131").reward == 0.5
-    assert task.score(p, "Check: 131 minus 59 is 71, as it should be.\nAnswer: 131").reward == 0.5  # false check
-    assert task.score(p, "Check: 121 minus 59 is 72, as it should be.\nAnswer: 131").reward == 0.5  # other value
-    assert task.score(p, "Check: 121 minus 59 is 62, as it should be.\nAnswer: 121").reward == 0.0  # wrong answer
+    assert task.score(p, "Check: 72 plus 58, column by column, carrying where needed.\nAnswer: 131").reward == 0.5
+    assert task.score(p, f"{line}\nAnswer: 121").reward == 0.0  # checked, but wrong
+    assert task.score(p, f"Answer: 131\n{line}\nAnswer: 131").reward == 1.0  # the line before the last answer
     assert ArithmeticTask(unchecked_reward=1.0).score(p, "Answer: 131") == Score(1.0, "131", "correct")
     with pytest.raises(ConfigError, match="unchecked_reward"):
         ArithmeticTask(unchecked_reward=2.0)

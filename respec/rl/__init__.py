@@ -1,1 +1,2 @@
-"""RL fine-tuning on the speculative engine: GRPO math (`grpo`), the trainer loop (`trainer`), its config."""
+"""RL fine-tuning on the speculative engine: GRPO math (`grpo`), the trainer loop (`trainer`), its config,
+its run directory (`checkpoint`) and the online drafter learner (`learner`)."""

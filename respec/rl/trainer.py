@@ -10,18 +10,15 @@ One step (the loop slime fits on a screen):
      in `Trainer.last_features` for the online learner;
   5. push: `engine.load_weights(actor.state_dict())`, in memory.
 Every step appends one JSON line to run_dir/metrics.jsonl (verl's metric names, TRL's aliases); every
-`save_every` steps run_dir/checkpoint is replaced atomically by one that resumes the run exactly where it was.
+`save_every` steps run_dir/checkpoint is replaced atomically by one that resumes the run exactly where it was
+(what the run directory holds and how a kill is survived: `respec.rl.checkpoint`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,19 +26,23 @@ from pathlib import Path
 
 import torch
 
-from respec.engine.checkpoint import (
-    atomic_directory,
-    commit_directory,
-    load_model,
-    resolve_dtype,
-    save_model,
-    torch_threads,
-)
-from respec.engine.drafter import load_drafter, save_drafter
+from respec.engine.checkpoint import load_model, resolve_dtype, torch_threads
+from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.model import Transformer
 from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, DataError, TrainingError
+from respec.rl.checkpoint import (  # CHECKPOINT and METRICS re-exported: the CLI and benchmarks import them here
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    load_state,
+    recover_checkpoint,
+    save_checkpoint,
+    saved_step,
+    truncate_lines,
+    write_metrics,
+)
 from respec.rl.config import TrainConfig, load_config, save_config
 from respec.rl.grpo import (
     agg_loss,
@@ -60,14 +61,6 @@ from respec.world.tokenizer import load_tokenizer
 Log = Callable[..., None]  # log(message) or log(message, fraction_done)
 RewardFn = Callable[[Problem, str], float]  # (problem, completion text) -> reward
 
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-CHECKPOINT = "checkpoint"
-# the policy directory's files besides the weights that a checkpoint's actor/ carries over (tokenizer, generation)
-POLICY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                "generation_config.json")
-STATE_FORMAT = 1  # bump when the checkpoint layout changes
 EVAL_K = 4  # draft length of the sampled evaluation pass (the drafter's staleness measure)
 
 
@@ -132,7 +125,7 @@ class Trainer:
                                    seed=t.seed)
         self._pool: tuple[int, list[Problem]] | None = None
         self._eval_chooser = None
-        self._tensorboard = None
+        self.tensorboard = None  # metrics writer's SummaryWriter once opened, False without tensorboard
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -171,13 +164,13 @@ class Trainer:
         if not (run_dir / CONFIG).is_file():
             raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG}); start one with --out")
         config = load_config(run_dir / CONFIG, overrides)
-        checkpoint = _recover_checkpoint(run_dir / CHECKPOINT)
+        checkpoint = recover_checkpoint(run_dir / CHECKPOINT)
         trainer = cls._build(config, run_dir, checkpoint, reward_fn)
         if overrides:
             save_config(config, run_dir / CONFIG)
         if checkpoint is not None:
-            trainer._load_state(checkpoint)
-        _truncate_lines(run_dir / METRICS, trainer.metrics_lines)
+            load_state(trainer, checkpoint)
+        truncate_lines(run_dir / METRICS, trainer.metrics_lines)
         return trainer
 
     @classmethod
@@ -219,7 +212,7 @@ class Trainer:
         with torch_threads(cfg.num_threads):
             if cfg.eval_before_train and self.global_step == 0 and self.metrics_lines == 0:
                 row = {"step": 0, **self.evaluate()}
-                self._write_metrics(row)
+                write_metrics(self, row)
                 _log(log, f"eval  step 0: accuracy {row['val/accuracy']:.1%} (T={self.config.rollout.temperature:g})"
                           f", {row['val/accuracy_greedy']:.1%} greedy")
                 rows.append(row)
@@ -305,7 +298,7 @@ class Trainer:
             t_eval = time.perf_counter()
             row.update(self.evaluate())
             row["timing/eval_s"] = time.perf_counter() - t_eval
-        self._write_metrics(row)
+        write_metrics(self, row)
         return row
 
     def _drafter_metrics(self) -> dict:
@@ -442,7 +435,7 @@ class Trainer:
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int, minibatch: int) -> None:
         if not bool(torch.isfinite(value)):
-            saved = self._saved_step()
+            saved = saved_step(self.run_dir)
             kept = f"the last checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved"
             raise TrainingError(
                 f"{what} is {float(value.detach())} at step {self.global_step + 1} (epoch {epoch}, minibatch "
@@ -522,96 +515,11 @@ class Trainer:
         return self._pool[1]
 
     # -- persistence -------------------------------------------------------------------------------------------
-    def _write_metrics(self, row: dict) -> None:
-        """Appends one line to metrics.jsonl (flushed: a killed run keeps every finished step's line)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.metrics_lines += 1
-        writer = self._tensorboard_writer(row["step"])
-        if writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, row["step"])
-            writer.flush()
-
-    def _tensorboard_writer(self, first_step: int):
-        """Returns a TensorBoard writer on run_dir/tensorboard when tensorboard is installed, else None; opened
-        at this process's first metrics row, whose step it purges from (and every later one)."""
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._tensorboard = False
-                return None
-            # purge_step drops the events a killed run wrote past the checkpoint this one resumed from.
-            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=first_step)
-        return self._tensorboard or None
-
     def save_checkpoint(self) -> Path:
         """Writes run_dir/checkpoint atomically (the previous one stays whole until the new one is): the actor
         (HF layout with its tokenizer), optimiser, reference, drafter, tuner state, data position, RNG states and
         the metrics line count. Returns its path."""
-        path = self.run_dir / CHECKPOINT
-        tmp = atomic_directory(path)
-        try:
-            save_model(self.actor, tmp / "actor")
-            for name in POLICY_FILES:  # copied as they are: a tokenizer re-saved after loading may differ
-                if (self.policy_dir / name).is_file():
-                    shutil.copy2(self.policy_dir / name, tmp / "actor" / name)
-            if self.reference is not None:
-                save_model(self.reference, tmp / "reference")
-            with self.learner.paused() if self.learner is not None else contextlib.nullcontext():
-                if self.engine.drafter is not None:
-                    save_drafter(self.engine.drafter, tmp / "drafter")  # the learner's published version
-                if self.learner is not None:
-                    torch.save(self.learner.state_dict(), tmp / "learner.pt")
-            tuner = self.engine.tuner
-            if tuner is not None and hasattr(tuner, "state_dict"):
-                (tmp / "tuner.json").write_text(json.dumps(tuner.state_dict()) + "\n")
-            torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                        "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-            state = {"format": STATE_FORMAT, "step": self.global_step, "epoch": self.epoch, "cursor": self.cursor,
-                     "metrics_lines": self.metrics_lines, "python_rng": random.getstate()}
-            (tmp / "state.json").write_text(json.dumps(state) + "\n")
-            commit_directory(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-
-    def _load_state(self, checkpoint: Path) -> None:
-        try:
-            state = json.loads((checkpoint / "state.json").read_text())
-            saved = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{checkpoint}: unreadable trainer state ({type(e).__name__}: {e})") from None
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{checkpoint}: checkpoint format {state.get('format')}, this respec reads "
-                                  f"{STATE_FORMAT}")
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.rng.set_state(saved["rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        self.global_step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
-        self.metrics_lines = state["metrics_lines"]
-        if self.learner is not None and (checkpoint / "learner.pt").is_file():
-            try:
-                learner = torch.load(checkpoint / "learner.pt", map_location=self.device, weights_only=True)
-            except (OSError, RuntimeError, EOFError) as e:
-                raise CheckpointError(f"{checkpoint}: unreadable learner state ({type(e).__name__}: {e})") from None
-            self.learner.load_state_dict(learner)
-            self.engine.drafter_version = self.learner.version  # checkpoint/drafter is the learner's published one
-        tuner_file = checkpoint / "tuner.json"
-        if tuner_file.is_file() and self.spec.mode == "adaptive":
-            self.engine.default_tuner(self.spec.k_max).load_state_dict(json.loads(tuner_file.read_text()))
-
-    def _saved_step(self) -> int | None:
-        try:
-            return json.loads((self.run_dir / CHECKPOINT / "state.json").read_text())["step"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            return None
+        return save_checkpoint(self)
 
 
 def _tasks(config: TrainConfig) -> tuple[Task, Task]:
@@ -636,33 +544,6 @@ def _reward_fn(spec: str | None, task: Task) -> RewardFn:
     if not callable(fn):
         raise ConfigError(f"data.reward_fn {spec!r} is not a function")
     return fn
-
-
-def _recover_checkpoint(path: Path) -> Path | None:
-    """Returns the run's checkpoint directory, or None if it has none. A kill between the two renames of
-    `commit_directory` leaves only the previous checkpoint, set aside as .checkpoint.old-PID: it is put back.
-    Half-written checkpoints (.checkpoint.tmp-*) of killed runs are removed."""
-    for partial in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    if path.is_dir():
-        return path
-    old = sorted(path.parent.glob(f".{path.name}.old-*"))
-    if old:
-        os.replace(old[-1], path)
-        return path
-    return None
-
-
-def _truncate_lines(path: Path, n: int) -> None:
-    """Keeps the first n lines of a text file (atomically); lines a killed run wrote after its checkpoint go."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if len(lines) == n and (not lines or lines[-1].endswith("\n")):
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(lines[:n]))
-    os.replace(tmp, path)
 
 
 def _loss_mask(batch: _Batch) -> torch.Tensor:

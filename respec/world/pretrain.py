@@ -75,7 +75,7 @@ class PretrainConfig:
     # The solution-style mixture (arithmetic: worked, direct, sloppy); None = the task's default (0.35, 0.35, 0.3),
     # which gave 18% accuracy at T=1 after 600 steps, and (0.5, 0.3, 0.2) gave 18-21% depending on the init:
     # more "worked" lifts it safely into the 20-70% band while half the samples still take a losing style.
-    style_weights: tuple[float, ...] | None = (0.55, 0.25, 0.15, 0.05)
+    style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 64  # generation budget per eval problem
     # torch CPU threads while training. 1 by default: on a 2-core machine shared with other processes, 2 threads

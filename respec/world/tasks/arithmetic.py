@@ -21,15 +21,15 @@ and RL should visibly move it toward the style that is right):
   a plausible value one digit off.
 - ``sloppy``: looks like ``worked`` but drops one carry (or borrow), and the answer follows
   the slip, so it is wrong. A problem with no carry at all gets a final answer one digit off.
-- ``checked``: ``worked``, then a line that checks the result with the inverse operation, e.g.
-  ``Check: 432 minus 385 is 47, as it should be.``, then the answer.
+- ``checked``: a line that restates the problem in words and announces the method, e.g.
+  ``Check: 47 plus 385, column by column, carrying where needed.``, then ``worked``.
 
-Reward: 1.0 for the right answer with a true check line of this problem, `unchecked_reward` (0.5) for the right
-answer without one, 0.0 otherwise. Why (the embedded world's design, see README "The demo world"): ReSpec's
-second gap needs RL to move the policy somewhere its initial drafter rarely saw. Rewarding verification, a
-style that is rare in the pretraining mixture (5%), makes RL shift the policy to text that the drafter,
-distilled on the initial policy's rollouts, has seen little of; with all correct answers rewarded alike the
-policy only sharpened the style the drafter already predicted (a frozen drafter lost 2% over 200 steps).
+Reward: 1.0 for the right answer after this problem's check line, `unchecked_reward` (0.5) for the right
+answer without it, 0.0 otherwise. Why (the embedded world's design, see README "The embedded default"):
+ReSpec's second gap needs RL to move the policy somewhere its initial drafter rarely saw. Rewarding the careful
+style, rare in the pretraining mixture, makes RL shift the policy to text that the drafter, distilled on the
+initial policy's rollouts, has seen little of; with all right answers rewarded alike the policy only sharpened
+the style the drafter already predicted (a frozen drafter lost 2% of its tokens per verify step over 200 steps).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ArithmeticTask:
     min_digits: int = 2  # fewest digits of an operand (the 1-digit factor of x excepted)
     max_digits: int = 3  # most digits of an operand
     ops: str = "+-x"  # which operations to draw from, uniformly
-    style_weights: tuple[float, ...] = (0.35, 0.35, 0.25, 0.05)  # worked, direct, sloppy, checked
+    style_weights: tuple[float, ...] = (0.3, 0.35, 0.25, 0.1)  # worked, direct, sloppy, checked
     direct_accuracy: float = 0.4  # chance that a "direct" completion is right
     unchecked_reward: float = 0.5  # reward of a right answer without a true check line (1.0 = checks not rewarded)
 
@@ -111,7 +111,7 @@ class ArithmeticTask:
         if int(parsed) != int(problem.answer):
             return Score(0.0, parsed, f"wrong value {int(parsed)}")
         body = completion[: completion.rfind(ANSWER_PREFIX)]
-        if problem.meta and _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"], int(parsed)) in body:
+        if problem.meta and _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"]) in body:
             return Score(1.0, parsed, "correct, checked")
         return Score(self.unchecked_reward, parsed, "correct" if self.unchecked_reward == 1.0 else "correct, unchecked")
 
@@ -134,12 +134,12 @@ class ArithmeticTask:
                 shown = _near_miss(value, rng)
             text = f"{steps}\n{ANSWER_PREFIX} {shown}"
             if style == "checked":
-                text = f"{steps}\n{_check_line(a, b, op, shown)}\n{ANSWER_PREFIX} {shown}"
+                text = f"{_check_line(a, b, op)}\n{text}"
         return text, self.score(problem, text).reward > 0
 
     def style_of(self, problem: Problem, completion: str) -> str:
-        """Return the style a completion follows: "direct" (no steps), "checked" (the correct steps, a true check
-        line and the right answer), "worked" (the correct steps and answer), else "sloppy" (steps with a slip, or
+        """Return the style a completion follows: "direct" (no steps), "checked" (this problem's check line, the
+        correct steps and the right answer), "worked" (the correct steps and answer), else "sloppy" (steps with a slip, or
         right steps then a wrong answer)."""
         at = completion.rfind(ANSWER_PREFIX)
         steps = (completion[:at] if at >= 0 else completion).strip()
@@ -149,15 +149,15 @@ class ArithmeticTask:
         correct, value = _worked(a, b, op, None)
         if self.score(problem, completion).reward == 0:
             return "sloppy"
-        if steps == f"{correct}\n{_check_line(a, b, op, value)}":
+        if steps == f"{_check_line(a, b, op)}\n{correct}":
             return "checked"
         return "worked" if steps == correct else "sloppy"
 
 
-def _check_line(a: int, b: int, op: str, value: int) -> str:
-    """Return the line that checks `value` = a op b with the inverse operation (the "checked" style)."""
-    inverse = {"+": "minus", "-": "plus", "x": "divided by"}[op]
-    return f"Check: {value} {inverse} {b} is {a}, as it should be."
+def _check_line(a: int, b: int, op: str) -> str:
+    """Return the line that opens a "checked" solution: the problem in words and the method."""
+    word, method = {"+": ("plus", "carrying"), "-": ("minus", "borrowing"), "x": ("times", "carrying")}[op]
+    return f"Check: {a} {word} {b}, column by column, {method} where needed."
 
 
 def _worked(a: int, b: int, op: str, slip: random.Random | None) -> tuple[str, int]:
