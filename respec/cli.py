@@ -329,17 +329,22 @@ def experiment(
     config: Path | None = typer.Option(None, help="YAML run config every configuration starts from"),
     set_: list[str] | None = typer.Option(None, "--set", help="override section.key=value for every run "
                                           "(repeatable), e.g. data.prompts_per_step=8"),
+    report_only: bool = typer.Option(False, help="rebuild the report and plot from the runs already in --out "
+                                                 "(e.g. of an interrupted experiment) without training"),
 ) -> None:
     """ReSpec's experiment: the same RL run without SD, with naive SD, adaptive SD, online KD and ReSpec."""
-    from respec.bench.experiment import run_experiment, write_report
+    from respec.bench.experiment import report_from_runs, run_experiment, write_report
     from respec.bench.plot import plot_experiment
     from respec.rl.config import load_config
 
     base = load_config(config, _overrides(set_))
     names = tuple(c.strip() for c in configs.split(",") if c.strip())
     json_path = json_path or out / "experiment.json"
-    with _progress() as log:
-        report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
+    if report_only:
+        report = report_from_runs(out, names, _ints(seeds, "--seeds"))
+    else:
+        with _progress() as log:
+            report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
     write_report(report, json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
     console = Console()

@@ -139,7 +139,6 @@ def run_experiment(base: TrainConfig, out: str | os.PathLike, steps: int, seeds:
             raise ConfigError(f"unknown experiment configuration {name!r}; choose among {', '.join(CONFIGS)}")
     if not seeds:
         raise ConfigError("give at least one seed")
-    rows: dict[str, list[list[dict]]] = {name: [] for name in configs}
     for seed in seeds:
         for name in configs:  # interleaved: machine-load drift reaches every configuration alike
             run_dir = out / name / f"seed{seed}"
@@ -150,8 +149,25 @@ def run_experiment(base: TrainConfig, out: str | os.PathLike, steps: int, seeds:
                 trainer.train(log=_prefixed(log, f"{name}/s{seed}"))
             finally:
                 trainer.close()
-            rows[name].append([json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()])
-    report: dict = {"runs": {}, "steps": steps, "seeds": list(seeds), "out": str(out)}
+    return report_from_runs(out, configs, seeds, steps)
+
+
+def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tuple[int, ...],
+                     steps: int | None = None) -> dict:
+    """Returns the experiment report from the run directories out/NAME/seedS (also of an interrupted
+    experiment: runs missing or cut short are reported as they are; `steps` None = the longest run's)."""
+    out = Path(out)
+    rows: dict[str, list[list[dict]]] = {}
+    for name in configs:
+        for seed in seeds:
+            path = out / name / f"seed{seed}" / METRICS
+            if path.is_file():
+                rows.setdefault(name, []).append([json.loads(line) for line in path.read_text().splitlines()])
+    if not rows:
+        raise ConfigError(f"{out}: no experiment runs (expected {out}/CONFIG/seedS/{METRICS})")
+    done = [max((r["step"] for r in run), default=0) for runs in rows.values() for run in runs]
+    report: dict = {"runs": {}, "steps": steps if steps is not None else max(done), "seeds": list(seeds),
+                    "out": str(out)}
     for name, runs in rows.items():
         per_seed = [summarize(r) for r in runs]
         mean = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in per_seed[0]}
