@@ -118,3 +118,20 @@ def test_generate_text_in_text_out(monkeypatch, capsys, tmp_path):
     assert len(lines) == 3 and all(line.startswith(f"{i}: '") for i, line in enumerate(lines))
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(model))
     assert code == 2 and "either --prompt-ids or --prompt" in err and "Traceback" not in err
+
+
+def test_demo_benchmarks_then_trains_no_sd_against_respec(monkeypatch, capsys, tmp_path, tiny_world):
+    """`respec demo` (what `make demo` runs) on the tiny world: the SD table, then the short GRPO run twice."""
+    import respec.world.defaults as defaults
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(defaults, "resolve_models", lambda policy, drafter, task, log=None: tiny_world)
+    code, out, err = run_cli(monkeypatch, capsys, "demo", "--json", str(tmp_path / "demo" / "spec.json"),
+                             "--train-steps", "2")
+    assert code == 0, err
+    report = json.loads((tmp_path / "demo" / "train" / "experiment.json").read_text())
+    assert set(report["runs"]) == {"no_sd", "respec"} and report["runs"]["respec"]["steps"] == 2
+    assert (tmp_path / "demo" / "train" / "experiment.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "spec.png").stat().st_size > 0
+    flat = out.replace("\n", "")  # rich wraps long paths at the console width
+    assert "respec" in flat and "experiment.json" in flat and "speedup" in flat
