@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from respec.bench.plot import read_metrics
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
 from respec.rl.trainer import METRICS, Trainer
@@ -162,7 +163,7 @@ def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tu
         for seed in seeds:
             path = out / name / f"seed{seed}" / METRICS
             if path.is_file():
-                rows.setdefault(name, []).append([json.loads(line) for line in path.read_text().splitlines()])
+                rows.setdefault(name, []).append(read_metrics(path))
     if not rows:
         raise ConfigError(f"{out}: no experiment runs (expected {out}/CONFIG/seedS/{METRICS})")
     done = [max((r["step"] for r in run), default=0) for runs in rows.values() for run in runs]

@@ -5,7 +5,6 @@ Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display nee
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from respec.errors import DataError
+from respec.world.tasks.jsonl import read_jsonl
 
 
 def _save(fig: Figure, png: Path) -> Path:
@@ -28,20 +28,7 @@ def _save(fig: Figure, png: Path) -> Path:
 
 def read_metrics(path: Path) -> list[dict]:
     """Returns the JSON objects of a JSONL file, one per non-empty line."""
-    if not path.is_file():
-        raise DataError(f"{path}: metrics file does not exist")
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object per line")
-        records.append(record)
-    return records
+    return [record for _, record in read_jsonl(Path(path))]
 
 
 def _is_number(v) -> bool:

@@ -59,7 +59,7 @@ class JsonlTask:
                 where = f"{path} row {number}"
                 problems.append(row_problem(record, question_field, answer_field, where, {"row": number}))
         else:
-            for number, record in _jsonl_records(path):
+            for number, record in read_jsonl(path):
                 problems.append(row_problem(record, *fields, f"{path}:{number}", {"line": number}))
         if not problems:
             raise DataError(f"{path}: no problems (the file is empty)")
@@ -94,8 +94,9 @@ def row_problem(record: dict, question_field: str, answer_field: str, where: str
     return Problem(prompt=f"Q: {question.strip()}\n", answer=gold, meta=meta)
 
 
-def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
-    """Return (line number, parsed JSON object) for each non-blank line of a .jsonl file."""
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """Return (line number, parsed JSON object) for each non-blank line of a .jsonl file (data files and metrics
+    logs alike); a missing, unreadable or malformed file is one DataError naming the line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
