@@ -99,7 +99,8 @@ def curve_agreement(runs_a: list[list[dict]], runs_b: list[list[dict]], key: str
         ma, mb = sum(va) / len(va), sum(vb) / len(vb)
         se = math.sqrt(_var(va) / len(va) + _var(vb) / len(vb)) if len(va) > 1 and len(vb) > 1 else math.nan
         result["bins"].append({"steps": [i * bin_steps + 1, (i + 1) * bin_steps], "a": ma, "b": mb,
-                               "diff": mb - ma, "se": se, "agree": bool(abs(mb - ma) <= 2 * se)})
+                               "diff": mb - ma, "se": se,
+                               "agree": None if math.isnan(se) else bool(abs(mb - ma) <= 2 * se)})
     judged = [x for x in result["bins"] if not math.isnan(x["se"])]
     result["agree_fraction"] = sum(x["agree"] for x in judged) / len(judged) if judged else math.nan
     return result

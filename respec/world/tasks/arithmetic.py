@@ -26,10 +26,11 @@ and RL should visibly move it toward the style that is right):
 
 Reward: 1.0 for the right answer after this problem's check line, `unchecked_reward` (0.5) for the right
 answer without it, 0.0 otherwise. Why (the embedded world's design, see README "The embedded default"):
-ReSpec's second gap needs RL to move the policy somewhere its initial drafter rarely saw. Rewarding the careful
-style, rare in the pretraining mixture, makes RL shift the policy to text that the drafter, distilled on the
-initial policy's rollouts, has seen little of; with all right answers rewarded alike the policy only sharpened
-the style the drafter already predicted (a frozen drafter lost 2% of its tokens per verify step over 200 steps).
+ReSpec's second gap needs RL to move the policy somewhere its initial drafter rarely saw; with all right answers
+rewarded alike the policy only sharpened the style the drafter already predicted (a frozen drafter lost 2% of
+its tokens per verify step over 200 steps). Rewarding the checked style, rare in the pretraining mixture (10%),
+does move the policy, but measured, the drafter predicts the copy-heavy check line best of all styles, so it
+does not go stale either (-3% over 60 steps); the README says what is tried next.
 """
 
 from __future__ import annotations
