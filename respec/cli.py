@@ -357,7 +357,7 @@ def _print_experiment(report: dict, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report['steps']} RL steps, seeds {report['seeds']} (means; evaluation excluded)")
-    for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "accuracy",
+    for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "val/accuracy",
                 "tokens/verify k=4 start -> end"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for name, r in report["runs"].items():

@@ -204,7 +204,7 @@ def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
         panels[2].plot(c["reward_step"], _smooth(c["reward"]), **style)
         panels[3].plot(c["accuracy_step"], c["accuracy"], marker="o", **style)
     titles = ("drafter tokens / verify step (k=4, held out)", "rollout tokens / verify step (smoothed)",
-              "training reward (smoothed)", "held-out accuracy (T=1)")
+              "training reward (smoothed)", "held-out reward, val/accuracy (T=1)")
     for ax, title in zip(panels, titles, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
