@@ -58,6 +58,13 @@ def private_cache(tmp_path_factory):
         os.environ["RESPEC_CACHE"] = before
 
 
+@pytest.fixture
+def per_test_cache(tmp_path, monkeypatch):
+    """Points $RESPEC_CACHE at this test's directory (the tuner's cost profiles too): modules that train use it
+    with `pytestmark = pytest.mark.usefixtures("per_test_cache")`."""
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Runs the suite on one torch thread: the tiny test models gain nothing from more, and on a shared 2-core

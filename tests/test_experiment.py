@@ -22,10 +22,7 @@ from respec.cli import app, main
 from respec.errors import ConfigError
 from respec.rl.config import AlgorithmConfig, DataConfig, RolloutConfig, TrainConfig, TrainerConfig
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("per_test_cache")
 
 
 def tiny_base(world) -> TrainConfig:

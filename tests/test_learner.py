@@ -12,13 +12,14 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from test_generate import RandomChooser, chi2_pvalue, exact_joint
+from test_trainer import digit_share
 
 import respec.rl.learner
 from respec.engine.checkpoint import load_model
 from respec.engine.drafter import init_drafter, inv_freq_fp32, load_drafter
 from respec.engine.generate import Engine, SpecConfig
-from respec.engine.sampling import SamplingParams, target_probs
+from respec.engine.sampling import SamplingParams
 from respec.rl.config import (
     AlgorithmConfig,
     DataConfig,
@@ -31,16 +32,7 @@ from respec.rl.learner import Learner, StepRollouts, expected_emitted, sequence_
 from respec.rl.trainer import Trainer
 from respec.world.distill import DistillBatch, DistillConfig, target_batch, train_drafter, ttt_logits
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """The tuner's cost profiles go to a per-test cache, never ~/.cache."""
-    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
-
-
-def digit_share(problem, completion: str) -> float:
-    """A reward with spread on the near-random tiny policy: the share of digits in its completion."""
-    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+pytestmark = pytest.mark.usefixtures("per_test_cache")
 
 
 def learner_config(world, **sections) -> TrainConfig:
@@ -388,41 +380,6 @@ PROMPTS = [[1, 2, 3, 4, 5], [6, 7]]
 N = 3000  # samples per prompt, as tests/test_generate.py (a wrong rejection rule gives p < 1e-60 there)
 RUNS = 6  # generate calls (seeds) per test: more decode steps for swaps to land between
 CHI_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=3, seed=11, ignore_eos=True)
-
-
-@torch.no_grad()
-def exact_joint(model, prompt: list[int], params: SamplingParams, n: int = 3) -> torch.Tensor:
-    """Returns the exact distribution [V]*n of the first n sampled tokens after `prompt` (all prefixes)."""
-    joint = torch.ones(1, dtype=torch.float64)
-    prefixes = torch.tensor([prompt])
-    for _ in range(n):
-        p = target_probs(model.logits(prefixes)[:, -1], params).double()  # [P, V]
-        joint = (joint[:, None] * p).reshape(-1)
-        prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(prefixes))[:, None]], 1)
-    return joint
-
-
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Returns the chi-square goodness-of-fit p-value; cells expected < 5 times are pooled into one."""
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    return chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue
-
-
-class RandomChooser:
-    """Picks k uniformly in 0..k_max every step (seeded)."""
-
-    def __init__(self, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def choose(self, batch, k_max):
-        return int(torch.randint(0, k_max + 1, (1,), generator=self.gen)), None
-
-    def observe(self, stats):
-        pass
 
 
 class Publisher(threading.Thread):

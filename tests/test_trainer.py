@@ -39,10 +39,7 @@ def world(tiny_world):
     return tiny_world
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """The tuner's cost profiles go to a per-test cache, never ~/.cache."""
-    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("per_test_cache")
 
 
 def digit_share(problem, completion: str) -> float:
