@@ -69,7 +69,7 @@ def main() -> None:
     def idle() -> None:
         with learner._cond:
             learner._credits = 0
-        with learner._train_lock:  # waits for the step in flight
+        with learner.paused():  # waits for the step in flight
             pass
 
     idle_s, busy_s, steps = [], [], []

@@ -347,15 +347,17 @@ def experiment(
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
     write_report(report, json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
-    console = Console()
-    _print_experiment(report, console if console.width >= 140 else Console(width=140))
+    _print_experiment(report, Console())
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
 
 
 def _print_experiment(report: dict, console: Console) -> None:
-    """Prints the experiment's table: seconds by phase, speedups against no_sd, accuracy, drafter acceptance."""
+    """Prints the experiment's table: seconds by phase, speedups against no_sd, accuracy, drafter acceptance
+    (at least 140 columns wide, so that a narrow or piped console does not wrap every cell)."""
     from rich.table import Table
 
+    if console.width < 140:
+        console = Console(width=140)
     table = Table(title=f"{report['steps']} RL steps, seeds {report['seeds']} (means; evaluation excluded)")
     for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "val/accuracy",
                 "tokens/verify k=4 start -> end"):
@@ -432,7 +434,7 @@ def demo(
         report = run_experiment(base, runs, train_steps, (0,), ("no_sd", "respec"), log=log)
     report_path = write_report(report, runs / "experiment.json")
     png = plot_experiment(report, report_path.with_suffix(".png"))
-    _print_experiment(report, console if console.width >= 140 else Console(width=140))
+    _print_experiment(report, console)
     console.print(f"training runs: {runs} (metrics.jsonl each; `respec plot {runs}/no_sd/seed0 {runs}/respec/seed0`)"
                   f"\nreport: {report_path}; plot: {png}")
 
