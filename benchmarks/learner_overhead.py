@@ -61,14 +61,11 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def busy(flag: threading.Event) -> None:
-        with learner._cond:
-            learner._credits = 10 ** 9
-            learner._cond.notify_all()
+        learner.grant(10 ** 9)
         flag.set()
 
     def idle() -> None:
-        with learner._cond:
-            learner._credits = 0
+        learner.grant(0)
         with learner.paused():  # waits for the step in flight
             pass
 

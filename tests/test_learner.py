@@ -28,7 +28,7 @@ from respec.rl.config import (
     TrainConfig,
     TrainerConfig,
 )
-from respec.rl.learner import Learner, StepRollouts, expected_emitted, sequence_weights
+from respec.rl.learner import Learner, StepRollouts, sequence_weights, teacher_forced_emitted
 from respec.rl.trainer import Trainer
 from respec.world.distill import DistillBatch, DistillConfig, target_batch, train_drafter, ttt_logits
 
@@ -119,10 +119,10 @@ def test_sequence_weights_by_hand():
 
 # -- the guard's estimate --------------------------------------------------------------------------------------
 
-def test_expected_emitted_bounds_identity_and_ranking(rollouts):
+def test_teacher_forced_emitted_bounds_identity_and_ranking(rollouts):
     target, drafter, steps = rollouts
     batch = as_batch(steps[-1])
-    values = [expected_emitted(drafter, batch, k) for k in (1, 2, 3, 4)]
+    values = [teacher_forced_emitted(drafter, batch, k) for k in (1, 2, 3, 4)]
     for k, v in zip((1, 2, 3, 4), values, strict=True):
         assert 1.0 <= v <= k + 1
     assert values == sorted(values)  # each longer chain adds a non-negative term
@@ -134,12 +134,12 @@ def test_expected_emitted_bounds_identity_and_ranking(rollouts):
     own = torch.zeros_like(batch.target_logp)
     own[:, 1:] = logq0[:, :-1]
     mirrored = replace(batch, target_logp=own)
-    assert expected_emitted(drafter, mirrored, 1) == pytest.approx(2.0, abs=1e-5)
-    assert 2.0 <= expected_emitted(drafter, mirrored, 3) <= 4.0
+    assert teacher_forced_emitted(drafter, mirrored, 1) == pytest.approx(2.0, abs=1e-5)
+    assert 2.0 <= teacher_forced_emitted(drafter, mirrored, 3) <= 4.0
 
     # The tiny world's (briefly) distilled drafter beats a fresh one on the same rows (measured 1.34 vs 1.28).
     fresh = init_drafter(target, seed=7)
-    assert expected_emitted(drafter, batch, 1) > expected_emitted(fresh, batch, 1) + 0.02
+    assert teacher_forced_emitted(drafter, batch, 1) > teacher_forced_emitted(fresh, batch, 1) + 0.02
 
 
 V = 8  # the sharp target's vocabulary: the joint of 3 tokens has 512 cells, few enough for a chi-square test
@@ -158,7 +158,7 @@ def sharp(sharp_target):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_expected_emitted_matches_the_engine(sharp, k):
+def test_teacher_forced_emitted_matches_the_engine(sharp, k):
     """The teacher-forced estimate on the engine's own T = 1 rollouts agrees with the emitted tokens per verify
     step the engine measures (measured ratios 0.98-1.01 for k = 1..4)."""
     target, drafter, _ = sharp
@@ -168,7 +168,7 @@ def test_expected_emitted_matches_the_engine(sharp, k):
     result = Engine(target, drafter).generate(prompts, params, SpecConfig(mode="static", k=k))
     batch = target_batch(target, [p + s.tokens for p, s in zip(prompts, result.sequences, strict=True)],
                          [len(p) for p in prompts], drafter.aux_layer_ids)
-    estimate, measured = expected_emitted(drafter, batch, k), result.mean_emitted_per_step
+    estimate, measured = teacher_forced_emitted(drafter, batch, k), result.mean_emitted_per_step
     assert measured > 1.5 and estimate == pytest.approx(measured, rel=0.1), (estimate, measured)
 
 
@@ -459,6 +459,10 @@ def test_async_mode_trains_in_its_own_thread_and_close_stops_it(world, tmp_path,
         assert [r["step"] for r in rows] == [1, 2, 3] and metrics["learner/alive"] == 1
         assert metrics["learner/steps"] > 0
         assert len(threads) == metrics["learner/steps"] and set(threads) == {"respec-learner"}
+        before = trainer.learner.steps
+        trainer.learner.grant(3)  # extra steps on the buffer it holds, then idle again
+        wait_idle(trainer.learner)
+        assert trainer.learner.steps == before + 3
     finally:
         trainer.close()
     assert not thread.is_alive() and thread not in threading.enumerate()

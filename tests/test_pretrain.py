@@ -103,7 +103,7 @@ def scripted_engine(tokenizer, completion_of):
 def test_evaluate_policy_scores_known_right_and_wrong_policies(tiny_policy, monkeypatch, policy, accuracy):
     """A policy that always writes the checked (correct and verified) solution scores 1, one that always writes
     the sloppy (wrong) solution scores 0, and one that alternates scores 0.5; styles follow."""
-    task = get_task("arithmetic")
+    task = get_task("arithmetic", notation=False)  # house notation: a right checked answer earns 1.0
     problems = task.problems(12, seed=5)
     index = {p.prompt: i for i, p in enumerate(problems)}
     rng = random.Random(0)

@@ -1,5 +1,6 @@
 import json
 import random
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from respec.errors import ConfigError, DataError
 from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
+from respec.world.tasks.arithmetic import house_notation, house_share, write_marks
 from respec.world.tasks.base import Score
 from respec.world.tasks.countdown import InvalidExpression, evaluate
 from respec.world.tasks.jsonl import completion_answer, equivalent, reference_answer
@@ -40,8 +42,8 @@ def test_arithmetic_problems_are_deterministic_and_compact():
 def test_arithmetic_score():
     task = ArithmeticTask()
     p = Problem("Q: 47+385=?\n", "432", {"a": 47, "b": 385, "op": "+"})
-    assert task.score(p, "7+5=12;4+8+1=13;0+3+1=4\nAnswer: 432").reward == 0.5  # right, unchecked
-    assert task.score(p, "Answer: 431\nAnswer: 432").reward == 0.5  # the last one counts
+    assert task.score(p, "7+5=12;4+8+1=13;0+3+1=4\nAnswer: 432").reward == 1.0  # right, house notation
+    assert task.score(p, "Answer: 431\nAnswer: 432").reward == 0.5  # the last one counts; no working: share 0
     assert task.score(p, "Answer: 432\nAnswer: 431").reward == 0.0
     wrong = task.score(p, "Answer: 431")
     assert (wrong.reward, wrong.parsed) == (0.0, "431") and "wrong" in wrong.reason
@@ -51,7 +53,7 @@ def test_arithmetic_score():
 
 
 def test_arithmetic_worked_example_matches_the_docs():
-    task = ArithmeticTask()
+    task = ArithmeticTask(notation=False)
     p = Problem("Q: 47x6=?\n", "282", {"a": 47, "b": 6, "op": "x"})
     text, correct = task.sft_completion(p, random.Random(0), style="worked")
     assert text == "7x6=42;4x6=24;240+42=282\nAnswer: 282" and correct
@@ -86,18 +88,19 @@ def test_sft_mixture_holds_right_and_wrong_completions(task):
 def test_arithmetic_score_never_raises_on_any_text(text):
     p = ArithmeticTask().problems(1, seed=0)[0]
     for completion in (text, f"Answer: {text}"):
-        assert ArithmeticTask().score(p, completion).reward in (0.0, 0.5, 1.0)
+        assert ArithmeticTask(notation=False).score(p, completion).reward in (0.0, 1.0)
+        assert 0.0 <= ArithmeticTask().score(p, completion).reward <= 1.0
 
 
 def test_arithmetic_completions_are_short():
-    task = ArithmeticTask()
-    rng = random.Random(0)
-    lengths = [len(task.sft_completion(p, rng, "worked")[0]) for p in task.problems(300, seed=0)]
-    assert max(lengths) <= 60
+    for task, most in ((ArithmeticTask(notation=False), 60), (ArithmeticTask(), 90)):  # spacing adds <= 2 a mark
+        rng = random.Random(0)
+        lengths = [len(task.sft_completion(p, rng, "worked")[0]) for p in task.problems(300, seed=0)]
+        assert max(lengths) <= most
 
 
 def test_arithmetic_rewards_a_true_check_line_and_half_an_unchecked_right_answer():
-    task = ArithmeticTask()
+    task = ArithmeticTask(unchecked_reward=0.5, notation=False)  # session 3's world
     p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
     checked, right = task.sft_completion(p, random.Random(0), style="checked")
     line = "Check: 72 plus 59, column by column, carrying where needed."
@@ -108,16 +111,44 @@ def test_arithmetic_rewards_a_true_check_line_and_half_an_unchecked_right_answer
     assert task.score(p, "Check: 72 plus 58, column by column, carrying where needed.\nAnswer: 131").reward == 0.5
     assert task.score(p, f"{line}\nAnswer: 121").reward == 0.0  # checked, but wrong
     assert task.score(p, f"Answer: 131\n{line}\nAnswer: 131").reward == 1.0  # the line before the last answer
-    assert ArithmeticTask(unchecked_reward=1.0).score(p, "Answer: 131") == Score(1.0, "131", "correct")
+    assert ArithmeticTask(notation=False).score(p, "Answer: 131") == Score(1.0, "131", "correct")
     with pytest.raises(ConfigError, match="unchecked_reward"):
         ArithmeticTask(unchecked_reward=2.0)
 
 
 def test_arithmetic_sloppy_drops_a_carry():
-    task = ArithmeticTask()
+    task = ArithmeticTask(notation=False)
     p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
     texts = {task.sft_completion(p, random.Random(seed), style="sloppy") for seed in range(20)}
     assert texts == {("2+9=11;7+5=12\nAnswer: 121", False), ("2+9=11;7+5+1=13\nAnswer: 31", False)}
+
+
+def test_arithmetic_notation_is_random_per_mark_and_the_reward_pays_the_house_share():
+    """Every mark of a worked line is written independently in one of its forms; house_notation undoes it; the
+    reward of a right answer is 0.5 + 0.5 x the share of house-notation choices (counted here by hand)."""
+    task = ArithmeticTask()
+    p = Problem("Q: 47+385=?\n", "432", {"a": 47, "b": 385, "op": "+"})
+    # choices: "+" spaced, "=" spaced and house (1 of 3); "|" (0 of 1); "+", "+" bare, "~" bare (3 of 4);
+    # ";" (1 of 1); "+", "+", "=" bare (4 of 4): 9 of 13
+    text = "7 + 5 = 12|4+8+1~13;0+3+1=4\nAnswer: 432"
+    assert house_share(text.split("\n")[0]) == pytest.approx(9 / 13)
+    assert task.score(p, text).reward == pytest.approx(0.5 + 0.5 * 9 / 13)
+    assert task.score(p, text.replace("432", "431")).reward == 0.0
+    assert task.style_of(p, text) == "worked"
+    house = ArithmeticTask(notation=False)
+    rng, shares, seen = random.Random(1), [], set()
+    for q in task.problems(400, seed=2):
+        steps = house.sft_completion(q, random.Random(0), "worked")[0].split("\n")[0]
+        marked = write_marks(steps, rng)
+        assert house_notation(marked) == steps
+        shares.append(house_share(marked))
+        seen.update(c for c in marked if not c.isdigit())
+    assert {"=", "~", ">", "#", ";", "|", "&", "/", " "} <= seen
+    # per choice: spacing house with p = 1/2, the result mark and the separator with p = 1/4; per line the share
+    # mixes them, so its mean lies strictly between
+    assert 0.3 < statistics.mean(shares) < 0.5
+    texts = {task.sft_completion(p, random.Random(seed), "worked")[0] for seed in range(50)}
+    assert len(texts) > 40 and all(house_notation(t.split("\n")[0]) == "7+5=12;4+8+1=13;0+3+1=4" for t in texts)
 
 
 def test_arithmetic_config_errors():

@@ -20,7 +20,7 @@ distribution does not move). The weights are clipped to `max_weight` to bound th
 advantages (|A| <= ~2.5 for G = 8) and tau = 1 a correct answer among mostly wrong ones weighs up to 4x.
 
 Guard. Every `publish_every` learner steps the candidate's expected tokens per verify step (static k = guard_k,
-T = 1, `expected_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
+T = 1, `teacher_forced_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
 on the same rows; a candidate that is worse is not published (it keeps training).
 
 Asynchrony. mode "async" trains in a daemon thread: torch ops release the GIL, so with the trainer's torch thread
@@ -86,7 +86,7 @@ def sequence_weights(advantages: torch.Tensor, group_size: int, weighting: str =
 
 
 @torch.no_grad()
-def expected_emitted(drafter: Eagle3Drafter, batch: DistillBatch, k: int) -> float:
+def teacher_forced_emitted(drafter: Eagle3Drafter, batch: DistillBatch, k: int) -> float:
     """Returns the expected tokens emitted per verify step of static-k SD at T = 1, estimated teacher-forced.
 
     For a catch-up ending at position t, the j-th chained draft is accepted with probability
@@ -201,6 +201,13 @@ class Learner:
         if self.config.mode == "sync" and self.alive:
             while self._credits > 0 and self.alive:
                 self._guarded_step()
+
+    def grant(self, steps: int) -> None:
+        """Allows `steps` more learner steps from now on, replacing any unused ones (0: stop after the step in
+        flight). `submit` grants `steps_per_rollout`; benchmarks use this to keep the learner busy or idle."""
+        with self._cond:
+            self._credits = steps
+            self._cond.notify_all()
 
     def _entry(self, r: StepRollouts) -> _Entry:
         if r.features is None or r.target_logp is None:
@@ -329,8 +336,8 @@ class Learner:
         least the published drafter's (+ margin)."""
         held = _cat_batches([e.held_out for e in entries[-2:]])
         self.drafter.eval()
-        candidate = expected_emitted(self.drafter, held, self.config.guard_k)
-        current = expected_emitted(self.published, held, self.config.guard_k)
+        candidate = teacher_forced_emitted(self.drafter, held, self.config.guard_k)
+        current = teacher_forced_emitted(self.published, held, self.config.guard_k)
         self.drafter.train()
         self.guard_last = (candidate, current)
         if candidate < current + self.config.guard_margin:

@@ -45,8 +45,8 @@ from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokeniz
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
-FORMAT_VERSION = 2  # bump when the training recipe changes so that old cache entries are not reused
-# (2: the fused q/k/v and gate/up parameters changed the random init order)
+FORMAT_VERSION = 3  # bump when the training recipe changes so that old cache entries are not reused
+# (2: the fused q/k/v and gate/up parameters changed the random init order; 3: the notation world of session 4)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
@@ -78,7 +78,7 @@ class PretrainConfig:
     # fully rewarded style) needs ~10% to be learnt at all: at 5% the policy's check lines were all wrong.
     style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
     eval_problems: int = 256  # held-out problems evaluated after training
-    eval_max_new_tokens: int = 64  # generation budget per eval problem
+    eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
     # torch CPU threads while training. 1 by default: on a 2-core machine shared with other processes, 2 threads
     # measured ~5x slower per step (0.4 s vs 2.2 s) than 1, from threads waiting on each other. Not in the cache key.
     num_threads: int = 1

@@ -24,13 +24,21 @@ and RL should visibly move it toward the style that is right):
 - ``checked``: a line that restates the problem in words and announces the method, e.g.
   ``Check: 47 plus 385, column by column, carrying where needed.``, then ``worked``.
 
-Reward: 1.0 for the right answer after this problem's check line, `unchecked_reward` (0.5) for the right
-answer without it, 0.0 otherwise. Why (the embedded world's design, see README "The embedded default"):
-ReSpec's second gap needs RL to move the policy somewhere its initial drafter rarely saw; with all right answers
-rewarded alike the policy only sharpened the style the drafter already predicted (a frozen drafter lost 2% of
-its tokens per verify step over 200 steps). Rewarding the checked style, rare in the pretraining mixture (10%),
-does move the policy, but measured, the drafter predicts the copy-heavy check line best of all styles, so it
-does not go stale either (-3% over 60 steps); the README says what is tried next.
+Notation (session 4): every worked line (worked, sloppy, checked) writes each of its *marks* in one of several
+equally likely ways, drawn independently per mark: the result mark ``=`` or ``~``, ``>``, ``#``; the step separator
+``;`` or ``|``, ``&``, ``/``; and each operator (``+ - x`` and the result mark) bare or with a space on both sides.
+E.g. ``7+5=12;4 + 8+1#13|0+3 + 1 = 4``. The house notation is the bare ``=`` / ``;`` form.
+
+Reward: a right final answer earns ``0.5 + 0.5 * share``, `share` being the fraction of its marks in the house
+notation (0 for an answer without working), times `unchecked_reward` when it lacks this problem's check line;
+a wrong or missing answer earns 0. Why (the embedded world's design, see README "The embedded default"): ReSpec's
+second gap needs RL to move the policy where its initial drafter is weak. Measured in sessions 2-3: rewarding all
+right answers alike only sharpened the style the drafter already predicted (a frozen drafter lost 2% of its tokens
+per verify step over 200 steps), and rewarding the rare checked style moved the policy to the copy-heavy check
+line, which the drafter predicts best (-2% over 60 steps). Notation choices are what RL collapses and a drafter
+trained on the initial policy cannot follow: where the initial policy spreads p over four marks the drafter
+learns q near p (acceptance sum min(p, q) near 1); once RL puts p on the house mark, acceptance there falls to
+q(house) = 1/4 (1/2 for spacing). About a third of a worked line's tokens are such marks.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ class ArithmeticTask:
     ops: str = "+-x"  # which operations to draw from, uniformly
     style_weights: tuple[float, ...] = (0.3, 0.35, 0.25, 0.1)  # worked, direct, sloppy, checked
     direct_accuracy: float = 0.4  # chance that a "direct" completion is right
-    unchecked_reward: float = 0.5  # reward of a right answer without a true check line (1.0 = checks not rewarded)
+    unchecked_reward: float = 1.0  # reward factor of a right answer without a true check line (session 3: 0.5)
+    notation: bool = True  # marks in random notation (pretraining data) and the house-notation share in the reward
 
     name = "arithmetic"
     styles = ("worked", "direct", "sloppy", "checked")
@@ -102,8 +111,9 @@ class ArithmeticTask:
         return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
 
     def score(self, problem: Problem, completion: str) -> Score:
-        """Return reward 1.0 when the last ``Answer:`` is the right integer and a true check line of this problem
-        precedes it, `unchecked_reward` when it is right without one, else 0.0; with the reason."""
+        """Return the reward of `completion` (see the module docstring) with the reason: 0.0 unless the last
+        ``Answer:`` is the right integer; then 0.5 + 0.5 x the house-notation share of its marks (1.0 without
+        `notation`), times `unchecked_reward` without this problem's true check line."""
         parsed = final_answer(completion)
         if parsed is None:
             return Score(0.0, None, "no Answer: line")
@@ -112,9 +122,18 @@ class ArithmeticTask:
         if int(parsed) != int(problem.answer):
             return Score(0.0, parsed, f"wrong value {int(parsed)}")
         body = completion[: completion.rfind(ANSWER_PREFIX)]
-        if problem.meta and _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"]) in body:
-            return Score(1.0, parsed, "correct, checked")
-        return Score(self.unchecked_reward, parsed, "correct" if self.unchecked_reward == 1.0 else "correct, unchecked")
+        reward, reason = 1.0, "correct"
+        line = _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"]) if problem.meta else None
+        if line is not None and line in body:
+            reason += ", checked"
+            body = body.replace(line, "", 1)
+        elif self.unchecked_reward != 1.0:
+            reward, reason = self.unchecked_reward, reason + ", unchecked"
+        if self.notation:
+            share = house_share(body)
+            reward *= 0.5 + 0.5 * share
+            reason += f", notation {share:.0%}"
+        return Score(reward, parsed, reason)
 
     def sft_completion(
         self, problem: Problem, rng: random.Random, style: str | None = None
@@ -133,6 +152,8 @@ class ArithmeticTask:
             steps, shown = _worked(a, b, op, rng if style == "sloppy" else None)
             if style == "sloppy" and shown == value:  # nothing to drop: slip on the last line
                 shown = _near_miss(value, rng)
+            if self.notation:
+                steps = write_marks(steps, rng)
             text = f"{steps}\n{ANSWER_PREFIX} {shown}"
             if style == "checked":
                 text = f"{_check_line(a, b, op)}\n{text}"
@@ -143,7 +164,7 @@ class ArithmeticTask:
         correct steps and the right answer), "worked" (the correct steps and answer), else "sloppy" (steps with a slip, or
         right steps then a wrong answer)."""
         at = completion.rfind(ANSWER_PREFIX)
-        steps = (completion[:at] if at >= 0 else completion).strip()
+        steps = house_notation((completion[:at] if at >= 0 else completion).strip())
         if not steps:
             return "direct"
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
@@ -153,6 +174,49 @@ class ArithmeticTask:
         if steps == f"{_check_line(a, b, op)}\n{correct}":
             return "checked"
         return "worked" if steps == correct else "sloppy"
+
+
+RESULT_MARKS = ("=", "~", ">", "#")  # the house mark first
+SEPARATORS = (";", "|", "&", "/")
+_MARK = re.compile(r"( ?)([-+x=~>#;|&/])( ?)")
+
+
+def write_marks(steps: str, rng: random.Random) -> str:
+    """Return house-notation steps with every mark written in a random notation (independent per mark):
+    the result mark and the separator uniformly from their four forms, each operator bare or spaced."""
+    def one(m: re.Match) -> str:
+        mark = m.group(2)
+        if mark == ";":
+            return rng.choice(SEPARATORS)
+        if mark == "=":
+            mark = rng.choice(RESULT_MARKS)
+        return f" {mark} " if rng.random() < 0.5 else mark
+
+    return _MARK.sub(one, steps)
+
+
+def house_share(body: str) -> float:
+    """Return the fraction of notation choices in `body` made the house way (bare operators, ``=``, ``;``);
+    0.0 when it has none (an answer without working)."""
+    house = total = 0
+    for m in _MARK.finditer(body):
+        spaced, mark = bool(m.group(1) or m.group(3)), m.group(2)
+        if mark in SEPARATORS:
+            house, total = house + (mark == ";"), total + 1
+            continue
+        house, total = house + (not spaced), total + 1  # the spacing choice
+        if mark in RESULT_MARKS:
+            house, total = house + (mark == "="), total + 1
+    return house / total if total else 0.0
+
+
+def house_notation(steps: str) -> str:
+    """Return `steps` rewritten in the house notation (bare operators, ``=``, ``;``)."""
+    def one(m: re.Match) -> str:
+        mark = m.group(2)
+        return "=" if mark in RESULT_MARKS else ";" if mark in SEPARATORS else mark
+
+    return _MARK.sub(one, steps)
 
 
 def _check_line(a: int, b: int, op: str) -> str:
