@@ -1,0 +1,37 @@
+"""The benchmark scripts that run where CI cannot (a GPU): their CPU path, on tiny shapes, so they do not rot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("per_test_cache")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_train_runs_every_rollout_mode_on_a_tiny_shape(tiny_world, tmp_path, monkeypatch, capsys):
+    gpu_train = load_script("gpu_train")
+    policy, _ = tiny_world
+    monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--out", str(tmp_path), "--shape", "tiny", "--device", "cpu",
+                                      "--tokenizer", str(policy), "--steps", "2", "--prompts", "2", "--group", "2",
+                                      "--minibatch", "1", "--max-new-tokens", "6", "--specs", "off,static"])
+    gpu_train.main()
+    data = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert data["errors"] == {} and set(data["modes"]) == {"off", "static"}
+    assert data["params"] > 0 and (tmp_path / "gpu_train.png").stat().st_size > 0
+    off, static = data["modes"]["off"], data["modes"]["static"]
+    assert off["steps"] == static["steps"] == 2 and off["emitted_per_step"] == 1.0 and static["k_mean"] == 4.0
+    assert off["response_length"] == 6  # a random policy runs to the budget
+    assert off["logprob_diff_max"] <= 1e-4  # fp32 on CPU
+    assert not (tmp_path / "models").exists()  # the random checkpoints are removed
+    out = capsys.readouterr().out
+    assert "vs off" in out and "1.00x" in out
