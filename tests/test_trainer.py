@@ -77,8 +77,9 @@ def test_reward_rises_and_metrics_are_logged(world, tmp_path):
         assert names <= set(row), names - set(row)
         assert row["rollout/k_mean"] == 2.0 and row["rollout/logprob_diff_max"] <= 1e-4
         assert "actor/kl_loss" not in row  # kl_coef 0: no reference, no KL term
-    evals = {"val/accuracy", "val/accuracy_greedy", "val/response_length"}
+    evals = {"val/accuracy", "val/accuracy_greedy", "val/correct", "val/correct_greedy", "val/response_length"}
     assert [r["step"] for r in rows if evals <= set(r)] == [0, 3, 6, 9]
+    assert all(1 >= r["val/correct"] >= r["val/accuracy"] >= 0 for r in rows if "val/correct" in r)  # reward <= 1
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert load_config(tmp_path / "run" / "config.yaml") == trainer.config
 

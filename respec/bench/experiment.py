@@ -67,6 +67,7 @@ def summarize(rows: list[dict]) -> dict:
             "update_s": total("timing/update_s"), "learner_s": total("learner/busy_s"),
             "final_accuracy": accuracy[-1]["val/accuracy"] if accuracy else math.nan,
             "start_accuracy": accuracy[0]["val/accuracy"] if accuracy else math.nan,
+            "final_correct": accuracy[-1].get("val/correct", math.nan) if accuracy else math.nan,
             "accept_start": evals[0][EMITTED] if evals else math.nan,
             "accept_end": evals[-1][EMITTED] if evals else math.nan,
             "rollout_emitted_start": sum(emitted[:edge]) / edge, "rollout_emitted_end": sum(emitted[-edge:]) / edge,

@@ -448,8 +448,10 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Returns held-out metrics through the engine: mean reward at the rollout temperature (val/accuracy) and
-        greedy (val/accuracy_greedy), and the mean response length at that temperature.
+        """Returns held-out metrics through the engine: mean reward at the rollout temperature (val/accuracy, verl's
+        test score) and greedy (val/accuracy_greedy); the share of answers with a positive reward (val/correct,
+        val/correct_greedy: the right answers of the embedded tasks, whose reward is 0 only when wrong); and the
+        mean response length at that temperature.
 
         With a drafter, the sampled pass runs static SD with k = EVAL_K drafts (exact, so the accuracy is the
         policy's) and also returns `val/emitted_per_step_k4`: the current drafter's tokens per verify step on the
@@ -468,6 +470,7 @@ class Trainer:
             texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
             rewards = [float(self.reward_fn(p, t)) for p, t in zip(self.eval_problems, texts, strict=True)]
             out[f"val/accuracy{name}"] = sum(rewards) / len(rewards)
+            out[f"val/correct{name}"] = sum(r > 0 for r in rewards) / len(rewards)
             if not name:
                 out["val/response_length"] = result.num_tokens / len(prompts)
         return out
