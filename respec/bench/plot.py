@@ -158,8 +158,8 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path:
-    """Returns the PNG overlaying RL runs (directories with a metrics.jsonl): training reward, held-out accuracy
-    (solid at the rollout temperature, dashed greedy), mean response length, and seconds per step split into
+    """Returns the PNG overlaying RL runs (directories with a metrics.jsonl): training reward, held-out reward
+    (solid at the rollout temperature, dashed greedy) and share of right answers (dotted), mean response length, and seconds per step split into
     rollout (solid) and update (dashed); one colour per run, labelled by its directory name."""
     runs = []
     for d in run_dirs:
@@ -167,7 +167,8 @@ def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path
         path = d / "metrics.jsonl" if d.is_dir() else d
         runs.append((d.name if d.is_dir() else d.stem, read_metrics(path)))
     panels = [("reward (critic/score/mean)", [("critic/score/mean", "-")]),
-              ("held-out accuracy", [("val/accuracy", "-"), ("val/accuracy_greedy", "--")]),
+              ("held-out reward (T=1 solid, greedy dashed), right answers (dotted)",
+               [("val/accuracy", "-"), ("val/accuracy_greedy", "--"), ("val/correct", ":")]),
               ("response length (tokens)", [("response_length/mean", "-")]),
               ("seconds per step", [("timing/rollout_s", "-"), ("timing/update_s", "--")])]
     fig = Figure(figsize=(11, 7.5), layout="constrained")
