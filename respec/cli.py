@@ -412,7 +412,7 @@ def demo(
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 4, 16, 64), temperatures=(0.0, 1.0),
                                                          ks=(1, 2, 4, 6), repeats=2)
-    console.print(f"cache: {cache_root()} (the first run trains the policy, ~8 min, and the drafter, ~2 min "
+    console.print(f"cache: {cache_root()} (the first run trains the policy, ~20 min, and the drafter, ~4 min "
                   "on 2 CPU cores; later runs reuse them)")
     with _progress() as log:
         policy, drafter = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)

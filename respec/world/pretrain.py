@@ -5,14 +5,15 @@ The policy is shaped for the demo rather than for accuracy:
 - deep and narrow (12 layers of width 128), so a one-layer EAGLE-3 drafter costs a small fraction of a target
   forward even at batch 1 on a CPU, where per-layer overhead dominates;
 - trained on a *mixture* of solution styles (arithmetic: worked 50%, direct 25%, sloppy 15%, checked 10%) of
-  which only worked and checked are reliably right and only checked earns the full reward, so its reward at
-  temperature 1 is low and RL can visibly move its style mix;
-- trained briefly (13 minutes alone on 2 CPU cores, 21 on a busy machine); the result is cached under
+  which only worked and checked are reliably right, each worked line in a random notation per mark (the
+  arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
+  mix and its notation;
+- trained briefly (1.9 s per step alone on 2 CPU cores, ~20 minutes; 27 on a busy machine); the result is cached under
   $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker exists.
 
-Measured (PretrainConfig() defaults, 2.38M parameters, 2-core CPU shared with other jobs, session 3): 1255 s in
-all, final loss 0.18; on 256 held-out problems mean reward 0.18 at T=1 (styles: checked 4%, worked 27%, direct
-22%, sloppy 47%) and 0.31 greedy; 97% of samples ended with eos.
+Measured (PretrainConfig() defaults, 2.38M parameters, 2-core CPU shared with other jobs, session 4's notation
+world): 1643 s in all, final loss 0.42; on 256 held-out problems mean reward 0.22 at T=1 (styles: checked 8%,
+worked 23%, direct 21%, sloppy 48%) and 0.35 greedy; every sample ended with eos.
 
 Training sequences are ``<bos> prompt completion <eos>`` with the loss on the completion and eos only; prompt and
 completion are encoded separately, exactly as the policy sees them at generation (`respec.world.prompts.encode_prompt`).
