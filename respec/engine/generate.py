@@ -164,8 +164,9 @@ class Engine:
                     keep_evidence: float | None = None) -> None:
         """Swaps in `drafter` (validated against the target) from the next decode step on.
 
-        A rollout in progress keeps its tokens and target cache; the new drafter starts with an empty cache and
-        conditions on the sequence from the swap on. Exactness is unaffected (any drafter is exact).
+        A rollout in progress keeps its tokens and target cache; at its next step the new drafter catches up on
+        the whole sequence so far (one drafter forward over the recorded target features, like a prefill), so
+        it drafts with full context. Exactness is unaffected (any drafter is exact).
         `keep_evidence` is the share of the tuner's acceptance evidence kept (None = its swap_decay; 1.0 for a
         successor known to be at least as good, as the online learner's guarded versions are).
         """
@@ -333,12 +334,30 @@ class _Run:
         return k, predicted
 
     def sync_drafter(self) -> None:
-        """Adopts a drafter swapped in by Engine.set_drafter since the last step: a fresh, empty drafter cache;
-        the backlog of target features stays valid (it does not depend on the drafter)."""
+        """Adopts a drafter swapped in by Engine.set_drafter since the last step: a fresh drafter cache, and the
+        whole sequence so far (the history of (feature, next token) pairs the old drafter consumed, then the
+        unconsumed backlog) becomes the backlog, so the new drafter's first catch-up reads every position, as
+        a prefill. Target features do not depend on the drafter, so they stay valid."""
         if self.drafter is None or self.engine.drafter_epoch == self.drafter_epoch:
             return
         self.drafter, self.drafter_epoch = self.engine.drafter, self.engine.drafter_epoch
+        consumed = self.dcache.lengths  # [B] history entries per row
+        self.record(consumed)
+        width = self.dcache.extent + self.pend_width  # host-side bound of max(consumed + pend_len)
+        self.pend_tok, self.pend_feat = self.hist_tok[:, :width].clone(), self.hist_feat[:, :width].clone()
+        self.pend_len, self.pend_width, self.buffered = consumed + self.pend_len, width, False
         self.dcache = self.drafter.new_cache(len(self.rows), self.dcapacity)
+
+    def record(self, start: torch.Tensor) -> None:
+        """Copies the backlog into the history at each row's positions start[b] .. (padding lands past a row's
+        valid entries and is overwritten later, as in the drafter cache, which has the same capacity)."""
+        W = self.pend_width
+        if W == 0:
+            return
+        idx = start[:, None] + torch.arange(W, device=start.device)  # [B, W]
+        self.hist_tok.scatter_(1, idx, self.pend_tok[:, :W])
+        F = self.hist_feat.shape[-1]
+        self.hist_feat.scatter_(1, idx[..., None].expand(-1, -1, F), self.pend_feat[:, :W])
 
     def step(self, k: int) -> tuple[list[int], bool]:
         """Runs one decode step with k drafts (0 = plain); returns (accepted per live row, whether any row is live)."""
@@ -377,6 +396,9 @@ class _Run:
             self.backlog_tok = torch.zeros(B, width, dtype=torch.long, device=dev)  # [B, W]
             self.backlog_feat = aux.new_zeros(B, width, aux.shape[-1])  # [B, W, 3H]
             self.buffered = False  # whether pend_tok/pend_feat are the buffers
+            # Every consumed pair, by position: what a drafter swapped in mid-run catches up on (sync_drafter).
+            self.hist_tok = torch.zeros(B, self.dcapacity, dtype=torch.long, device=dev)  # [B, C]
+            self.hist_feat = aux.new_zeros(B, self.dcapacity, aux.shape[-1])  # [B, C, 3H]
         emitted = first[:, None]
         logprobs = token_logprobs(logits, first, self.params)[:, None]
         _, live = self.commit(emitted, logprobs, torch.ones(B, dtype=torch.long, device=dev), None)
@@ -420,6 +442,7 @@ class _Run:
         each row's last backlog entry: the start of the next chain of drafts."""
         drafter, B = self.drafter, len(self.rows)
         start = self.dcache.lengths
+        self.record(start)
         hidden, dlogits = drafter(self.pend_tok[:, : self.pend_width], self.pend_feat[:, : self.pend_width],
                                   self.dcache)  # [B, P, H], [B, P, Vd]
         self.dcache.set_lengths(start + self.pend_len)  # rows with a shorter backlog drop their padding
@@ -514,9 +537,10 @@ class _Run:
         if self.drafter is not None:
             self.dcache.keep(keep)
             n = len(keep)
-            for buf in (self.backlog_tok, self.backlog_feat):
+            for buf in (self.backlog_tok, self.backlog_feat, self.hist_tok, self.hist_feat):
                 keep_rows(buf, keep, dim=0)
             self.backlog_tok, self.backlog_feat = self.backlog_tok[:n], self.backlog_feat[:n]
+            self.hist_tok, self.hist_feat = self.hist_tok[:n], self.hist_feat[:n]
             if self.buffered:
                 self.pend_tok, self.pend_feat = self.backlog_tok, self.backlog_feat
             else:
