@@ -159,8 +159,9 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
 
 def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path:
     """Returns the PNG overlaying RL runs (directories with a metrics.jsonl): training reward, held-out reward
-    (solid at the rollout temperature, dashed greedy) and share of right answers (dotted), mean response length, and seconds per step split into
-    rollout (solid) and update (dashed); one colour per run, labelled by its directory name."""
+    (solid at the rollout temperature, dashed greedy) and share of right answers (dotted), mean response length,
+    and seconds per step split into rollout (solid) and update (dashed); one colour per run, labelled by its
+    directory name."""
     runs = []
     for d in run_dirs:
         d = Path(d)

@@ -8,8 +8,9 @@ The policy is shaped for the demo rather than for accuracy:
   which only worked and checked are reliably right, each worked line in a random notation per mark (the
   arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
   mix and its notation;
-- trained briefly (1.9 s per step alone on 2 CPU cores, ~20 minutes; 27 on a busy machine); the result is cached under
-  $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker exists.
+- trained briefly (1.9 s per step alone on 2 CPU cores, ~20 minutes; 27 on a busy machine); the result is
+  cached under $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker
+  exists.
 
 Measured (PretrainConfig() defaults, 2.38M parameters, 2-core CPU shared with other jobs, session 4's notation
 world): 1643 s in all, final loss 0.42; on 256 held-out problems mean reward 0.22 at T=1 (styles: checked 8%,
