@@ -20,6 +20,7 @@ from respec.engine.checkpoint import load_model
 from respec.engine.drafter import init_drafter, inv_freq_fp32, load_drafter
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
+from respec.errors import ConfigError
 from respec.rl.config import (
     AlgorithmConfig,
     DataConfig,
@@ -28,7 +29,13 @@ from respec.rl.config import (
     TrainConfig,
     TrainerConfig,
 )
-from respec.rl.learner import Learner, StepRollouts, sequence_weights, teacher_forced_emitted
+from respec.rl.learner import (
+    Learner,
+    StepRollouts,
+    lookahead_targets,
+    sequence_weights,
+    teacher_forced_emitted,
+)
 from respec.rl.trainer import Trainer
 from respec.world.distill import DistillBatch, DistillConfig, target_batch, train_drafter, ttt_logits
 
@@ -115,6 +122,29 @@ def test_sequence_weights_by_hand():
     torch.testing.assert_close(sequence_weights(flat, 4, temperature=0.1), torch.ones(8))
     with pytest.raises(ValueError, match="weighting"):
         sequence_weights(adv, 4, "advantage")
+
+
+def test_lookahead_targets_by_hand():
+    # One row of 3 positions over a 3-token vocab; p_t predicts x_{t+1}.
+    p = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]])
+    ids = torch.tensor([[2, 0, 1]])  # x_1 = 0 (sampled at position 0), x_2 = 1 (at position 1)
+    logp = p.log()
+    eta, adv = 0.5, torch.tensor([2.0])
+    out = lookahead_targets(logp, ids, adv, eta)
+    for t, y in ((0, 0), (1, 1)):
+        z = np.log(p[0, t].numpy().astype(np.float64)) + eta * 2.0 * (np.eye(3)[y] - p[0, t].numpy())
+        np.testing.assert_allclose(out[0, t].exp().numpy(), np.exp(z) / np.exp(z).sum(), rtol=1e-5)
+    assert out[0, 0, 0] > logp[0, 0, 0] and out[0, 1, 1] > logp[0, 1, 1]  # positive advantage: towards y
+    # A negative advantage moves the same step away from the sampled token; eta = 0 or A = 0 changes nothing.
+    assert lookahead_targets(logp, ids, -adv, eta)[0, 0, 0] < logp[0, 0, 0]
+    assert lookahead_targets(logp, ids, adv, 0.0) is logp
+    torch.testing.assert_close(lookahead_targets(logp, ids, torch.zeros(1), eta), logp)
+    # A draft vocab (target ids 5, 7, 9): x_1 = 7 is draft index 1; a next token outside it (8) keeps p_t.
+    ids_d = torch.tensor([[9, 7, 8]])
+    out_d = lookahead_targets(logp, ids_d, adv, eta, draft_ids=torch.tensor([5, 7, 9]))
+    z = np.log(p[0, 0].numpy().astype(np.float64)) + eta * 2.0 * (np.eye(3)[1] - p[0, 0].numpy())
+    np.testing.assert_allclose(out_d[0, 0].exp().numpy(), np.exp(z) / np.exp(z).sum(), rtol=1e-5)
+    torch.testing.assert_close(out_d[0, 1], logp[0, 1])
 
 
 # -- the guard's estimate --------------------------------------------------------------------------------------
@@ -216,6 +246,24 @@ def test_loss_falls_on_a_fixed_buffer(rollouts):
     assert len(learner.buffer) == 4  # buffer_steps: the oldest submissions went
     # measured 2.77, 1.93, 1.22, 0.67, 0.31 (lr 1e-3)
     assert losses[-1] < 0.5 * losses[0] and all(b < a for a, b in pairwise(losses)), losses
+
+
+def test_lookahead_moves_training_targets_only(rollouts):
+    _, drafter, steps = rollouts
+    r = steps[-1]
+    plain = Learner(LearnerConfig(mode="sync", steps_per_rollout=1), drafter, publish=lambda d, v: None, seed=0)
+    ahead = Learner(LearnerConfig(mode="sync", steps_per_rollout=1, lookahead=1.0), drafter,
+                    publish=lambda d, v: None, seed=0)
+    a, b = plain._entry(r), ahead._entry(r)  # same seed: the same held-out groups
+    torch.testing.assert_close(a.held_out.target_logp, b.held_out.target_logp)  # the guard reads p_t
+    mask = a.train.loss_mask
+    assert not torch.allclose(a.train.target_logp[mask], b.train.target_logp[mask])
+    rows = [i for i in range(len(r.advantages)) if any(torch.equal(r.input_ids[i], x) for x in a.train.input_ids)]
+    assert len(rows) == len(a.train)
+    expected = lookahead_targets(a.train.target_logp, a.train.input_ids, r.advantages[rows], 1.0)
+    torch.testing.assert_close(b.train.target_logp, expected)
+    with pytest.raises(ConfigError, match="lookahead"):
+        LearnerConfig(lookahead=-1.0)
 
 
 # -- crashes ---------------------------------------------------------------------------------------------------

@@ -198,6 +198,8 @@ class LearnerConfig:
     weighting: str = "reward"  # "reward": w ∝ exp(A / weight_temperature) per sequence (see learner.py);
     # "uniform": every sequence weighs 1 (plain online KD)
     weight_temperature: float = 1.0  # tau of the reward weights; larger = closer to uniform
+    lookahead: float = 0.0  # eta of the lookahead targets: each training target is moved one policy-gradient
+    # step ahead, softmax(log p + eta * A * (onehot(next token) - p)) (see learner.py); 0 = the target p as is
     max_weight: float = 4.0  # reward weights are clipped to [0, max_weight] after normalising to mean 1
     lr: float = 1e-3  # AdamW learning rate of the drafter (constant)
     batch_size: int = 32  # sequences per learner step
@@ -219,6 +221,7 @@ class LearnerConfig:
             raise ConfigError(f"learner.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         _finite(s, "weight_temperature", self.weight_temperature, 0.0, False)
         _finite(s, "max_weight", self.max_weight, 1.0, True)
+        _finite(s, "lookahead", self.lookahead, 0.0, True)
         _finite(s, "lr", self.lr, 0.0, False)
         for name in ("batch_size", "steps_per_rollout", "buffer_steps", "publish_every", "guard_k", "ttt_steps"):
             _positive_int(s, name, getattr(self, name))

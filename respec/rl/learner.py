@@ -19,6 +19,13 @@ distribution does not move). The weights are clipped to `max_weight` to bound th
 `weight_temperature`; tau -> infinity (or weighting="uniform") is plain online KD. With GRPO's group-normalised
 advantages (|A| <= ~2.5 for G = 8) and tau = 1 a correct answer among mostly wrong ones weighs up to 4x.
 
+Lookahead targets (`lookahead` = eta > 0; also ours). Sequence weights only choose which contexts count; at a
+position the target stays p_t, the policy that produced the rollouts, one to a few updates behind the policy the
+drafter will serve. For a softmax over logits z, the policy-gradient step on a sampled token y with advantage A is
+dz = A (onehot(y) - p), so the targets are moved one such step ahead: p' = softmax(log p_t + eta A (onehot(y) - p_t)).
+Averaged over the buffer the drafter learns the expected shift, which points where the update moves the policy
+(towards what was rewarded); eta sets how far ahead, 0 turns it off.
+
 Guard. Every `publish_every` learner steps the candidate's expected tokens per verify step (static k = guard_k,
 T = 1, `teacher_forced_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
 on the same rows; a candidate that is worse is not published (it keeps training).
@@ -69,6 +76,27 @@ class StepRollouts:
     target_logp: torch.Tensor | None = None  # [N, L, Vd] log p_t on the draft vocab (T = 1, renormalised), from
     # the same forward as `features`; None when no learner asked for it
     embed_weight: torch.Tensor | None = None  # [V, H] the policy's token embedding at that forward
+
+
+def lookahead_targets(target_logp: torch.Tensor, input_ids: torch.Tensor, advantages: torch.Tensor, eta: float,
+                      draft_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the distillation targets moved one policy-gradient step ahead (see the module docstring):
+    log softmax(log p_t + eta * A * (onehot(x_{t+1}) - p_t)) [N, T, Vd], for target_logp [N, T, Vd] (p_t predicts
+    x_{t+1}), input_ids [N, T], advantages [N] and the draft vocab's target ids (None: the full vocab). Positions
+    whose next token lies outside the draft vocab keep p_t; eta = 0 returns target_logp unchanged."""
+    if eta == 0:
+        return target_logp
+    N, T, Vd = target_logp.shape
+    nxt = input_ids.roll(-1, 1)  # [N, T] x_{t+1} (the last column wraps and is never masked in)
+    if draft_ids is not None:  # target id -> draft index, -1 outside the draft vocab
+        to_draft = torch.full((int(draft_ids.max()) + 1,), -1, dtype=torch.long, device=nxt.device)
+        to_draft[draft_ids] = torch.arange(draft_ids.numel(), device=nxt.device)
+        nxt = torch.where(nxt < to_draft.numel(), to_draft[nxt.clamp(max=to_draft.numel() - 1)], -1)
+    inside = (nxt >= 0) & (nxt < Vd)  # [N, T]
+    onehot = F.one_hot(nxt.clamp(0, Vd - 1), Vd).to(target_logp.dtype)  # [N, T, Vd]
+    step = advantages.to(target_logp.dtype)[:, None, None] * (onehot - target_logp.exp())
+    moved = torch.log_softmax(target_logp + eta * step, -1)
+    return torch.where(inside[..., None], moved, target_logp)
 
 
 def sequence_weights(advantages: torch.Tensor, group_size: int, weighting: str = "reward",
@@ -229,7 +257,13 @@ class Learner:
                                    self.config.weight_temperature, self.config.max_weight)
         train_rows = rows(train_groups)
         held_rows = rows(held_groups) if n_held else train_rows  # a single group: the guard sees training rows
-        return _Entry(r.step, _take(batch, train_rows), weights[train_rows], _take(batch, held_rows))
+        train = _take(batch, train_rows)
+        if self.config.lookahead:  # the guard keeps p_t: it measures the drafter against the policy it serves
+            train = DistillBatch(train.input_ids, train.features,
+                                 lookahead_targets(train.target_logp, train.input_ids,
+                                                   r.advantages.to(self.device)[train_rows], self.config.lookahead,
+                                                   self.draft_ids), train.loss_mask)
+        return _Entry(r.step, train, weights[train_rows], _take(batch, held_rows))
 
     def metrics(self) -> dict:
         """Returns the learner's metrics for the trainer's step line (window values since the previous call)."""
