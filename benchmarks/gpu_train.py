@@ -103,13 +103,14 @@ def run_mode(policy: Path, drafter: Path, spec: str, args, out: Path) -> dict:
 
 
 def plot(data: dict, png: Path) -> Path:
-    import matplotlib
+    """Draws seconds per GRPO step by phase, one stacked bar per mode (respec.bench.plot's Agg canvas, atomic)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from respec.bench.plot import save_figure
 
     modes = list(data["modes"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.add_subplot()
     bottom = [0.0] * len(modes)
     for key in PHASES:
         name = key.split("/")[1]
@@ -119,10 +120,7 @@ def plot(data: dict, png: Path) -> Path:
     ax.set_ylabel("seconds per GRPO step (median)")
     ax.set_title(f"{data['shape']} ({data['params'] / 1e6:.0f}M), {data['machine']['device_name']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def main() -> None:

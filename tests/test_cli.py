@@ -58,6 +58,12 @@ def test_bad_prompt_ids_are_one_error_line(monkeypatch, capsys, checkpoint, ids,
     assert_one_error_line(code, err, needle)
 
 
+def test_negative_threads_is_one_error_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "pretrain", "--out", str(tmp_path / "p"), "--threads", "-1")
+    assert_one_error_line(code, err, "--threads")
+    assert not (tmp_path / "p").exists()
+
+
 def test_static_mode_without_drafter_is_one_error_line(monkeypatch, capsys, checkpoint):
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(checkpoint), "--prompt-ids", "1,2",
                            "--mode", "static")

@@ -161,7 +161,7 @@ def test_cache_is_reused_and_incomplete_entry_rebuilt(cache, monkeypatch):
 
 def test_cache_key_follows_config_but_not_threads():
     a, b = PretrainConfig(), PretrainConfig(num_threads=2)
-    assert a.cache_key() == b.cache_key()
+    assert a.cache_key() == b.cache_key() == PretrainConfig(num_threads=None).cache_key()  # None: every core
     assert a.cache_key() != PretrainConfig(lr=1e-3).cache_key()
 
 
@@ -174,7 +174,7 @@ def test_prompt_ids_start_with_bos(tiny_policy):
 @pytest.mark.parametrize("field,value", [
     ("num_layers", 0), ("hidden_size", 30), ("num_kv_heads", 3), ("steps", -1), ("lr", 0.0),
     ("lr", float("nan")), ("warmup", 10_000), ("vocab_size", 10), ("task", "nope"), ("style_weights", (1.0, -1.0, 1.0)),
-    ("style_weights", (1.0, 1.0)), ("batch_size", 2.5),
+    ("style_weights", (1.0, 1.0)), ("batch_size", 2.5), ("num_threads", 0),
 ])
 def test_invalid_config_raises(field, value):
     with pytest.raises(ConfigError):

@@ -16,7 +16,8 @@ from respec.errors import DataError
 from respec.world.tasks.jsonl import read_jsonl
 
 
-def _save(fig: Figure, png: Path) -> Path:
+def save_figure(fig: Figure, png: str | os.PathLike) -> Path:
+    """Writes `fig` to `png` atomically (a temporary file, then a rename) and returns the path."""
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
@@ -54,7 +55,7 @@ def plot_metrics(path: str | os.PathLike, png: str | os.PathLike | None = None) 
         ax.set_title(key)
         ax.set_xlabel("step" if any("step" in r for r in records) else "line")
         ax.grid(alpha=0.3)
-    return _save(fig, Path(png) if png is not None else path.with_suffix(".png"))
+    return save_figure(fig, Path(png) if png is not None else path.with_suffix(".png"))
 
 
 def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
@@ -85,7 +86,7 @@ def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(device, fontsize=9)
-    return _save(fig, Path(png))
+    return save_figure(fig, Path(png))
 
 
 def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
@@ -119,7 +120,7 @@ def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(f"Speculative decoding speedup ({device})", fontsize=9)
-    return _save(fig, Path(png))
+    return save_figure(fig, Path(png))
 
 
 def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
@@ -154,7 +155,7 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(f"Adaptive speculative decoding on a draining rollout ({device})", fontsize=9)
-    return _save(fig, Path(png))
+    return save_figure(fig, Path(png))
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path:
@@ -187,7 +188,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _save(fig, Path(png))
+    return save_figure(fig, Path(png))
 
 
 def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
@@ -214,7 +215,7 @@ def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"respec experiment: {report['steps']} steps, seeds {report['seeds']}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, png)
+    return save_figure(fig, png)
 
 
 def _smooth(values: list[float], window: int = 5) -> list[float]:

@@ -94,6 +94,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
     return names[dtype]
 
 
+def all_cores() -> int:
+    """Returns the number of CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Runs the block with `threads` torch CPU threads (None = unchanged), restoring the count afterwards."""

@@ -8,12 +8,14 @@ from pathlib import Path
 
 
 def resolve_models(policy: str | Path | None = None, drafter: str | Path | None = None,
-                   task: str = "arithmetic", log: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+                   task: str = "arithmetic", log: Callable[[str], None] | None = None,
+                   threads: int | None = 1) -> tuple[Path, Path]:
     """Returns (policy, drafter) directories: the given ones, or the embedded default policy for `task` and its
-    distilled drafter, built or reused from the cache. `log` receives progress lines."""
+    distilled drafter, built or reused from the cache. `log` receives progress lines; `threads` are the torch
+    CPU threads of a policy build (None: every core; 1 suits a shared machine)."""
     from respec.world.distill import build_drafter
     from respec.world.pretrain import PretrainConfig, pretrain
 
-    policy_dir = Path(policy) if policy else pretrain(PretrainConfig(task=task), log=log)
+    policy_dir = Path(policy) if policy else pretrain(PretrainConfig(task=task, num_threads=threads), log=log)
     drafter_dir = Path(drafter) if drafter else build_drafter(policy_dir, task=task, log=log)
     return policy_dir, drafter_dir

@@ -8,7 +8,8 @@ The policy is shaped for the demo rather than for accuracy:
   which only worked and checked are reliably right, each worked line in a random notation per mark (the
   arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
   mix and its notation;
-- trained briefly (1.9 s per step alone on 2 CPU cores, ~20 minutes; 27 on a busy machine); the result is
+- trained briefly (600 steps: ~20 minutes with 1 thread, ~12 with 2 on an idle 2-core machine as `respec demo`
+  runs it, 27 on a busy one); the result is
   cached under $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker
   exists.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from respec.engine.checkpoint import load_model, save_model, torch_threads
+from respec.engine.checkpoint import all_cores, load_model, save_model, torch_threads
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
@@ -81,20 +82,23 @@ class PretrainConfig:
     style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
-    # torch CPU threads while training. 1 by default: on a 2-core machine shared with other processes, 2 threads
-    # measured ~5x slower per step (0.4 s vs 2.2 s) than 1, from threads waiting on each other. Not in the cache key.
-    num_threads: int = 1
+    # torch CPU threads while training; None = every core this process may use. 1 by default: on a 2-core machine
+    # shared with other processes 2 threads ran several times slower per step than 1 (threads waiting on each
+    # other); on an idle one 2 threads ran 1.65x faster (1,600 vs 960 tokens/s, session 5), which `respec demo`
+    # uses. Not in the cache key: it changes speed, and at most the rounding of float sums.
+    num_threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.style_weights is not None:
             object.__setattr__(self, "style_weights", tuple(float(w) for w in self.style_weights))
         positive = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_seq_len",
-                    "steps", "batch_size", "num_train_problems", "eval_problems", "eval_max_new_tokens",
-                    "num_threads")
+                    "steps", "batch_size", "num_train_problems", "eval_problems", "eval_max_new_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"pretrain {name} must be a positive integer, got {value!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ConfigError(f"pretrain num_threads must be a positive integer or None, got {self.num_threads!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads:
@@ -166,7 +170,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None, log: Log | None
 
 def build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None = None) -> tuple[Transformer, object, dict]:
     """Returns (trained model, its tokenizer, held-out evaluation); writes training metrics to `metrics_path`."""
-    with torch_threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads or all_cores()):
         return _build_policy(cfg, metrics_path, log)
 
 
