@@ -131,7 +131,7 @@ def test_demo_benchmarks_then_trains_no_sd_against_respec(monkeypatch, capsys, t
     import respec.world.defaults as defaults
 
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(defaults, "resolve_models", lambda policy, drafter, task, log=None: tiny_world)
+    monkeypatch.setattr(defaults, "resolve_models", lambda policy, drafter, task, log=None, threads=1: tiny_world)
     code, out, err = run_cli(monkeypatch, capsys, "demo", "--json", str(tmp_path / "demo" / "spec.json"),
                              "--train-steps", "2")
     assert code == 0, err
