@@ -8,7 +8,7 @@ The policy is shaped for the demo rather than for accuracy:
   which only worked and checked are reliably right, each worked line in a random notation per mark (the
   arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
   mix and its notation;
-- trained briefly (600 steps: ~20 minutes with 1 thread, ~12 with 2 on an idle 2-core machine as `respec demo`
+- trained briefly (600 steps: ~20 minutes with 1 thread, 16 with 2 on an idle 2-core machine as `respec demo`
   runs it, 27 on a busy one); the result is
   cached under $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker
   exists.
@@ -85,7 +85,8 @@ class PretrainConfig:
     # torch CPU threads while training; None = every core this process may use. 1 by default: on a 2-core machine
     # shared with other processes 2 threads ran several times slower per step than 1 (threads waiting on each
     # other); on an idle one 2 threads ran 1.65x faster (1,600 vs 960 tokens/s, session 5), which `respec demo`
-    # uses. Not in the cache key: it changes speed, and at most the rounding of float sums.
+    # uses. Not in the cache key: it changes speed only (the 2-thread build of the default policy, 971 s, was
+    # byte-identical to the 1-thread one).
     num_threads: int | None = 1
 
     def __post_init__(self) -> None:
