@@ -96,6 +96,32 @@ def test_aux_hidden_states_are_transformers_hidden_states(pair):
     assert (aux - torch.cat([ref[0], ref[1], ref[2]], -1)).abs().max() <= 1e-5
 
 
+def test_packed_forward_equals_padded_forward(pair):
+    """seq_lens runs the layers on the real tokens only (the trainer's forward): same hidden states, aux features
+    and gradients at the real tokens as the padded forward, zeros at the padding; and transformers' logits."""
+    hf, ours, _ = pair
+    ids = torch.randint(0, 97, (3, 25), generator=torch.Generator().manual_seed(5))
+    seq_lens = torch.tensor([25, 9, 17])
+    real = torch.arange(25)[None] < seq_lens[:, None]  # [3, 25]
+    hidden, aux = ours(ids, aux_layers=(0, 2, 3))
+    packed, packed_aux = ours(ids, aux_layers=(0, 2, 3), seq_lens=seq_lens)
+    assert (packed - hidden)[real].abs().max() <= 1e-5 and (packed_aux - aux)[real].abs().max() <= 1e-5
+    assert not packed[~real].any() and not packed_aux[~real].any()
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=real.long()).logits
+    assert (ours.lm_head(packed) - ref)[real].abs().max() <= 1e-4
+    weights = torch.randn(3, 25, ours.config.hidden_size, generator=torch.Generator().manual_seed(6)) * real[..., None]
+    grads = []
+    for lens in (None, seq_lens):
+        ours.zero_grad()
+        (ours(ids, seq_lens=lens)[0] * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() <= 1e-4 * (1 + grads[0][name].abs().max()), name
+    ours.zero_grad()
+
+
 @torch.no_grad()
 def test_save_model_loads_in_transformers(pair, tmp_path):
     hf, ours, _ = pair

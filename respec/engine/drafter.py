@@ -325,7 +325,7 @@ class Eagle3Drafter(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns cos, sin [B, 1, T, D] for positions [B, T], computed like the target's."""
+        """Returns cos, sin [B, T, 1, D] for positions [B, T], computed like the target's."""
         return rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor,

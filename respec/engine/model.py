@@ -155,11 +155,37 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns cos, sin [B, 1, T, D] for integer positions [B, T], computed in fp32 like transformers (in bf16 the
-    products position x frequency would lose the low bits that distinguish neighbouring positions)."""
-    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    """Returns cos, sin [*, 1, D] for integer positions [*] ([B, T] or packed [N]): token-major, they broadcast
+    over the heads of [*, heads, D]. Computed in fp32 like transformers (in bf16 the products position x
+    frequency would lose the low bits that distinguish neighbouring positions)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [*, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [*, 1, D]
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a right-padded batch [B, T] sit: the training forward runs its linear layers on
+    those tokens only (verl's use_remove_padding), and pads them back only for attention."""
+
+    index: torch.Tensor  # [N] flat positions b * T + t of the real tokens, in row-major order
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, seq_lens: torch.Tensor, length: int) -> Packing:
+        """Returns the packing of rows whose first seq_lens[b] of `length` tokens are real."""
+        real = torch.arange(length, device=seq_lens.device)[None] < seq_lens[:, None]  # [B, T]
+        return cls(real.flatten().nonzero().squeeze(1), len(seq_lens), length)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns x [B, T, ...] at the real tokens [N, ...]."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns packed x [N, ...] scattered back to [B, T, ...], zeros at the padding."""
+        full = x.new_zeros(self.batch * self.length, *x.shape[1:])
+        return full.index_copy(0, self.index, x).unflatten(0, (self.batch, self.length))
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +202,7 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Returns x [B, H, T, D] rotated by cos/sin [B, 1, T, D] (the rotate-half convention of HF)."""
+    """Returns x [*, heads, D] rotated by cos/sin [*, 1, D] (the rotate-half convention of HF)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -210,20 +236,30 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Returns q [B, H, T, D], k and v [B, Hkv, T, D] of x [B, T, in], RoPE applied to q and k."""
-        B, T, _ = x.shape
-        d = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
-        q, k, v = q.view(B, T, self.n_heads, d), k.view(B, T, self.n_kv, d), v.view(B, T, self.n_kv, d)
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (q|k heads [*, H + Hkv, D] with RoPE applied, v heads [*, Hkv, D]) of x [*, in], token-major
+        with cos/sin [*, 1, D]. RoPE runs once over the joint q|k slab: half the elementwise kernels of rotating
+        q and k apart, which a decode step (a chain of tiny ops) and the update both feel."""
+        heads = self.qkv_proj(x).unflatten(-1, (-1, self.head_dim))  # [*, H + 2Hkv, D]
+        qk, v = heads.split([self.n_heads + self.n_kv, self.n_kv], dim=-2)
         if hasattr(self, "q_norm"):  # Qwen3 normalises each head before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=-2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-2)
+        return apply_rope(qk, cos, sin), v
+
+    def heads_first(self, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns q [B, H, T, D], k and v [B, Hkv, T, D] (views) of token-major qk [B, T, H + Hkv, D], v."""
+        q, k = qk.transpose(1, 2).split([self.n_heads, self.n_kv], dim=1)
+        return q, k, v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int, mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
+                layer: int, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        """Returns the attention output [B, T, H] of x [B, T, in], or [N, H] of packed x [N, in] (no cache)."""
+        qk, v = self.qkv(x, cos, sin)
+        if packing is not None:  # attention needs rows: the padding gets zero q/k/v, after every real token
+            qk, v = packing.pad(qk), packing.pad(v)
+        q, k, v = self.heads_first(qk, v)
+        B, _, T, _ = q.shape
         if mask is None:  # no cache, or an empty one: plain causal attention over the new tokens
             if cache is not None:
                 cache.write(layer, k, v)
@@ -235,7 +271,10 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                      enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2)  # [B, T, H, D]
+        if packing is not None:
+            out = packing.pack(out)  # [N, H, D]
+        return self.o_proj(out.flatten(-2))
 
 
 class MLP(nn.Module):
@@ -292,8 +331,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, cos, sin, cache, layer, mask, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -313,39 +352,53 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns cos, sin [B, 1, T, D] for integer positions [B, T]."""
+        """Returns cos, sin [*, 1, D] for integer positions [*]."""
         return rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, aux_layers: tuple[int, ...] = (),
+                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (final-normed hidden states [B, T, H], aux features [B, T, len(aux_layers) * H] or None).
 
         Without a cache the batch is a plain causal forward from position 0 (right padding is harmless).
-        With a cache, row b's tokens take positions lengths[b] .. lengths[b] + T - 1, are written to the cache,
-        and the cache lengths advance by T. Aux feature j is the residual stream entering layer j (HF's
-        `hidden_states[j]`), the EAGLE-3 input, gathered in the same forward.
+        With `seq_lens` [B] as well (row b's first seq_lens[b] tokens are real), every layer but attention runs
+        on the real tokens only, packed: the training forward of a rollout batch, whose padding can be half of
+        its positions; outputs are zero at the padding. With a cache, row b's tokens take positions lengths[b]
+        .. lengths[b] + T - 1, are written to the cache, and the cache lengths advance by T. Aux feature j is
+        the residual stream entering layer j (HF's `hidden_states[j]`), the EAGLE-3 input, gathered in the same
+        forward.
         """
         B, T = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        if cache is None or cache.is_empty():
+        packing = None
+        mask = None
+        if seq_lens is not None:
+            if cache is not None:
+                raise ValueError("seq_lens packs a forward without cache; a cached forward pads")
+            packing = Packing.of(seq_lens, T)
+            positions = packing.index % T  # [N]
+            input_ids = packing.pack(input_ids)  # [N]
+        elif cache is None or cache.is_empty():
             # From position 0 (a forward without cache, or the prefill of an empty one): causal attention
             # needs no mask, and right padding only adds positions that no real token attends to.
-            positions = torch.arange(T, device=x.device).expand(B, T)
-            mask = None
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             positions = cache.positions(T)
-            mask = cache.mask(T, x.dtype)
+            mask = cache.mask(T, self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids)  # [B, T, H] or packed [N, H]
         cos, sin = self.rope(positions, x.dtype)
         aux = []
         for i, layer in enumerate(self.layers):
             if i in aux_layers:
                 aux.append(x)
-            x = layer(x, cos, sin, cache, i, mask)
+            x = layer(x, cos, sin, cache, i, mask, packing)
         if len(self.layers) in aux_layers:
             aux.append(x)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x), (torch.cat(aux, dim=-1) if aux else None)
+        hidden, features = self.norm(x), (torch.cat(aux, dim=-1) if aux else None)
+        if packing is not None:
+            hidden = packing.pad(hidden)
+            features = packing.pad(features) if features is not None else None
+        return hidden, features
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Returns logits [B, T, V] of a full causal forward (no cache)."""

@@ -335,9 +335,10 @@ class Trainer:
 
     def _completion_logits(self, model: Transformer, batch: _Batch, aux_layers: tuple[int, ...]):
         """Returns (logits [n, Tc, V] at the completion tokens, before the temperature, aux features [n, S, 3H] or
-        None) of one causal forward over prompt + completion (right-padded)."""
+        None, zero at the padding) of one causal forward over prompt + completion (right-padded; the layers skip
+        the padding, which in a minibatch of rollouts is about half of its positions)."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            hidden, aux = model(batch.input_ids, aux_layers=aux_layers)  # [n, S, H], [n, S, 3H] or None
+            hidden, aux = model(batch.input_ids, aux_layers=aux_layers, seq_lens=batch.seq_lens)  # [n, S, H], [n, S, 3H]
             # Completion token j of row b sits at prompt_len + j and is predicted from the position before it.
             j = torch.arange(batch.tokens.shape[1], device=hidden.device)
             pos = (batch.prompt_lens[:, None] - 1 + j[None]).clamp(max=hidden.shape[1] - 1)  # [n, Tc]

@@ -172,8 +172,8 @@ def _ttt_layer(drafter: Eagle3Drafter, embeds: torch.Tensor, feature: torch.Tens
     attn = layer.self_attn
     B, T, _ = embeds.shape
     x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(feature)], dim=-1)  # [B, T, 2H]
-    cos, sin = drafter.rope(positions, embeds.dtype)  # [B, 1, T, D]
-    q, k, v = attn.qkv(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x 2
+    cos, sin = drafter.rope(positions, embeds.dtype)  # [B, T, 1, D]
+    q, k, v = attn.heads_first(*attn.qkv(x, cos, sin))  # [B, H, T, D], [B, Hkv, T, D] x 2
     keys.append(k)
     values.append(v)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
