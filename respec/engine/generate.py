@@ -335,29 +335,22 @@ class _Run:
 
     def sync_drafter(self) -> None:
         """Adopts a drafter swapped in by Engine.set_drafter since the last step: a fresh drafter cache, and the
-        whole sequence so far (the history of (feature, next token) pairs the old drafter consumed, then the
-        unconsumed backlog) becomes the backlog, so the new drafter's first catch-up reads every position, as
-        a prefill. Target features do not depend on the drafter, so they stay valid."""
+        whole history becomes the backlog, so the new drafter's first catch-up reads every position, as a
+        prefill. Target features do not depend on the drafter, so they stay valid."""
         if self.drafter is None or self.engine.drafter_epoch == self.drafter_epoch:
             return
         self.drafter, self.drafter_epoch = self.engine.drafter, self.engine.drafter_epoch
-        consumed = self.dcache.lengths  # [B] history entries per row
-        self.record(consumed)
-        width = self.dcache.extent + self.pend_width  # host-side bound of max(consumed + pend_len)
-        self.pend_tok, self.pend_feat = self.hist_tok[:, :width].clone(), self.hist_feat[:, :width].clone()
-        self.pend_len, self.pend_width, self.buffered = consumed + self.pend_len, width, False
+        self.pend_width += self.dcache.extent  # host-side bound of max(consumed + pend_len)
+        self.pend_len = self.dcache.lengths + self.pend_len
         self.dcache = self.drafter.new_cache(len(self.rows), self.dcapacity)
 
-    def record(self, start: torch.Tensor) -> None:
-        """Copies the backlog into the history at each row's positions start[b] .. (padding lands past a row's
-        valid entries and is overwritten later, as in the drafter cache, which has the same capacity)."""
-        W = self.pend_width
-        if W == 0:
-            return
-        idx = start[:, None] + torch.arange(W, device=start.device)  # [B, W]
-        self.hist_tok.scatter_(1, idx, self.pend_tok[:, :W])
-        F = self.hist_feat.shape[-1]
-        self.hist_feat.scatter_(1, idx[..., None].expand(-1, -1, F), self.pend_feat[:, :W])
+    def append_history(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """Writes (next token [B, n], target feature [B, n, 3H]) pairs at each row's first free history position,
+        consumed + pending (entries past a row's valid ones are padding, overwritten later, as in the drafter
+        cache, which has the same capacity); the caller grows the backlog by the valid ones."""
+        idx = (self.dcache.lengths + self.pend_len)[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        self.hist_tok.scatter_(1, idx, tokens)
+        self.hist_feat.scatter_(1, idx[..., None].expand(-1, -1, features.shape[-1]), features)
 
     def step(self, k: int) -> tuple[list[int], bool]:
         """Runs one decode step with k drafts (0 = plain); returns (accepted per live row, whether any row is live)."""
@@ -383,22 +376,17 @@ class _Run:
         first = self.sample(logits)  # [B]
         self.last = first
         if self.drafter is not None:
-            # Drafter position t pairs the target feature at t with token t+1: the prompt shifted left, with the
-            # sampled first token at the end of each row. This backlog is consumed by the first catch-up.
+            # The history holds every (target feature at t, token t+1) pair by drafter position t. Row b's first
+            # dcache.lengths[b] pairs are consumed; the next pend_len[b] are the backlog, the next catch-up's
+            # input. A drafter swapped in mid-run catches up on all of them (sync_drafter).
             self.dcache = self.drafter.new_cache(B, self.dcapacity)
-            self.pend_tok = ids.roll(-1, dims=1).scatter(1, last[:, None], first[:, None])  # [B, P]
-            self.pend_feat = aux  # [B, P, 3H]
-            self.pend_len = self.prompt_lens.clone()  # [B] valid backlog entries per row
-            self.pend_width = L  # host-side max(pend_len)
-            # Plain steps append to preallocated buffers (no per-step reallocation); a verify step's backlog is
-            # its own output tensors and moves into the buffers at the next plain step.
-            width = BACKLOG_FLUSH + self.k_max + 1
-            self.backlog_tok = torch.zeros(B, width, dtype=torch.long, device=dev)  # [B, W]
-            self.backlog_feat = aux.new_zeros(B, width, aux.shape[-1])  # [B, W, 3H]
-            self.buffered = False  # whether pend_tok/pend_feat are the buffers
-            # Every consumed pair, by position: what a drafter swapped in mid-run catches up on (sync_drafter).
             self.hist_tok = torch.zeros(B, self.dcapacity, dtype=torch.long, device=dev)  # [B, C]
             self.hist_feat = aux.new_zeros(B, self.dcapacity, aux.shape[-1])  # [B, C, 3H]
+            # The prompt shifted left, with the sampled first token at the end of each row.
+            self.hist_tok[:, :L] = ids.roll(-1, dims=1).scatter(1, last[:, None], first[:, None])
+            self.hist_feat[:, :L] = aux
+            self.pend_len = self.prompt_lens.clone()  # [B] backlog entries per row
+            self.pend_width = L  # host-side bound of max(pend_len)
         emitted = first[:, None]
         logprobs = token_logprobs(logits, first, self.params)[:, None]
         _, live = self.commit(emitted, logprobs, torch.ones(B, dtype=torch.long, device=dev), None)
@@ -422,18 +410,10 @@ class _Run:
 
     def push_backlog(self, token: torch.Tensor, feature: torch.Tensor) -> None:
         """Appends one (feature [B, 3H], next token [B]) pair per row to the drafter's backlog, after letting
-        the drafter consume a backlog that has grown BACKLOG_FLUSH wide (bounded memory, amortised cost)."""
+        the drafter consume a backlog that has grown BACKLOG_FLUSH wide (a bounded catch-up, amortised cost)."""
         if self.pend_width >= BACKLOG_FLUSH:
             self.catch_up()
-        if not self.buffered:
-            w = self.pend_width
-            self.backlog_tok[:, :w] = self.pend_tok[:, :w]
-            self.backlog_feat[:, :w] = self.pend_feat[:, :w]
-            self.pend_tok, self.pend_feat, self.buffered = self.backlog_tok, self.backlog_feat, True
-        B, F = feature.shape
-        at = self.pend_len[:, None]  # [B, 1] each row's first free backlog slot
-        self.pend_tok.scatter_(1, at, token[:, None])
-        self.pend_feat.scatter_(1, at[..., None].expand(B, 1, F), feature[:, None])
+        self.append_history(token[:, None], feature[:, None])
         self.pend_len = self.pend_len + 1
         self.pend_width += 1
 
@@ -442,9 +422,10 @@ class _Run:
         each row's last backlog entry: the start of the next chain of drafts."""
         drafter, B = self.drafter, len(self.rows)
         start = self.dcache.lengths
-        self.record(start)
-        hidden, dlogits = drafter(self.pend_tok[:, : self.pend_width], self.pend_feat[:, : self.pend_width],
-                                  self.dcache)  # [B, P, H], [B, P, Vd]
+        idx = start[:, None] + torch.arange(self.pend_width, device=start.device)  # [B, P] the backlog's positions
+        tokens = self.hist_tok.gather(1, idx)  # [B, P]
+        features = self.hist_feat.gather(1, idx[..., None].expand(-1, -1, self.hist_feat.shape[-1]))  # [B, P, 3H]
+        hidden, dlogits = drafter(tokens, features, self.dcache)  # [B, P, H], [B, P, Vd]
         self.dcache.set_lengths(start + self.pend_len)  # rows with a shorter backlog drop their padding
         rows = torch.arange(B, device=self.engine.device)
         at = self.pend_len - 1
@@ -481,8 +462,8 @@ class _Run:
         emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
         # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
         self.cache.set_lengths(n + 1 + accepted)
-        self.pend_tok, self.pend_feat, self.pend_len, self.pend_width = emitted, aux, accepted + 1, k + 1
-        self.buffered = False
+        self.append_history(emitted, aux)  # the backlog was consumed by draft()'s catch-up
+        self.pend_len, self.pend_width = accepted + 1, k + 1
         self.last = nxt
         return emitted, token_logprobs(logits, emitted, self.params), accepted + 1, accepted
 
@@ -537,12 +518,7 @@ class _Run:
         if self.drafter is not None:
             self.dcache.keep(keep)
             n = len(keep)
-            for buf in (self.backlog_tok, self.backlog_feat, self.hist_tok, self.hist_feat):
+            for buf in (self.hist_tok, self.hist_feat):
                 keep_rows(buf, keep, dim=0)
-            self.backlog_tok, self.backlog_feat = self.backlog_tok[:n], self.backlog_feat[:n]
             self.hist_tok, self.hist_feat = self.hist_tok[:n], self.hist_feat[:n]
-            if self.buffered:
-                self.pend_tok, self.pend_feat = self.backlog_tok, self.backlog_feat
-            else:
-                self.pend_tok, self.pend_feat = self.pend_tok[index], self.pend_feat[index]
             self.pend_len = self.pend_len[index]
