@@ -35,3 +35,17 @@ def test_gpu_train_runs_every_rollout_mode_on_a_tiny_shape(tiny_world, tmp_path,
     assert not (tmp_path / "models").exists()  # the random checkpoints are removed
     out = capsys.readouterr().out
     assert "vs off" in out and "1.00x" in out
+
+
+def test_update_padding_times_both_modes_on_the_tiny_world(tiny_world, tmp_path, monkeypatch, capsys):
+    update_padding = load_script("update_padding")
+    policy, _ = tiny_world
+    out = tmp_path / "update_padding.json"
+    monkeypatch.setattr(sys, "argv", ["update_padding.py", "--policy", str(policy), "--prompts", "4", "--group", "2",
+                                      "--minibatch", "2", "--max-new-tokens", "8", "--rounds", "2", "--json", str(out)])
+    update_padding.main()
+    data = json.loads(out.read_text())
+    assert set(data["median_s"]) == {"padded", "packed"} and all(len(v) == 2 for v in data["seconds"].values())
+    assert 0 <= data["padding_fraction"] < 1 and data["speedup"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "packed is" in capsys.readouterr().out
