@@ -8,8 +8,8 @@ The policy is shaped for the demo rather than for accuracy:
   which only worked and checked are reliably right, each worked line in a random notation per mark (the
   arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
   mix and its notation;
-- trained briefly (600 steps: ~20 minutes with 1 thread, 16 with 2 on an idle 2-core machine as `respec demo`
-  runs it, 27 on a busy one); the result is
+- trained briefly (600 steps: ~9 minutes with 2 threads on an idle 2-core machine as `respec demo` runs it, the
+  layers skipping each batch's padding; 16 before they did); the result is
   cached under $RESPEC_CACHE keyed by the config, and a cache entry is trusted only once its completion marker
   exists.
 
