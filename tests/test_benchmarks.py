@@ -49,3 +49,17 @@ def test_update_padding_times_both_modes_on_the_tiny_world(tiny_world, tmp_path,
     assert 0 <= data["padding_fraction"] < 1 and data["speedup"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "packed is" in capsys.readouterr().out
+
+
+def test_update_contention_times_the_update_beside_a_load(tiny_world, tmp_path, monkeypatch, capsys):
+    update_contention = load_script("update_contention")
+    policy, _ = tiny_world
+    out = tmp_path / "update_contention.json"
+    monkeypatch.setattr(sys, "argv", ["update_contention.py", "--policy", str(policy), "--rows", "4",
+                                      "--minibatches", "1", "--rounds", "1", "--loads", "thread-small",
+                                      "--json", str(out)])
+    update_contention.main()
+    data = json.loads(out.read_text())
+    assert set(data["median_s"]) == {"alone", "thread-small"} and data["vs_alone"]["alone"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "x alone" in capsys.readouterr().out
