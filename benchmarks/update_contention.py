@@ -15,7 +15,6 @@ the machine's (shared caches, memory bandwidth, or a hypervisor that does not gi
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from respec.bench.engine import write_results
 from respec.engine.checkpoint import load_model
 from respec.world.pretrain import PretrainConfig, pretrain
 
@@ -110,16 +110,11 @@ def main() -> None:
               f"{', '.join(f'{t:.3f}' for t in times[load])})")
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}, "args": vars(args),
               "seconds": times, "median_s": med, "vs_alone": {k: v / med["alone"] for k, v in med.items()}}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    json_path, png = write_results(result, Path(args.json), plot)
+    print(f"wrote {json_path} and {png}")
 
 
-def plot(result: dict, png: Path) -> None:
+def plot(result: dict, png: Path) -> Path:
     from matplotlib.figure import Figure
 
     from respec.bench.plot import save_figure
@@ -135,7 +130,7 @@ def plot(result: dict, png: Path) -> None:
     ax.set_title("the update beside a background load (1 torch thread each)", fontsize=9)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
-    save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ compute the same gradients (tests/test_model.py); this measures only their cost.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from respec.bench.engine import write_results
 from respec.engine.checkpoint import load_model
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
@@ -109,16 +109,11 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "platform": platform.platform()},
         "padding_fraction": padding, "seconds": times, "median_s": med, "speedup": ratio}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    json_path, png = write_results(result, Path(args.json), plot)
+    print(f"wrote {json_path} and {png}")
 
 
-def plot(result: dict, png: Path) -> None:
+def plot(result: dict, png: Path) -> Path:
     from matplotlib.figure import Figure
 
     from respec.bench.plot import save_figure
@@ -134,7 +129,7 @@ def plot(result: dict, png: Path) -> None:
                  f"{result['speedup']:.2f}x", fontsize=9)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
-    save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 if __name__ == "__main__":
