@@ -51,11 +51,10 @@ def rollout_minibatches(policy: Path, prompts: int, group: int, minibatch: int, 
         rows = order[lo: lo + minibatch * group]
         lens = torch.tensor([len(seqs[r]) for r in rows])
         ids = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(seqs[r])] = torch.tensor(seqs[r])
-        # Completion token j of a row sits at prompt_len + j and is predicted at the position before it.
         completion = torch.zeros_like(ids, dtype=torch.bool)
         for i, r in enumerate(rows):
+            ids[i, : len(seqs[r])] = torch.tensor(seqs[r])
+            # Completion token j of a row sits at prompt_len + j and is predicted at the position before it.
             completion[i, len(encoded[r]) - 1: len(seqs[r]) - 1] = True
         batches.append({"ids": ids, "seq_lens": lens, "completion": completion,
                         "advantages": torch.randn(len(rows), generator=torch.Generator().manual_seed(lo))})
