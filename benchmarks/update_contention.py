@@ -99,7 +99,10 @@ def main() -> None:
     model = load_model(policy).train()
     batches = minibatches(model.config.vocab_size, args.rows, args.minibatches, seed=0)
     update_seconds(model, batches[:1])  # warm-up
-    loads = ["alone", *(x for x in args.loads.split(",") if x in LOADS and x != "alone")]
+    unknown = sorted(set(args.loads.split(",")) - set(LOADS))
+    if unknown:
+        ap.error(f"unknown load {', '.join(unknown)}: choose from {', '.join(LOADS)}")
+    loads = ["alone", *(x for x in args.loads.split(",") if x != "alone")]
     times: dict[str, list[float]] = {load: [] for load in loads}
     for _ in range(args.rounds):  # interleaved, so drift spreads over every load
         for load in loads:
