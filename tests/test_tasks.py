@@ -56,7 +56,9 @@ def test_arithmetic_worked_example_matches_the_docs():
     task = ArithmeticTask(notation=False)
     p = Problem("Q: 47x6=?\n", "282", {"a": 47, "b": 6, "op": "x"})
     text, correct = task.sft_completion(p, random.Random(0), style="worked")
-    assert text == "7x6=42;4x6=24;240+42=282\nAnswer: 282" and correct
+    assert text == "7x6=42;4x6=24+4=28\nAnswer: 282" and correct
+    p = Problem("Q: 123x6=?\n", "738", {"a": 123, "b": 6, "op": "x"})
+    assert task.sft_completion(p, random.Random(0), style="worked")[0] == "3x6=18;2x6=12+1=13;1x6=6+1=7\nAnswer: 738"
     p = Problem("Q: 385-47=?\n", "338", {"a": 385, "b": 47, "op": "-"})
     assert task.sft_completion(p, random.Random(0), style="worked")[0] == "15-7=8;8-1-4=3;3-0=3\nAnswer: 338"
 

@@ -48,7 +48,8 @@ from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokeniz
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
-FORMAT_VERSION = 4  # bump when the training recipe changes so that old cache entries are not reused
+FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused
+# (5: multiplication worked digit by digit with carries, session 7)
 # (4: the packed forward skips padding; the same loss, different float rounding, so different bytes)
 # (2: the fused q/k/v and gate/up parameters changed the random init order; 3: the notation world of session 4)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
@@ -68,7 +69,7 @@ class PretrainConfig:
     max_seq_len: int = 256  # max_position_embeddings of the saved model
     vocab_size: int = 128  # target size of the BPE tokenizer (the model's vocab is it rounded up to a multiple of 8)
     tie_word_embeddings: bool = True  # share embedding and head (fewer parameters to learn in a short run)
-    steps: int = 600  # optimiser steps
+    steps: int = 800  # optimiser steps
     batch_size: int = 64  # sequences per step
     lr: float = 3e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # the cosine schedule decays to lr * min_lr_ratio

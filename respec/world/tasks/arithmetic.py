@@ -16,7 +16,12 @@ and RL should visibly move it toward the style that is right):
 - ``worked``: column-wise steps, always correct. Addition ``x+y(+1)=s`` per column from the
   units up (``+1`` is the carry in); subtraction ``(1)x(-1)-y=d`` per column (a leading 1
   marks a borrow out, ``-1`` the borrow in), e.g. ``15-7=8;8-1-4=3;3-0=3``; multiplication
-  one partial product per digit, then their place-valued sum, e.g. ``7x6=42;4x6=24;240+42=282``.
+  one step per digit from the units up, ``dxb=p(+c=s)`` with ``+c`` the carry in, e.g. ``7x6=42;4x6=24+4=28``
+  (the answer's digits: the last step's value, then the other steps' units digits, as for addition).
+  Session 7 replaced the session-1 form (partial products, then their place-valued sum in one line,
+  ``7x6=42;4x6=24;240+42=282``): that sum of up to three carried terms done without working was the one
+  step the small policy could not learn (3-digit x 1-digit right 2-8% of the time after 200 RL steps); a
+  fused ``4x6+4=28`` (720 facts of product plus carry) was not learnt in pretraining either.
 - ``direct``: just ``Answer: <value>``; right with probability `direct_accuracy`, otherwise
   a plausible value one digit off.
 - ``sloppy``: looks like ``worked`` but drops one carry (or borrow), and the answer follows
@@ -277,16 +282,17 @@ def _worked_sub(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
 def _worked_mul(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
     n = len(str(a))
     da = _digits(a, n)
-    partials = [d * b for d in da]
-    # Dropping a carry keeps only the units digit of one two-digit partial product.
-    carried = [i for i, p in enumerate(partials) if p >= 10]
+    # Columns (1..n-1) that receive a carry in the correct product: the digits below them times b overflow.
+    carried = [i + 1 for i in range(n - 1) if (a % 10 ** (i + 1)) * b >= 10 ** (i + 1)]
     drop = slip.choice(carried) if slip is not None and carried else None
-    terms = [(p % 10 if i == drop else p) * 10**i for i, p in enumerate(partials)]
-    steps = [f"{d}x{b}={p}" for d, p in zip(da, partials, strict=True)]
-    total = sum(terms)
-    if n > 1:
-        steps.append("+".join(str(t) for t in reversed(terms)) + f"={total}")
-    return ";".join(steps), total
+    steps, value, carry = [], 0, 0
+    for i in range(n):
+        carry_in = 0 if i == drop else carry
+        s = da[i] * b + carry_in
+        steps.append(f"{da[i]}x{b}={da[i] * b}" + (f"+{carry_in}={s}" if carry_in else ""))
+        value += (s if i == n - 1 else s % 10) * 10**i  # the last step writes its whole value
+        carry = s // 10
+    return ";".join(steps), value
 
 
 def _near_miss(value: int, rng: random.Random) -> int:
