@@ -418,7 +418,7 @@ def demo(
     # within ~18 minutes on an idle 2-core machine; `--full` or `make bench` measure the whole grid.
     cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 16, 64), temperatures=(1.0,),
                                                          ks=(2, 4, 6), repeats=2)
-    console.print(f"cache: {cache_root()} (the first run trains the policy, ~9 min, and the drafter, ~3 min "
+    console.print(f"cache: {cache_root()} (the first run trains the policy, ~10 min, and the drafter, ~3 min "
                   "on 2 idle CPU cores; later runs reuse them)")
     with _progress() as log:
         policy, drafter = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log, threads=_threads(threads))
