@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from respec.errors import ConfigError, DataError
 from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
-from respec.world.tasks.arithmetic import house_notation, house_share, write_marks
+from respec.world.tasks.arithmetic import _worked_mul, house_notation, house_share, write_marks
 from respec.world.tasks.base import Score
 from respec.world.tasks.countdown import InvalidExpression, evaluate
 from respec.world.tasks.jsonl import completion_answer, equivalent, reference_answer
@@ -61,6 +61,18 @@ def test_arithmetic_worked_example_matches_the_docs():
     assert task.sft_completion(p, random.Random(0), style="worked")[0] == "3x6=18;2x6=12+1=13;1x6=6+1=7\nAnswer: 738"
     p = Problem("Q: 385-47=?\n", "338", {"a": 385, "b": 47, "op": "-"})
     assert task.sft_completion(p, random.Random(0), style="worked")[0] == "15-7=8;8-1-4=3;3-0=3\nAnswer: 338"
+
+
+def test_arithmetic_multiplication_worked_per_digit_is_right_and_a_slip_is_wrong():
+    # Every 2-3 digit operand times every digit 2-9: the worked steps reach a*b, each step is "dxb=p" plus
+    # "+c=s" exactly when a carry comes in, and a sloppy variant (one carry dropped) always reaches another value.
+    for a in range(10, 1000):
+        for b in range(2, 10):
+            steps, value = _worked_mul(a, b, None)
+            assert value == a * b, (a, b, steps)
+            assert len(steps.split(";")) == len(str(a))
+            slipped, wrong = _worked_mul(a, b, random.Random(a * 10 + b))
+            assert (slipped == steps) == (wrong == value)
 
 
 @pytest.mark.parametrize("task", SYNTHETIC, ids=lambda t: t.name)
