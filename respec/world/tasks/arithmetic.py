@@ -20,7 +20,7 @@ and RL should visibly move it toward the style that is right):
   (the answer's digits: the last step's value, then the other steps' units digits, as for addition).
   Session 7 replaced the session-1 form (partial products, then their place-valued sum in one line,
   ``7x6=42;4x6=24;240+42=282``): that sum of up to three carried terms done without working was the one
-  step the small policy could not learn (3-digit x 1-digit right 2-8% of the time after 200 RL steps); a
+  step the small policy could not learn (3-digit x 1-digit right 4 times in 51 after 200 RL steps); a
   fused ``4x6+4=28`` (720 facts of product plus carry) was not learnt in pretraining either.
 - ``direct``: just ``Answer: <value>``; right with probability `direct_accuracy`, otherwise
   a plausible value one digit off.
