@@ -71,8 +71,9 @@ def timed_beside(load: str, model, batches) -> float:
     if load == "alone":
         return update_seconds(model, batches)
     if load == "process-small":
-        stop = mp.get_context("spawn").Event()
-        worker = mp.get_context("spawn").Process(target=small_ops, args=(stop,))
+        spawn = mp.get_context("spawn")
+        stop = spawn.Event()
+        worker = spawn.Process(target=small_ops, args=(stop,))
     else:
         stop = threading.Event()
         worker = threading.Thread(target=small_ops if load == "thread-small" else matmul_ops, args=(stop,))
@@ -94,14 +95,14 @@ def main() -> None:
     ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated subset of {','.join(LOADS)}")
     ap.add_argument("--json", default="runs/bench/update_contention.json")
     args = ap.parse_args()
+    unknown = sorted(set(args.loads.split(",")) - set(LOADS))
+    if unknown:
+        ap.error(f"unknown load {', '.join(unknown)}: choose from {', '.join(LOADS)}")
     torch.set_num_threads(1)
     policy = Path(args.policy) if args.policy else pretrain(PretrainConfig(), log=print)
     model = load_model(policy).train()
     batches = minibatches(model.config.vocab_size, args.rows, args.minibatches, seed=0)
     update_seconds(model, batches[:1])  # warm-up
-    unknown = sorted(set(args.loads.split(",")) - set(LOADS))
-    if unknown:
-        ap.error(f"unknown load {', '.join(unknown)}: choose from {', '.join(LOADS)}")
     loads = ["alone", *(x for x in args.loads.split(",") if x != "alone")]
     times: dict[str, list[float]] = {load: [] for load in loads}
     for _ in range(args.rounds):  # interleaved, so drift spreads over every load

@@ -65,14 +65,16 @@ def test_arithmetic_worked_example_matches_the_docs():
 
 def test_arithmetic_multiplication_worked_per_digit_is_right_and_a_slip_is_wrong():
     # Every 2-3 digit operand times every digit 2-9: the worked steps reach a*b, each step is "dxb=p" plus
-    # "+c=s" exactly when a carry comes in, and a sloppy variant (one carry dropped) always reaches another value.
+    # "+c=s" exactly when a carry comes in, and a sloppy variant drops a carry whenever there is one and then
+    # always reaches another value.
     for a in range(10, 1000):
         for b in range(2, 10):
             steps, value = _worked_mul(a, b, None)
             assert value == a * b, (a, b, steps)
-            assert len(steps.split(";")) == len(str(a))
+            carries = [i > 0 and (a % 10**i) * b >= 10**i for i in range(len(str(a)))]  # a carry into column i
+            assert ["+" in step for step in steps.split(";")] == carries, (a, b, steps)
             slipped, wrong = _worked_mul(a, b, random.Random(a * 10 + b))
-            assert (slipped == steps) == (wrong == value)
+            assert (slipped != steps) == any(carries) and (slipped == steps) == (wrong == value)
 
 
 @pytest.mark.parametrize("task", SYNTHETIC, ids=lambda t: t.name)
