@@ -361,13 +361,14 @@ def _print_experiment(report: dict, console: Console) -> None:
     if console.width < 140:
         console = Console(width=140)
     table = Table(title=f"{report['steps']} RL steps, seeds {report['seeds']} (means; evaluation excluded)")
-    for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "val/accuracy",
-                "tokens/verify k=4 start -> end"):
+    for col in ("config", "wall s", "rollout s", "update s", "learner s", "speedup", "rollout x", "rollout CPU x",
+                "val/accuracy", "tokens/verify k=4 start -> end"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for name, r in report["runs"].items():
         table.add_row(name, f"{r['wall_s']:.1f}", f"{r['rollout_s']:.1f}", f"{r['update_s']:.1f}",
                       f"{r['learner_s']:.1f}", f"{r.get('speedup', float('nan')):.2f}x",
                       f"{r.get('rollout_speedup', float('nan')):.2f}x",
+                      f"{r['rollout_cpu_speedup']:.2f}x" if "rollout_cpu_speedup" in r else "-",
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)

@@ -109,3 +109,36 @@ def test_cli_experiment_errors_are_one_line(monkeypatch, capsys, tmp_path):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_configurations_alternate_step_by_step_and_a_learner_trains_only_in_its_own_steps(tiny_world, tmp_path,
+                                                                                          monkeypatch):
+    from respec.bench import experiment
+    from respec.rl.trainer import Trainer
+
+    seen = []  # (configuration, its step, the respec learner's steps at the start and end of this step)
+    trainers = {}
+    original = Trainer.advance
+
+    def advance(self, total, log=None):
+        name = self.run_dir.parent.name
+        trainers[name] = self
+        learner = trainers.get("respec", self).learner
+        before = learner.steps if learner is not None else 0
+        row = original(self, total, log)
+        seen.append((name, row["step"], before, learner.steps if learner is not None else 0))
+        return row
+
+    monkeypatch.setattr(Trainer, "advance", advance)
+    base = tiny_base(tiny_world)
+    base = TrainConfig(trainer=base.trainer, algorithm=base.algorithm, rollout=base.rollout, data=base.data,
+                       learner=base.learner.__class__(steps_per_rollout=50, batch_size=4, publish_every=2))
+    run_experiment(base, tmp_path / "exp", steps=3, seeds=(0,), configs=("no_sd", "respec"))
+    assert [(name, step) for name, step, _, _ in seen] == [("no_sd", 1), ("respec", 1), ("respec", 2), ("no_sd", 2),
+                                                           ("no_sd", 3), ("respec", 3)]
+    # While no_sd stepped after respec's first submission, the respec learner had credits but did not train.
+    idle = [(before, after) for name, step, before, after in seen if name == "no_sd" and "respec" in trainers
+            and step > 1]
+    assert idle and all(before == after for before, after in idle)
+    assert trainers["respec"].learner.steps > 0  # it did train, in respec's own steps
+    assert experiment._rotated(("a", "b", "c"), 4) == ("b", "c", "a")

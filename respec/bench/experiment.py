@@ -6,8 +6,10 @@
   online_kd        adaptive + the online learner with uniform weights (plain online KD)
   respec           adaptive + the online learner with reward weights (ReSpec)
 
-Every configuration runs the same seeds, steps and data through `Trainer`; runs of one seed are interleaved so
-that a change in machine load touches all configurations alike. Per run the summary holds end-to-end and phase
+Every configuration runs the same seeds, steps and data through `Trainer`. The runs of one seed are interleaved
+step by step in one process (`_run_interleaved`): this host's speed drifts by 10-30% over minutes, more than the
+differences measured, so configurations run one after another were compared across different machine states
+(sessions 3-7; section 10 of benchmarks/RESULTS.md found the rollout ratio only in alternated steps). Per run the summary holds end-to-end and phase
 seconds (evaluation excluded: it is the same work in every configuration), final held-out accuracy, and the
 drafter's tokens per verify step at k = 4 on held-out prompts at the start and the end (`val/emitted_per_step_k4`,
 the staleness measure that does not depend on the tuner's k).
@@ -24,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from respec.bench.plot import read_metrics
+from respec.engine.checkpoint import torch_threads
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
 from respec.rl.trainer import METRICS, Trainer
@@ -64,6 +67,7 @@ def summarize(rows: list[dict]) -> dict:
     emitted = [r.get("rollout/mean_emitted_per_step", 1.0) for r in steps]
     edge = max(len(emitted) // 10, 1)
     return {"wall_s": total("timing/step_s"), "rollout_s": total("timing/rollout_s"),
+            "rollout_cpu_s": total("timing/rollout_cpu_s"),
             "update_s": total("timing/update_s"), "learner_s": total("learner/busy_s"),
             "final_accuracy": accuracy[-1]["val/accuracy"] if accuracy else math.nan,
             "start_accuracy": accuracy[0]["val/accuracy"] if accuracy else math.nan,
@@ -143,16 +147,56 @@ def run_experiment(base: TrainConfig, out: str | os.PathLike, steps: int, seeds:
     if not seeds:
         raise ConfigError("give at least one seed")
     for seed in seeds:
-        for name in configs:  # interleaved: machine-load drift reaches every configuration alike
+        _run_interleaved(base, out, steps, seed, configs, log)
+    return report_from_runs(out, configs, seeds, steps)
+
+
+def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, configs: tuple[str, ...],
+                     log: Log | None) -> None:
+    """Runs one seed of every configuration, one RL step of each in turn (the order rotates every step), in
+    this process. A learner trains only while its own trainer steps (it is paused, after its step in flight,
+    while the others step), as it would with that trainer alone on the machine: its core is not shared with
+    another configuration's rollout."""
+    trainers: dict[str, Trainer] = {}
+    paused: dict[str, object] = {}
+    try:
+        for name in configs:
             run_dir = out / name / f"seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             _log(log, f"experiment: {name}, seed {seed}, {steps} steps -> {run_dir}")
             trainer = Trainer.start(config_for(base, name, seed, steps), run_dir, log=log)
-            try:
-                trainer.train(log=_prefixed(log, f"{name}/s{seed}"))
-            finally:
-                trainer.close()
-    return report_from_runs(out, configs, seeds, steps)
+            trainers[name] = trainer
+            if trainer.learner is not None:
+                paused[name] = trainer.learner.paused()
+                paused[name].acquire()
+        threads = {t.config.trainer.num_threads for t in trainers.values()}
+        if len(threads) > 1:
+            raise ConfigError(f"experiment configurations must share trainer.num_threads, got {sorted(threads)}")
+        with torch_threads(threads.pop()):
+            for name, trainer in trainers.items():
+                trainer.begin(_prefixed(log, f"{name}/s{seed}"))
+            for step in range(steps):
+                for name in _rotated(configs, step):
+                    lock = paused.get(name)
+                    if lock is not None:
+                        lock.release()
+                    try:
+                        trainers[name].advance(steps, _prefixed(log, f"{name}/s{seed}"))
+                    finally:
+                        if lock is not None:
+                            lock.acquire()  # waits for the learner's step in flight: no learner runs beside
+    finally:
+        for lock in paused.values():
+            lock.release()
+        for trainer in trainers.values():
+            trainer.close()
+
+
+def _rotated(configs: tuple[str, ...], step: int) -> tuple[str, ...]:
+    """Returns the configurations in the order of RL step `step`: rotated by one each step, so that no
+    configuration always runs first (after the evaluation) or always after the same neighbour."""
+    i = step % len(configs)
+    return configs[i:] + configs[:i]
 
 
 def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tuple[int, ...],
@@ -181,6 +225,8 @@ def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tu
         for r in report["runs"].values():
             r["speedup"] = ref["wall_s"] / r["wall_s"]
             r["rollout_speedup"] = ref["rollout_s"] / r["rollout_s"]
+            if ref["rollout_cpu_s"] > 0 and r["rollout_cpu_s"] > 0:  # runs from before session 8 lack it
+                r["rollout_cpu_speedup"] = ref["rollout_cpu_s"] / r["rollout_cpu_s"]
         report["agreement"] = {name: {key: curve_agreement(rows["no_sd"], rows[name], key, bin_steps)
                                       for key, bin_steps in (("critic/score/mean", 10), ("val/accuracy", 1))}
                                for name in rows if name != "no_sd"}

@@ -204,32 +204,41 @@ class Trainer:
     def train(self, steps: int | None = None, log: Log | None = None) -> list[dict]:
         """Runs steps until `global_step == steps` (default trainer.steps), checkpointing every save_every steps
         and at the end; returns this call's metrics rows."""
-        cfg = self.config.trainer
-        total = cfg.steps if steps is None else steps
-        rows = []
+        total = self.config.trainer.steps if steps is None else steps
+        with torch_threads(self.config.trainer.num_threads):
+            rows = self.begin(log)
+            while self.global_step < total:
+                rows.append(self.advance(total, log))
+        return rows
+
+    def begin(self, log: Log | None = None) -> list[dict]:
+        """Routes the learner's messages to `log` and runs the evaluation before training when it is due (a fresh
+        run); returns its metrics row, if any. `train` calls it once; so does a driver that calls `advance`."""
         if self.learner is not None:
             self.learner.log = lambda message: _log(log, message)
-        with torch_threads(cfg.num_threads):
-            if cfg.eval_before_train and self.global_step == 0 and self.metrics_lines == 0:
-                row = {"step": 0, **self.evaluate()}
-                write_metrics(self, row)
-                _log(log, f"eval  step 0: accuracy {row['val/accuracy']:.1%} (T={self.config.rollout.temperature:g})"
-                          f", {row['val/accuracy_greedy']:.1%} greedy")
-                rows.append(row)
-            while self.global_step < total:
-                row = self.step()
-                rows.append(row)
-                if self.global_step == total or (cfg.save_every and self.global_step % cfg.save_every == 0):
-                    self.save_checkpoint()
-                _log(log, f"train step {self.global_step}/{total}: reward {row['critic/score/mean']:.3f}, "
-                          f"{row['timing/step_s']:.2f} s (rollout {row['timing/rollout_s']:.2f} s, k "
-                          f"{row['rollout/k_mean']:.1f})"
-                          + (f", drafter v{row['drafter/version']}" if self.learner is not None else ""),
-                     self.global_step / total)
-                if "val/accuracy" in row:
-                    _log(log, f"eval  step {self.global_step}: accuracy {row['val/accuracy']:.1%}, "
-                              f"{row['val/accuracy_greedy']:.1%} greedy")
-        return rows
+        if not (self.config.trainer.eval_before_train and self.global_step == 0 and self.metrics_lines == 0):
+            return []
+        row = {"step": 0, **self.evaluate()}
+        write_metrics(self, row)
+        _log(log, f"eval  step 0: accuracy {row['val/accuracy']:.1%} (T={self.config.rollout.temperature:g}), "
+                  f"{row['val/accuracy_greedy']:.1%} greedy")
+        return [row]
+
+    def advance(self, total: int, log: Log | None = None) -> dict:
+        """Runs one step of a run of `total` steps, checkpoints when due and reports progress; returns its row."""
+        save_every = self.config.trainer.save_every
+        row = self.step()
+        if self.global_step == total or (save_every and self.global_step % save_every == 0):
+            self.save_checkpoint()
+        _log(log, f"train step {self.global_step}/{total}: reward {row['critic/score/mean']:.3f}, "
+                  f"{row['timing/step_s']:.2f} s (rollout {row['timing/rollout_s']:.2f} s, k "
+                  f"{row['rollout/k_mean']:.1f})"
+                  + (f", drafter v{row['drafter/version']}" if self.learner is not None else ""),
+             self.global_step / total)
+        if "val/accuracy" in row:
+            _log(log, f"eval  step {self.global_step}: accuracy {row['val/accuracy']:.1%}, "
+                      f"{row['val/accuracy_greedy']:.1%} greedy")
+        return row
 
     def step(self) -> dict:
         """Runs one RL step (rollout, reward, update, weight push, and evaluation when due); appends its metrics
@@ -242,8 +251,10 @@ class Trainer:
         prompts = [self._encode(p) for p in problems for _ in range(G)]  # consecutive groups of G
         params = SamplingParams(temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                                 seed=seed)
+        cpu0 = time.thread_time()
         result = self.engine.generate(prompts, params, self.spec)
         t_rollout = time.perf_counter()
+        rollout_cpu = time.thread_time() - cpu0  # this thread's CPU time: what other processes cannot inflate
 
         texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
         rewards = []
@@ -287,6 +298,7 @@ class Trainer:
                "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
                "rollout/k_mean": result.mean_k,
                "timing/rollout_s": t_rollout - t0,
+               "timing/rollout_cpu_s": rollout_cpu,
                "timing/reward_s": t_reward - t_rollout,
                "timing/update_s": t_update - t_reward,
                "timing/push_s": t_push - t_update,
