@@ -372,6 +372,11 @@ def _print_experiment(report: dict, console: Console) -> None:
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)
+    base = report["runs"].get("no_sd")
+    if base is not None and base["wall_s"] > 0:
+        share = base["rollout_s"] / base["wall_s"]
+        console.print(f"no_sd: the rollout is {share:.0%} of a step, so a rollout 1.5x faster gives at most "
+                      f"{1 / (1 - share + share / 1.5):.2f}x end to end, an instant one {1 / (1 - share):.2f}x")
     for name, checks in report.get("agreement", {}).items():
         reward = checks["critic/score/mean"]
         if reward["bins"] and not math.isnan(reward["agree_fraction"]):
