@@ -545,3 +545,24 @@ def test_async_mode_trains_in_its_own_thread_and_close_stops_it(world, tmp_path,
     trainer.learner.submit(trainer.last_features)  # a closed learner trains no more
     time.sleep(0.05)
     assert trainer.learner.steps == steps
+
+
+def test_pause_holds_an_async_learner_between_steps_and_resume_lets_it_go_on(rollouts):
+    _, drafter, steps = rollouts
+    cfg = LearnerConfig(mode="async", steps_per_rollout=1000, publish_every=1000, batch_size=4)
+    learner = Learner(cfg, drafter, publish=lambda d, v: None, seed=0)
+    try:
+        learner.submit(steps[-1])  # credits for far longer than this test
+        deadline = time.monotonic() + 60
+        while learner.steps < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        learner.pause()  # returns after the step in flight
+        held = learner.steps
+        time.sleep(0.3)  # several steps' time: a learner that is not held would go on (a few ms per step)
+        assert learner.steps == held and learner._credits > 0
+        learner.resume()
+        while learner.steps < held + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert learner.steps >= held + 2
+    finally:
+        learner.close()

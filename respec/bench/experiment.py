@@ -158,17 +158,16 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
     while the others step), as it would with that trainer alone on the machine: its core is not shared with
     another configuration's rollout."""
     trainers: dict[str, Trainer] = {}
-    paused: dict[str, object] = {}
+    held: list[str] = []  # configurations whose learner is paused
     try:
         for name in configs:
             run_dir = out / name / f"seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             _log(log, f"experiment: {name}, seed {seed}, {steps} steps -> {run_dir}")
-            trainer = Trainer.start(config_for(base, name, seed, steps), run_dir, log=log)
-            trainers[name] = trainer
-            if trainer.learner is not None:
-                paused[name] = trainer.learner.paused()
-                paused[name].acquire()
+            trainers[name] = Trainer.start(config_for(base, name, seed, steps), run_dir, log=log)
+            if trainers[name].learner is not None:
+                trainers[name].learner.pause()
+                held.append(name)
         threads = {t.config.trainer.num_threads for t in trainers.values()}
         if len(threads) > 1:
             raise ConfigError(f"experiment configurations must share trainer.num_threads, got {sorted(threads)}")
@@ -177,17 +176,19 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
                 trainer.begin(_prefixed(log, f"{name}/s{seed}"))
             for step in range(steps):
                 for name in _rotated(configs, step):
-                    lock = paused.get(name)
-                    if lock is not None:
-                        lock.release()
+                    learner = trainers[name].learner
+                    if learner is not None:
+                        learner.resume()
+                        held.remove(name)
                     try:
                         trainers[name].advance(steps, _prefixed(log, f"{name}/s{seed}"))
                     finally:
-                        if lock is not None:
-                            lock.acquire()  # waits for the learner's step in flight: no learner runs beside
+                        if learner is not None:
+                            learner.pause()  # after its step in flight: no learner runs beside another trainer
+                            held.append(name)
     finally:
-        for lock in paused.values():
-            lock.release()
+        for name in held:
+            trainers[name].learner.resume()
         for trainer in trainers.values():
             trainer.close()
 

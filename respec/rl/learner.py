@@ -203,6 +203,7 @@ class Learner:
         # engine's drafter and the learner's state are saved as of one moment.
         self._train_lock = threading.RLock()
         self._stop = False
+        self._held = False  # pause(): no new step starts until resume()
         self._thread: threading.Thread | None = None
         if config.mode == "async":
             self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
@@ -296,7 +297,7 @@ class Learner:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._credits <= 0 or not self.buffer):
+                while not self._stop and (self._held or self._credits <= 0 or not self.buffer):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -394,6 +395,21 @@ class Learner:
             self.log(message)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stops the learner until `resume()`: no new step starts, and this returns once the step in flight (if
+        any) has ended. A driver that runs several trainers in turn (`respec experiment`) keeps each learner to
+        its own trainer's steps this way; the lock alone would not, as a waiting thread is not served first."""
+        with self._cond:
+            self._held = True
+        self._train_lock.acquire()
+
+    def resume(self) -> None:
+        """Undoes `pause()`."""
+        self._train_lock.release()
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
     def paused(self) -> threading.RLock:
         """Returns the lock to hold (`with learner.paused(): ...`) while nothing may be trained or published."""
         return self._train_lock
