@@ -10,9 +10,9 @@ Every configuration runs the same seeds, steps and data through `Trainer`. The r
 step by step in one process (`_run_interleaved`): this host's speed drifts by 10-30% over minutes, more than the
 differences measured, so configurations run one after another were compared across different machine states
 (sessions 3-7; section 10 of benchmarks/RESULTS.md found the rollout ratio only in alternated steps). Per run the
-summary holds end-to-end and phase seconds (evaluation excluded: it is the same work in every configuration), final held-out accuracy, and the
-drafter's tokens per verify step at k = 4 on held-out prompts at the start and the end (`val/emitted_per_step_k4`,
-the staleness measure that does not depend on the tuner's k).
+summary holds end-to-end and phase seconds (evaluation excluded: it is the same work in every configuration),
+final held-out accuracy, and the drafter's tokens per verify step at k = 4 on held-out prompts at the start and the
+end (`val/emitted_per_step_k4`, the staleness measure that does not depend on the tuner's k).
 """
 
 from __future__ import annotations
