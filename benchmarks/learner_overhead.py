@@ -1,29 +1,62 @@
-"""The online learner's cost to rollout: the same rollout batch timed with the learner thread idle and busy.
+"""The online learner's cost to the other phases of an RL step, and whether a learner process would avoid it.
 
 One trainer (the embedded policy and drafter unless --policy/--drafter), one step of GRPO to fill the learner's
-buffer, then `--repeats` pairs of the identical rollout (same prompts, seed and static k, so the same work):
-once with the learner idle, once while it trains. Pairs alternate which side runs first; the ratio of medians is
-the overhead. Writes JSON with every timing.
+buffer, then `--repeats` rounds of the identical rollout (same prompts, seed and static k, so the same work) and
+the identical policy update (the same batch; the actor is restored after each) under three sides, in an order
+that rotates every round:
 
-    python benchmarks/learner_overhead.py --json runs/bench/learner_overhead.json
+- idle: the learner holds still;
+- thread: the trainer's own learner thread trains (as `learner.mode=async` does during training);
+- process: a separate process runs the same learner work (the same buffer and config, its own GIL).
+
+A rollout is a chain of small ops, each of which takes the GIL back after its kernel: a learner thread in the
+same process competes for it; a process competes only for the cores, caches and memory. The rollout's thread
+CPU seconds are kept beside its wall seconds (wall - CPU = time it waited, e.g. for the GIL). Writes JSON with
+every timing.
+
+    python benchmarks/learner_overhead.py [--repeats 5] [--k 1] [--json runs/bench/learner_overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import multiprocessing as mp
 import statistics
-import threading
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from respec.engine.checkpoint import load_model
+from respec.engine.drafter import load_drafter
 from respec.engine.generate import SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.rl.config import LearnerConfig, RolloutConfig, TrainConfig, TrainerConfig
+from respec.rl.grpo import group_advantages
+from respec.rl.learner import Learner, StepRollouts
 from respec.rl.trainer import Trainer
 from respec.world.defaults import resolve_models
+
+SIDES = ("idle", "thread", "process")
+
+
+def learner_process(policy: str, drafter: str, rollouts_path: str, config: LearnerConfig, ready, go, stop) -> None:
+    """Loads the model and the saved buffer, sets `ready`, then runs the learner's work from `go` until `stop`
+    (publications go nowhere)."""
+    torch.set_num_threads(1)
+    target = load_model(policy)
+    learner = Learner(config, load_drafter(drafter, target), publish=lambda d, v: None, seed=1)
+    learner.pause()
+    learner.submit(StepRollouts(**torch.load(rollouts_path)))
+    ready.set()
+    go.wait()
+    learner.grant(10 ** 9)
+    learner.resume()
+    stop.wait()
+    learner.close()
 
 
 def main() -> None:
@@ -31,7 +64,7 @@ def main() -> None:
     ap.add_argument("--policy", default=None)
     ap.add_argument("--drafter", default=None)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=1, help="static k of the timed rollouts (0: plain)")
     ap.add_argument("--out", default="runs/bench/learner_overhead_run")
     ap.add_argument("--json", default="runs/bench/learner_overhead.json")
     args = ap.parse_args()
@@ -49,51 +82,88 @@ def main() -> None:
     trainer = Trainer.start(config, out)
     trainer.step()  # fills the buffer
     learner = trainer.learner
-    prompts = [trainer._encode(p) for p in trainer._next_problems(16) for _ in range(8)]
+    learner.pause()
+    learner.publish_fn = lambda d, v: None  # the drafter stays the same: identical rollouts on every side
+    G = config.rollout.group_size
+    problems = trainer._next_problems(16)
+    prompts = [trainer._encode(p) for p in problems for _ in range(G)]
     params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=1234)
-    spec = SpecConfig(mode="static", k=args.k)
-    publish = learner.publish_fn
-    learner.publish_fn = lambda d, v: None  # the drafter stays the same: identical rollouts on both sides
+    spec = SpecConfig(mode="static", k=args.k) if args.k else SpecConfig(mode="off")
+    result = trainer.engine.generate(prompts, params, spec)
+    texts = trainer.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
+    rewards = torch.tensor([float(trainer.reward_fn(problems[i // G], t)) for i, t in enumerate(texts)])
+    batch = trainer._batch(prompts, result, group_advantages(rewards, G))
+    actor_state = copy.deepcopy(trainer.actor.state_dict())
+    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
 
-    def rollout() -> float:
-        t0 = time.perf_counter()
+    def rollout() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         trainer.engine.generate(prompts, params, spec)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
-    def busy(flag: threading.Event) -> None:
-        learner.grant(10 ** 9)
-        flag.set()
+    def update() -> float:
+        t0 = time.perf_counter()
+        trainer._update(batch, rewards)
+        seconds = time.perf_counter() - t0
+        trainer.actor.load_state_dict(actor_state)  # the same update every time
+        trainer.optimizer.load_state_dict(optim_state)
+        return seconds
 
-    def idle() -> None:
-        learner.grant(0)
-        with learner.paused():  # waits for the step in flight
-            pass
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "rollouts.pt"
+        torch.save(vars(trainer.last_features), saved)
 
-    idle_s, busy_s, steps = [], [], []
-    rollout()  # warm-up
-    for i in range(args.repeats):
-        for side in (("idle", "busy") if i % 2 == 0 else ("busy", "idle")):
-            if side == "busy":
-                flag = threading.Event()
-                busy(flag)
-                flag.wait()
-                time.sleep(0.2)  # the learner is mid-step
-                before = learner.steps
-                busy_s.append(rollout())
-                steps.append(learner.steps - before)
-                idle()
-            else:
-                idle_s.append(rollout())
-    learner.publish_fn = publish
+        def spawn():  # a child that has loaded everything and waits for its turn
+            events = ctx.Event(), ctx.Event(), ctx.Event()
+            proc = ctx.Process(target=learner_process, daemon=True,
+                               args=(str(policy), str(drafter), str(saved), config.learner, *events))
+            proc.start()
+            events[0].wait(120)
+            return proc, events
+
+        child, (_, go, stop) = spawn()
+        times: dict[str, dict[str, list[float]]] = {s: {"rollout": [], "rollout_cpu": [], "update": []}
+                                                    for s in SIDES}
+        rollout(), update()  # warm-up
+        for i in range(args.repeats):
+            for side in SIDES[i % 3:] + SIDES[: i % 3]:
+                if side == "thread":
+                    learner.grant(10 ** 9)
+                    learner.resume()
+                elif side == "process":
+                    go.set()
+                if side != "idle":
+                    time.sleep(0.3)  # the learner is mid-step
+                wall, cpu = rollout()
+                seconds = update()
+                if side == "thread":
+                    learner.pause()
+                elif side == "process":
+                    stop.set()  # the child stops after its step in flight
+                    child.join(60)
+                    child, (_, go, stop) = spawn()
+                times[side]["rollout"].append(wall)
+                times[side]["rollout_cpu"].append(cpu)
+                times[side]["update"].append(seconds)
+        stop.set()
+        go.set()
+        child.join(60)
+    learner.resume()
     trainer.close()
-    report = {"idle_s": idle_s, "busy_s": busy_s, "learner_steps_during_busy": steps,
-              "overhead": statistics.median(busy_s) / statistics.median(idle_s), "k": args.k,
-              "batch": len(prompts), "threads": torch.get_num_threads()}
+    med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
+    report = {"times": times, "median": med, "k": args.k, "batch": len(prompts),
+              "overhead": {s: {k: med[s][k] / med["idle"][k] for k in med[s]} for s in SIDES}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"rollout of {len(prompts)} sequences, static k={args.k}: idle median {statistics.median(idle_s):.3f} s, "
-          f"learner busy median {statistics.median(busy_s):.3f} s ({statistics.median(steps)} learner steps "
-          f"during it) -> overhead {report['overhead']:.2f}x; {args.json}")
+    print(f"{len(prompts)} rows, {'static k=' + str(args.k) if args.k else 'plain'}; medians of {args.repeats}, "
+          "ratio to idle in parentheses:")
+    for s in SIDES:
+        o = report["overhead"][s]
+        print(f"  learner {s:8s} rollout {med[s]['rollout']:.3f} s ({o['rollout']:.2f}x), its CPU "
+              f"{med[s]['rollout_cpu']:.3f} s ({o['rollout_cpu']:.2f}x); update {med[s]['update']:.3f} s "
+              f"({o['update']:.2f}x)")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
