@@ -51,6 +51,8 @@ def config_for(base: TrainConfig, name: str, seed: int, steps: int) -> TrainConf
     sections = {section: replace(getattr(base, section), **changes) for section, changes in CONFIGS[name].items()}
     if "learner" not in sections:
         sections["learner"] = replace(base.learner, mode="off")
+    elif base.learner.mode in ("process", "sync"):  # where the learner runs is the base's choice (async by default)
+        sections["learner"] = replace(sections["learner"], mode=base.learner.mode)
     trainer = replace(base.trainer, seed=seed, steps=steps, save_every=0)
     return replace(base, trainer=trainer, **sections)
 

@@ -184,7 +184,7 @@ class DataConfig:
             _positive_int(s, "eval_max_new_tokens", self.eval_max_new_tokens)
 
 
-LEARNER_MODES = ("off", "async", "sync")
+LEARNER_MODES = ("off", "async", "process", "sync")
 WEIGHTINGS = ("reward", "uniform")
 
 
@@ -194,7 +194,8 @@ class LearnerConfig:
     published to the engine between decode steps. ReSpec's names have no verl/TRL counterpart."""
 
     mode: str = "off"  # "off": the drafter stays frozen; "async": a thread trains while rollout and update go on;
-    # "sync": the same steps run in the trainer's thread after each update (deterministic; for tests and ablations)
+    # "process": the same in a child process (its own GIL: rl/learner_process.py); "sync": the same steps run in the
+    # trainer's thread after each update (deterministic; for tests and ablations)
     weighting: str = "reward"  # "reward": w ∝ exp(A / weight_temperature) per sequence (see learner.py);
     # "uniform": every sequence weighs 1 (plain online KD)
     weight_temperature: float = 1.0  # tau of the reward weights; larger = closer to uniform

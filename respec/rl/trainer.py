@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -57,6 +58,9 @@ from respec.world.pretrain import lr_schedule
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem, Task, get_task
 from respec.world.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from respec.rl.learner_process import LearnerProcess
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done)
 RewardFn = Callable[[Problem, str], float]  # (problem, completion text) -> reward
@@ -116,13 +120,18 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
         self.metrics_lines = 0  # lines of metrics.jsonl that belong to this run's history
         self.last_features: StepRollouts | None = None
-        self.learner: Learner | None = None
+        self.learner: Learner | LearnerProcess | None = None
         if config.learner.mode != "off" and engine.drafter is not None:
             # A published version passed the guard (at least as good on recent rollouts): the tuner keeps its
             # acceptance evidence instead of falling back to its prior after every publication.
-            self.learner = Learner(config.learner, engine.drafter,
-                                   lambda drafter, version: engine.set_drafter(drafter, version, keep_evidence=1.0),
-                                   seed=t.seed)
+            publish = lambda drafter, version: engine.set_drafter(drafter, version, keep_evidence=1.0)  # noqa: E731
+            if config.learner.mode == "process":
+                from respec.rl.learner_process import LearnerProcess
+
+                self.learner = LearnerProcess(config.learner, engine.drafter, publish, seed=t.seed,
+                                              threads=t.num_threads or 1)
+            else:
+                self.learner = Learner(config.learner, engine.drafter, publish, seed=t.seed)
         self._pool: tuple[int, list[Problem]] | None = None
         self._eval_chooser = None
         self.tensorboard = None  # metrics writer's SummaryWriter once opened, False without tensorboard

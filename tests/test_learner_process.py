@@ -1,0 +1,97 @@
+"""`learner.mode=process`: the learner in a child process publishes to the engine, holds still when paused,
+saves and restores through the checkpoint, and a child that dies leaves training running on the last drafter."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from respec.rl.learner_process import LearnerProcess
+from respec.rl.trainer import Trainer
+from tests.test_learner import digit_share, learner_config
+
+pytestmark = pytest.mark.usefixtures("per_test_cache")
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    return tiny_world
+
+
+def process_config(world, **learner):
+    return learner_config(world, learner=dict(mode="process", steps_per_rollout=6, publish_every=1, **learner))
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_a_learner_process_trains_publishes_pauses_and_stops(world, tmp_path):
+    trainer = Trainer.start(process_config(world), tmp_path / "run", reward_fn=digit_share)
+    learner = trainer.learner
+    assert isinstance(learner, LearnerProcess) and learner._proc.is_alive() and learner._proc.pid != os.getpid()
+    try:
+        trainer.step()
+        wait_for(lambda: trainer.engine.drafter_version)  # a publication came back and the engine took it
+        assert learner.version == trainer.engine.drafter_version >= 1 and learner.trained_through == 1
+        row = trainer.step()
+        assert row["learner/steps"] >= 1 and row["learner/alive"] == 1 and "learner/loss" in row
+        learner.grant(10 ** 6)  # busy for as long as it is let
+        learner.pause()
+        held = learner.metrics()["learner/steps"]
+        time.sleep(0.5)
+        assert learner.metrics()["learner/steps"] == held  # a paused learner starts no step
+        learner.resume()
+        wait_for(lambda: learner.metrics()["learner/steps"] > held)
+    finally:
+        trainer.close()
+    assert not learner._proc.is_alive() and not learner.alive
+    trainer.learner.submit(trainer.last_features)  # a closed learner takes no more work, and says nothing
+
+
+def test_checkpoint_and_resume_carry_the_learner_process(world, tmp_path):
+    run = tmp_path / "run"
+    cfg = learner_config(world, trainer=dict(steps=2, save_every=2),
+                         learner=dict(mode="process", steps_per_rollout=6, publish_every=1, buffer_steps=3))
+    trainer = Trainer.start(cfg, run, reward_fn=digit_share)
+    try:
+        trainer.train()  # checkpoints at step 2, the learner held still while it is written
+    finally:
+        trainer.close()
+    saved = torch.load(run / "checkpoint" / "learner.pt", weights_only=True)
+    assert saved["counters"]["steps"] >= 1 and [s for s, *_ in saved["buffer"]] == [1, 2]
+    resumed = Trainer.resume(run, reward_fn=digit_share)
+    try:
+        state = resumed.learner.state_dict()  # the child's learner, loaded from the checkpoint
+        assert state["counters"] == saved["counters"]
+        assert [s for s, *_ in state["buffer"]] == [1, 2]
+        for name in ("drafter", "published"):
+            assert all(torch.equal(state[name][k], v) for k, v in saved[name].items()), name
+        assert resumed.engine.drafter_version == resumed.learner.version == saved["counters"]["version"]
+        assert resumed.train(steps=3)[-1]["step"] == 3
+    finally:
+        resumed.close()
+
+
+def test_a_dead_learner_process_leaves_training_on_the_last_drafter(world, tmp_path):
+    messages = []
+    trainer = Trainer.start(process_config(world), tmp_path / "run", reward_fn=digit_share)
+    try:
+        trainer.learner.log = messages.append
+        trainer.step()
+        wait_for(lambda: trainer.engine.drafter_version)
+        os.kill(trainer.learner._proc.pid, signal.SIGKILL)
+        wait_for(lambda: not trainer.learner.alive)
+        version = trainer.engine.drafter_version
+        rows = [trainer.step(), trainer.step()]  # the run goes on
+        assert [r["step"] for r in rows] == [2, 3] and rows[-1]["learner/alive"] == 0
+        assert trainer.engine.drafter_version == version  # drafting with the last published drafter
+        assert sum("learner process stopped" in m for m in messages) == 1, messages
+    finally:
+        trainer.close()
