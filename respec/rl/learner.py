@@ -39,7 +39,8 @@ count (1 by default) the learner occupies the core that rollout and the update l
 its drafter through `publish(drafter, version)` (the trainer passes `Engine.set_drafter`, which takes effect
 between decode steps). A crash is logged, the learner restarts from the last published weights with a fresh
 optimiser; after `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
-mode "sync" runs the same steps in the trainer's thread after each update (deterministic).
+mode "sync" runs the same steps in the trainer's thread after each update (deterministic); mode "process" runs this
+class in a child process (`respec.rl.learner_process`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The online learner in a child process (`learner.mode=process`): the same `Learner`, with its own interpreter.
 
-Why. A rollout is a chain of small torch ops; each op releases the GIL for its kernel and takes it back after. A
-learner thread in the trainer's process runs Python between its own ops, so the rollout thread keeps waiting for
-the GIL: on the 2-core machine of benchmarks/RESULTS.md that wait was ~10% of a rollout's wall time (its thread
-CPU time hardly moved). In a process the learner competes only for cores, caches and memory.
+Why. Isolation. A rollout is a chain of small torch ops, each taking the GIL back after its kernel; a learner
+thread in the trainer's process runs Python between its own ops and could keep the rollout waiting for the GIL.
+In a process the learner competes only for cores, caches and memory, and a learner that dies (out of memory, a
+crash in native code) cannot take the trainer with it. Measured on the 2-core machine of benchmarks/RESULTS.md
+(section 12, `benchmarks/learner_overhead.py`): the GIL was not what the rollout paid there (its thread CPU time
+grew as much as its wall time, thread and process alike: 1.10x / 1.16x), so the thread stays the default.
 
 How. `LearnerProcess` has the interface the trainer, the checkpoint and `respec experiment` use (`submit`,
 `metrics`, `pause`/`resume`/`paused`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
