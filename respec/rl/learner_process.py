@@ -191,10 +191,15 @@ class LearnerProcess:
                 self._emit(rest[0])
             elif kind == "publish":
                 version, trained_through, data = rest
-                drafter = copy.deepcopy(self._template)
-                drafter.load_state_dict(_unpack(data))  # cast to the engine's dtype
-                drafter.inv_freq = inv_freq_fp32(drafter)
-                self.publish_fn(drafter, version)
+                try:
+                    drafter = copy.deepcopy(self._template)
+                    drafter.load_state_dict(_unpack(data))  # cast to the engine's dtype
+                    drafter.inv_freq = inv_freq_fp32(drafter)
+                    self.publish_fn(drafter, version)
+                except Exception as e:  # noqa: BLE001 - the engine keeps its drafter; training goes on
+                    self._emit(f"learner process: publishing drafter version {version} failed ({e}); the engine "
+                               f"keeps version {self.version}")
+                    continue
                 self.version, self.trained_through = version, trained_through
 
 
