@@ -7,7 +7,8 @@ that rotates every round:
 
 - idle: the learner holds still;
 - thread: the trainer's own learner thread trains (as `learner.mode=async` does during training);
-- process: a separate process runs the same learner work (the same buffer and config, its own GIL).
+- process: `LearnerProcess` (what `learner.mode=process` runs) does the same learner work in a child process (the
+  same buffer and config, its own GIL).
 
 A rollout is a chain of small ops, each of which takes the GIL back after its kernel: a learner thread in the
 same process competes for it; a process competes only for the cores, caches and memory. The rollout's thread
@@ -22,41 +23,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import multiprocessing as mp
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from respec.engine.checkpoint import load_model
-from respec.engine.drafter import load_drafter
 from respec.engine.generate import SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.rl.config import LearnerConfig, RolloutConfig, TrainConfig, TrainerConfig
 from respec.rl.grpo import group_advantages
-from respec.rl.learner import Learner, StepRollouts
+from respec.rl.learner_process import LearnerProcess
 from respec.rl.trainer import Trainer
 from respec.world.defaults import resolve_models
 
 SIDES = ("idle", "thread", "process")
-
-
-def learner_process(policy: str, drafter: str, rollouts_path: str, config: LearnerConfig, ready, go, stop) -> None:
-    """Loads the model and the saved buffer, sets `ready`, then runs the learner's work from `go` until `stop`
-    (publications go nowhere)."""
-    torch.set_num_threads(1)
-    target = load_model(policy)
-    learner = Learner(config, load_drafter(drafter, target), publish=lambda d, v: None, seed=1)
-    learner.pause()
-    learner.submit(StepRollouts(**torch.load(rollouts_path)))
-    ready.set()
-    go.wait()
-    learner.grant(10 ** 9)
-    learner.resume()
-    stop.wait()
-    learner.close()
 
 
 def main() -> None:
@@ -109,46 +90,29 @@ def main() -> None:
         trainer.optimizer.load_state_dict(optim_state)
         return seconds
 
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "rollouts.pt"
-        torch.save(vars(trainer.last_features), saved)
-
-        def spawn():  # a child that has loaded everything and waits for its turn
-            events = ctx.Event(), ctx.Event(), ctx.Event()
-            proc = ctx.Process(target=learner_process, daemon=True,
-                               args=(str(policy), str(drafter), str(saved), config.learner, *events))
-            proc.start()
-            events[0].wait(120)
-            return proc, events
-
-        child, (_, go, stop) = spawn()
-        times: dict[str, dict[str, list[float]]] = {s: {"rollout": [], "rollout_cpu": [], "update": []}
-                                                    for s in SIDES}
-        rollout(), update()  # warm-up
-        for i in range(args.repeats):
-            for side in SIDES[i % 3:] + SIDES[: i % 3]:
-                if side == "thread":
-                    learner.grant(10 ** 9)
-                    learner.resume()
-                elif side == "process":
-                    go.set()
-                if side != "idle":
-                    time.sleep(0.3)  # the learner is mid-step
-                wall, cpu = rollout()
-                seconds = update()
-                if side == "thread":
-                    learner.pause()
-                elif side == "process":
-                    stop.set()  # the child stops after its step in flight
-                    child.join(60)
-                    child, (_, go, stop) = spawn()
-                times[side]["rollout"].append(wall)
-                times[side]["rollout_cpu"].append(cpu)
-                times[side]["update"].append(seconds)
-        stop.set()
-        go.set()
-        child.join(60)
+    # The same learner config and buffer in a child process: what `learner.mode=process` runs.
+    child = LearnerProcess(config.learner, trainer.engine.drafter, publish=lambda d, v: None, seed=1, threads=1)
+    child.pause()
+    child.submit(trainer.last_features)
+    sides = {"thread": learner, "process": child}
+    times: dict[str, dict[str, list[float]]] = {s: {"rollout": [], "rollout_cpu": [], "update": []} for s in SIDES}
+    rollout(), update()  # warm-up
+    for i in range(args.repeats):
+        for side in SIDES[i % 3:] + SIDES[: i % 3]:
+            busy = sides.get(side)
+            if busy is not None:
+                busy.grant(10 ** 9)
+                busy.resume()
+                time.sleep(0.3)  # the learner is mid-step
+            wall, cpu = rollout()
+            seconds = update()
+            if busy is not None:
+                busy.pause()  # after its step in flight
+            times[side]["rollout"].append(wall)
+            times[side]["rollout_cpu"].append(cpu)
+            times[side]["update"].append(seconds)
+    child.resume()
+    child.close()
     learner.resume()
     trainer.close()
     med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}

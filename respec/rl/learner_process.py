@@ -5,7 +5,7 @@ thread in the trainer's process runs Python between its own ops and could keep t
 In a process the learner competes only for cores, caches and memory, and a learner that dies (out of memory, a
 crash in native code) cannot take the trainer with it. Measured on the 2-core machine of benchmarks/RESULTS.md
 (section 12, `benchmarks/learner_overhead.py`): the GIL was not what the rollout paid there (its thread CPU time
-grew as much as its wall time, thread and process alike: 1.10x / 1.16x), so the thread stays the default.
+grew as much as its wall time, thread and process alike: 1.10-1.16x), so the thread stays the default.
 
 How. `LearnerProcess` has the interface the trainer, the checkpoint and `respec experiment` use (`submit`,
 `metrics`, `pause`/`resume`/`paused`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
