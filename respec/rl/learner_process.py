@@ -108,13 +108,10 @@ class LearnerProcess:
 
     def _gone(self, why: str) -> None:
         """Marks the child dead (once) and says so; training goes on with the last published drafter."""
-        if not self.alive or self._closing:
-            self.alive = False
-            return
-        self.alive = False
-        code = self._proc.exitcode
-        self._emit(f"learner process stopped ({why}; exit code {code}); training goes on with drafter version "
-                   f"{self.version}")
+        was_alive, self.alive = self.alive, False
+        if was_alive and not self._closing:
+            self._emit(f"learner process stopped ({why}; exit code {self._proc.exitcode}); training goes on with "
+                       f"drafter version {self.version}")
 
     def _emit(self, message: str) -> None:
         if self.log is not None:
