@@ -83,6 +83,8 @@ def test_experiment_runs_reports_plots_and_rebuilds(tiny_world, tmp_path):
         for key in ("wall_s", "rollout_s", "update_s", "learner_s", "final_accuracy", "accept_start", "accept_end"):
             assert len(r["per_seed"][key]) == 2 and math.isfinite(r[key])
         assert r["wall_s"] > 0 and r["steps"] == 2
+        assert 0 < r["rollout_cpu_s"] <= r["rollout_s"] * 1.05  # the rollout thread's CPU time, logged per step
+        assert r["rollout_cpu_speedup"] > 0
     assert report["runs"]["no_sd"]["speedup"] == 1.0 and report["runs"]["no_sd"]["learner_s"] == 0.0
     assert report["agreement"]["respec"]["critic/score/mean"]["bins"]
     assert report["curves"]["respec"]["accept_k4_step"] == [0, 1, 2]
@@ -98,6 +100,7 @@ def test_experiment_runs_reports_plots_and_rebuilds(tiny_world, tmp_path):
                                    "--seeds", "0,1"])
     assert cli.exit_code == 0, cli.output
     assert "respec" in cli.output and (out / "experiment.json").is_file() and (out / "experiment.png").is_file()
+    assert "no_sd: the rollout is" in cli.output and "end to end, an instant one" in cli.output
 
 
 def test_cli_experiment_errors_are_one_line(monkeypatch, capsys, tmp_path):
