@@ -326,7 +326,7 @@ def experiment(
     seeds: str = typer.Option("0,1,2", help="comma-separated trainer seeds"),
     configs: str = typer.Option(",".join(["no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec"]),
                                 help="comma-separated configurations: no_sd, naive_sd, adaptive_frozen, "
-                                     "online_kd, respec"),
+                                     "online_kd, respec (and respec_update: the learner only beside updates)"),
     json_path: Path | None = typer.Option(None, "--json", help="report JSON (default OUT/experiment.json)"),
     config: Path | None = typer.Option(None, help="YAML run config every configuration starts from"),
     set_: list[str] | None = typer.Option(None, "--set", help="override section.key=value for every run "

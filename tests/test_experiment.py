@@ -40,7 +40,8 @@ def test_each_configuration_sets_what_it_names(tiny_world):
         cfg = config_for(base, name, seed=3, steps=7)
         assert (cfg.trainer.seed, cfg.trainer.steps, cfg.trainer.save_every) == (3, 7, 0)
         assert cfg.rollout.spec == {"no_sd": "off", "naive_sd": "static"}.get(name, "adaptive")
-        assert cfg.learner.mode == ("async" if name in ("online_kd", "respec") else "off")
+        assert cfg.learner.mode == ("async" if name in ("online_kd", "respec", "respec_update") else "off")
+        assert cfg.learner.schedule == ("update" if name == "respec_update" else "always")
     assert config_for(base, "naive_sd", 0, 1).rollout.k == 4
     assert config_for(base, "online_kd", 0, 1).learner.weighting == "uniform"
     assert config_for(base, "respec", 0, 1).learner.weighting == "reward"

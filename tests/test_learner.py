@@ -566,3 +566,40 @@ def test_pause_holds_an_async_learner_between_steps_and_resume_lets_it_go_on(rol
         assert learner.steps >= held + 2
     finally:
         learner.close()
+
+
+def test_schedule_update_keeps_the_learner_off_the_engine(world, tmp_path, monkeypatch):
+    """learner.schedule=update: no learner step starts while the engine generates; steps run beside updates."""
+    starts, real_step = [], Learner._step
+
+    def step(self):
+        starts.append(time.perf_counter())
+        return real_step(self)
+
+    monkeypatch.setattr(Learner, "_step", step)
+    trainer = Trainer.start(learner_config(world, trainer=dict(steps=4),
+                                           learner=dict(mode="async", schedule="update", steps_per_rollout=1000)),
+                            tmp_path / "run", reward_fn=digit_share)
+    spans, generate = [], trainer.engine.generate
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            spans.append((t0, time.perf_counter()))
+
+    trainer.engine.generate = timed
+    try:
+        assert trainer.learner._holding  # held from the start: released for each update only
+        trainer.train()
+        assert trainer.learner._holding and trainer.learner.alive
+        time.sleep(0.2)  # a held learner with credits left starts nothing more
+        after = len(starts)
+        time.sleep(0.3)
+        assert len(starts) == after and trainer.learner._credits > 0
+    finally:
+        trainer.close()
+    assert len(spans) == 4 and len(starts) >= 2  # it trained (during steps 2-4's updates)
+    inside = [t for t in starts for a, b in spans if a < t < b]
+    assert not inside, f"{len(inside)} learner steps started during a rollout"

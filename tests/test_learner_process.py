@@ -49,6 +49,13 @@ def test_a_learner_process_trains_publishes_pauses_and_stops(world, tmp_path):
         assert learner.metrics()["learner/steps"] == held  # a paused learner starts no step
         learner.resume()
         wait_for(lambda: learner.metrics()["learner/steps"] > held)
+        learner.hold()  # schedule=update's call: no new step, the one in flight ends on its own
+        time.sleep(0.5)
+        held = learner.metrics()["learner/steps"]
+        time.sleep(0.5)
+        assert learner.metrics()["learner/steps"] == held
+        learner.release()
+        wait_for(lambda: learner.metrics()["learner/steps"] > held)
     finally:
         trainer.close()
     assert not learner._proc.is_alive() and not learner.alive

@@ -5,6 +5,8 @@
   adaptive_frozen  the tuner picks k per step, the drafter frozen
   online_kd        adaptive + the online learner with uniform weights (plain online KD)
   respec           adaptive + the online learner with reward weights (ReSpec)
+  respec_update    respec with learner.schedule=update (its learner trains only while the policy updates);
+                   run on request (--configs), not by default
 
 Every configuration runs the same seeds, steps and data through `Trainer`. The runs of one seed are interleaved
 step by step in one process (`_run_interleaved`): this host's speed drifts by 10-30% over minutes, more than the
@@ -39,7 +41,11 @@ CONFIGS: dict[str, dict[str, dict]] = {
     "adaptive_frozen": {"rollout": {"spec": "adaptive"}},
     "online_kd": {"rollout": {"spec": "adaptive"}, "learner": {"mode": "async", "weighting": "uniform"}},
     "respec": {"rollout": {"spec": "adaptive"}, "learner": {"mode": "async", "weighting": "reward"}},
+    # not among the five by default: ReSpec with its learner kept off the cores while the engine runs
+    "respec_update": {"rollout": {"spec": "adaptive"},
+                      "learner": {"mode": "async", "weighting": "reward", "schedule": "update"}},
 }
+FIVE = ("no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec")  # the experiment the issue names
 SUMMARY_KEYS = ("wall_s", "rollout_s", "update_s", "learner_s", "final_accuracy", "accept_start", "accept_end")
 EMITTED = "val/emitted_per_step_k4"
 
@@ -138,7 +144,7 @@ def _var(values: list[float]) -> float:
 
 
 def run_experiment(base: TrainConfig, out: str | os.PathLike, steps: int, seeds: tuple[int, ...],
-                   configs: tuple[str, ...] = tuple(CONFIGS), log: Log | None = None) -> dict:
+                   configs: tuple[str, ...] = FIVE, log: Log | None = None) -> dict:
     """Runs every configuration for every seed (out/NAME/seedS, replaced if present); returns the report:
     {"runs": {name: R}, "agreement": {...}, "config": ...} with R = the seed means of `summarize` plus
     "per_seed" lists."""

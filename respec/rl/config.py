@@ -186,6 +186,7 @@ class DataConfig:
 
 LEARNER_MODES = ("off", "async", "process", "sync")
 WEIGHTINGS = ("reward", "uniform")
+SCHEDULES = ("always", "update")
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,9 @@ class LearnerConfig:
     mode: str = "off"  # "off": the drafter stays frozen; "async": a thread trains while rollout and update go on;
     # "process": the same in a child process (its own GIL: rl/learner_process.py); "sync": the same steps run in the
     # trainer's thread after each update (deterministic; for tests and ablations)
+    schedule: str = "always"  # when an async/process learner trains: "always" (beside the rollout and the update);
+    # "update": only while the policy updates, never beside the engine's rollouts and evaluations (its core's
+    # shared caches and memory bandwidth cost the rollout 1.11-1.18x on 2 cores, benchmarks/RESULTS.md section 12)
     weighting: str = "reward"  # "reward": w ∝ exp(A / weight_temperature) per sequence (see learner.py);
     # "uniform": every sequence weighs 1 (plain online KD)
     weight_temperature: float = 1.0  # tau of the reward weights; larger = closer to uniform
@@ -218,6 +222,8 @@ class LearnerConfig:
         s = "learner"
         if self.mode not in LEARNER_MODES:
             raise ConfigError(f"learner.mode must be one of {', '.join(LEARNER_MODES)}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"learner.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"learner.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         _finite(s, "weight_temperature", self.weight_temperature, 0.0, False)

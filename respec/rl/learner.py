@@ -205,6 +205,7 @@ class Learner:
         self._train_lock = threading.RLock()
         self._stop = False
         self._held = False  # pause(): no new step starts until resume()
+        self._holding = False  # hold(): the same without waiting for the step in flight
         self._thread: threading.Thread | None = None
         if config.mode == "async":
             self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
@@ -298,7 +299,7 @@ class Learner:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._held or self._credits <= 0 or not self.buffer):
+                while not self._stop and (self._held or self._holding or self._credits <= 0 or not self.buffer):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -409,6 +410,18 @@ class Learner:
         self._train_lock.release()
         with self._cond:
             self._held = False
+            self._cond.notify_all()
+
+    def hold(self) -> None:
+        """Lets no new learner step start until `release()`, without waiting for the step in flight: the
+        trainer's `learner.schedule=update` keeps the learner off the cores while the engine runs."""
+        with self._cond:
+            self._holding = True
+
+    def release(self) -> None:
+        """Undoes `hold()`."""
+        with self._cond:
+            self._holding = False
             self._cond.notify_all()
 
     def paused(self) -> threading.RLock:

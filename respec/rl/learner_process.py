@@ -8,7 +8,7 @@ crash in native code) cannot take the trainer with it. Measured on the 2-core ma
 grew as much as its wall time, thread and process alike: 1.10-1.16x), so the thread stays the default.
 
 How. `LearnerProcess` has the interface the trainer, the checkpoint and `respec experiment` use (`submit`,
-`metrics`, `pause`/`resume`/`paused`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
+`metrics`, `pause`/`resume`/`paused`, `hold`/`release`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
 `trained_through`, `alive`, `draft_ids`, `log`, `publish_fn`). It starts a spawned child that runs a
 `Learner(mode="async")` on an fp32 copy of the drafter, with `threads` torch threads. Requests go over a pipe, one
 at a time, each answered; tensors travel as `torch.save` bytes (one step's rollouts are ~15 MB for the embedded
@@ -137,6 +137,12 @@ class LearnerProcess:
     def resume(self) -> None:
         self._call("resume")
 
+    def hold(self) -> None:
+        self._call("hold")
+
+    def release(self) -> None:
+        self._call("release")
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Holds the learner (after its step in flight) for the duration of the block."""
@@ -223,6 +229,8 @@ def _child_main(config: LearnerConfig, drafter_config: DrafterConfig, init: byte
         "metrics": lambda _: learner.metrics(),
         "pause": lambda _: learner.pause(),
         "resume": lambda _: learner.resume(),
+        "hold": lambda _: learner.hold(),
+        "release": lambda _: learner.release(),
         "state_dict": lambda _: _pack(learner.state_dict()),
         "load_state_dict": lambda p: learner.load_state_dict(_unpack(p)),
     }

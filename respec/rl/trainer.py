@@ -132,6 +132,8 @@ class Trainer:
                                               threads=t.num_threads or 1)
             else:
                 self.learner = Learner(config.learner, engine.drafter, publish, seed=t.seed)
+            if self._learner_off_engine():
+                self.learner.hold()  # released for each update (step)
         self._pool: tuple[int, list[Problem]] | None = None
         self._eval_chooser = None
         self.tensorboard = None  # metrics writer's SummaryWriter once opened, False without tensorboard
@@ -278,7 +280,13 @@ class Trainer:
         batch = self._batch(prompts, result, advantages)
         t_reward = time.perf_counter()
 
-        update = self._update(batch, rewards_t)
+        if self._learner_off_engine():  # learner.schedule=update: it trains while the policy updates
+            self.learner.release()
+        try:
+            update = self._update(batch, rewards_t)
+        finally:
+            if self._learner_off_engine():
+                self.learner.hold()  # its step in flight ends beside what follows; no new one starts
         t_update = time.perf_counter()
         self.engine.load_weights(self.actor.state_dict())  # in memory, from the next rollout on
         self.global_step += 1
@@ -321,6 +329,12 @@ class Trainer:
             row["timing/eval_s"] = time.perf_counter() - t_eval
         write_metrics(self, row)
         return row
+
+    def _learner_off_engine(self) -> bool:
+        """Whether the learner is held while the engine runs (learner.schedule=update; sync steps run in
+        `submit` anyway)."""
+        return self.learner is not None and self.config.learner.schedule == "update" and \
+            self.config.learner.mode in ("async", "process")
 
     def _drafter_metrics(self) -> dict:
         """Returns the staleness metrics: the drafter's version and age in policy steps, the learner's state."""
