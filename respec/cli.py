@@ -324,9 +324,9 @@ def experiment(
     out: Path = typer.Option(Path("runs/experiment"), help="directory of the runs (OUT/CONFIG/seedS, replaced)"),
     steps: int = typer.Option(60, help="RL steps per run"),
     seeds: str = typer.Option("0,1,2", help="comma-separated trainer seeds"),
-    configs: str = typer.Option(",".join(["no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec"]),
-                                help="comma-separated configurations: no_sd, naive_sd, adaptive_frozen, "
-                                     "online_kd, respec (and respec_update: the learner only beside updates)"),
+    configs: str | None = typer.Option(None, help="comma-separated configurations (default: the five, no_sd, "
+                                       "naive_sd, adaptive_frozen, online_kd, respec; also respec_update: the "
+                                       "learner only beside updates)"),
     json_path: Path | None = typer.Option(None, "--json", help="report JSON (default OUT/experiment.json)"),
     config: Path | None = typer.Option(None, help="YAML run config every configuration starts from"),
     set_: list[str] | None = typer.Option(None, "--set", help="override section.key=value for every run "
@@ -335,12 +335,12 @@ def experiment(
                                                  "(e.g. of an interrupted experiment) without training"),
 ) -> None:
     """ReSpec's experiment: the same RL run without SD, with naive SD, adaptive SD, online KD and ReSpec."""
-    from respec.bench.experiment import report_from_runs, run_experiment, write_report
+    from respec.bench.experiment import FIVE, report_from_runs, run_experiment, write_report
     from respec.bench.plot import plot_experiment
     from respec.rl.config import load_config
 
     base = load_config(config, _overrides(set_))
-    names = tuple(c.strip() for c in configs.split(",") if c.strip())
+    names = FIVE if configs is None else tuple(c.strip() for c in configs.split(",") if c.strip())
     json_path = json_path or out / "experiment.json"
     if report_only:
         report = report_from_runs(out, names, _ints(seeds, "--seeds"))

@@ -41,8 +41,8 @@ between decode steps). A crash is logged, the learner restarts from the last pub
 optimiser; after `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
 mode "sync" runs the same steps in the trainer's thread after each update (deterministic); mode "process" runs this
 class in a child process (`respec.rl.learner_process`). With `schedule="update"` the trainer `hold()`s the learner
-while the engine runs (rollout, evaluation) and `release()`s it for the policy update: the idle core is not idle
-for the rollout's caches and memory bandwidth (the learner costs a 128-row rollout 1.11-1.18x on 2 cores), so
+while the engine runs (rollout, evaluation) and `release()`s it for the policy update: the learner's core shares
+caches and memory bandwidth with the rollout's (the learner costs a 128-row rollout 1.11-1.18x on 2 cores), so
 this trades learner steps (~60% as many) for a rollout without a neighbour (benchmarks/RESULTS.md section 13:
 rollout 1.06x no SD's instead of 1.00x, drafter 3.62 tokens per verify step instead of 3.82).
 """
