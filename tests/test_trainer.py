@@ -253,6 +253,7 @@ def test_jsonl_data_trains_and_holds_out_its_eval_problems(world, tmp_path):
     ({"trainer.model": "/some/policy", "rollout.spec": "adaptive"}, "--drafter"),
     ({"trainer.steps": "many"}, "trainer.steps must be int"),
     ({"algorithm.clip": "0.2"}, "no setting 'clip'"),
+    ({"learner.schedule": "rollout"}, "learner.schedule must be one of always, update"),
     ({"optimizer.lr": "0.1"}, "section.key"),
 ])
 def test_each_bad_config_is_one_clear_error(overrides, message):
