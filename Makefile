@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test venv bench lint
+.PHONY: demo test venv bench results lint
 
 venv: $(STAMP)
 
@@ -21,11 +21,19 @@ test: $(STAMP)
 demo: $(STAMP)
 	.venv/bin/respec demo --json runs/demo/spec.json
 
-# The full engine benchmark reported in benchmarks/RESULTS.md.
+# The benchmarks of docs/results.md: each writes its JSON (and a PNG) into docs/results/, then the page is
+# regenerated from them. `respec experiment` (an hour and more) and benchmarks/trl_peer.py (needs TRL) are run
+# on their own; their commands are on the page.
 bench: $(STAMP)
-	.venv/bin/respec bench engine --threads 1 --verify-repeats 9 --json runs/bench/engine.json
-	.venv/bin/respec bench spec --json runs/bench/spec.json
-	.venv/bin/respec bench rollout --repeats 5 --json runs/bench/rollout.json
+	.venv/bin/respec bench engine --model "$$($(PY) -c 'from respec.world.defaults import resolve_models; print(resolve_models()[0])')" \
+		--threads 1 --verify-repeats 9 --json docs/results/engine_policy.json
+	.venv/bin/respec bench spec --json docs/results/spec.json
+	.venv/bin/respec bench rollout --repeats 5 --json docs/results/rollout.json
+	$(MAKE) results
+
+# docs/results.md's tables, regenerated from the JSON in docs/results/.
+results: $(STAMP)
+	.venv/bin/respec report --results docs/results --out docs/results.md --readme README.md
 
 lint: $(STAMP)
 	.venv/bin/ruff check respec tests

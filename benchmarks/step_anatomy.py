@@ -17,6 +17,7 @@ JSON and a PNG (stacked bars of the parts, one panel per batch range).
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ import torch
 
 import respec.engine.generate as generate
 from respec.bench.engine import machine_info, write_results
-from respec.engine.checkpoint import load_model, torch_threads
+from respec.engine.checkpoint import atomic_write_bytes, load_model, torch_threads
 from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
@@ -182,11 +183,10 @@ def plot(data: dict, path: Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("decode step anatomy: plain vs speculative (tokens per row per step, rate vs plain)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 of the drafter is published every N decode steps (as the online learner publishes between decode steps).
 
 An identical copy drafts exactly what the original drafts when it sees the same context, so any loss is the
-engine's: before session 4 a swapped-in drafter started from an empty cache (3.81 -> 2.78 tokens per verify at
-a swap every 8 steps); now it catches up on the recorded history and nothing is lost.
+engine's: a swapped-in drafter catches up on the recorded history, so it should lose nothing (a drafter that
+started from an empty cache would lose most of a verify step's tokens after every swap).
 
     python benchmarks/swap_cost.py [--policy DIR --drafter DIR] [--every 0,8,3] [--json runs/bench/swap_cost.json]
 """

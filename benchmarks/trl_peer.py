@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""TRL's GRPOTrainer and `respec train`, side by side on one HF policy directory (issue 9, "What must be measured").
+"""TRL's GRPOTrainer and `respec train`, side by side on one HF policy directory.
 
 Both trainers get the same policy directory, the same arithmetic-task reward (`task.score(problem, text).reward`
 on the completion decoded with skip_special_tokens), the same prompts in the same order (respec's training stream:
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -466,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"P={args.prompts} x G={args.group}, {args.max_new_tokens} new tokens, lr {args.lr:g}, beta 0, "
              f"token-mean/dapo, {args.threads} thread(s), {platform.processor() or platform.machine()}")
     plot(results, png, title)
+    from respec.bench.engine import machine_info
+
     report = {
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": shlex.join(["python", "benchmarks/trl_peer.py", *sys.argv[1:]]),
+        "machine": machine_info("cpu"),
         "args": vars(args),
         "versions": _versions(),
         "mapping": [{"setting": a, "respec": b, "trl": c} for a, b, c in mapping(args)],

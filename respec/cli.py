@@ -5,7 +5,6 @@ User errors (`RespecError`) are printed as one line, `error: <message>`, with ex
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +60,14 @@ def _progress() -> Iterator[Callable[..., None]]:
 
         yield log
 
+
+def _command() -> str:
+    """Returns the command line being run, as the benchmarks record it in their JSON."""
+    import shlex
+
+    return shlex.join(["respec", *sys.argv[1:]])
+
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     batch_sizes: str = typer.Option("1,8,32", help="generate() batch sizes, ours vs transformers"),
@@ -77,15 +84,17 @@ def bench_engine_cmd(
     json_path: Path = typer.Option(Path("runs/bench/engine.json"), "--json", help="where the results go"),
 ) -> None:
     """Plain decoding vs transformers generate, and the verification cost t(B, n) / t(B, 1)."""
-    from respec.bench.engine import EngineBenchConfig, bench_engine
+    from respec.bench.engine import EngineBenchConfig, bench_engine, engine_tables
 
     cfg = EngineBenchConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens,
                             gen_repeats=repeats, verify_batches=_ints(verify_batches, "--verify-batches"),
                             verify_max_n=verify_max_n, verify_repeats=verify_repeats,
                             model=str(model) if model is not None else None, dtype=dtype, device=device,
                             threads=threads, seed=seed)
+    with _progress() as log:
+        data = bench_engine(cfg, json_path, log=log, command=_command())
     console = Console()
-    bench_engine(cfg, json_path, console)
+    console.print(*engine_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
@@ -201,7 +210,7 @@ def bench_spec_cmd(
 ) -> None:
     """Speculative vs plain decoding on the same engine, prompts and seeds: static k, our tuner, vLLM's table and
     TLT's bandit; tokens/s and speedup."""
-    from respec.bench.spec import SpecBenchConfig, bench_spec
+    from respec.bench.spec import SpecBenchConfig, bench_spec, spec_tables
 
     cfg = SpecBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                           task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
@@ -209,8 +218,10 @@ def bench_spec_cmd(
                           modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                           max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, device=device,
                           dtype=dtype)
+    with _progress() as log:
+        data = bench_spec(cfg, json_path, log=log, command=_command())
     console = Console()
-    bench_spec(cfg, json_path, console)
+    console.print(*spec_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
@@ -231,14 +242,16 @@ def bench_rollout_cmd(
     json_path: Path = typer.Option(Path("runs/bench/rollout.json"), "--json", help="where the results go"),
 ) -> None:
     """A draining GRPO-shaped rollout: plain, each static k, vLLM's table, TLT's bandit, our tuner, the oracle."""
-    from respec.bench.rollout import RolloutBenchConfig, bench_rollout
+    from respec.bench.rollout import RolloutBenchConfig, bench_rollout, rollout_tables
 
     cfg = RolloutBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                              task=task, prompts=prompts, samples=samples, temperature=temperature,
                              max_new_tokens=max_new_tokens, ks=_ints(ks, "--ks"), repeats=repeats, threads=threads,
                              device=device, dtype=dtype)
+    with _progress() as log:
+        data = bench_rollout(cfg, json_path, log=log, command=_command())
     console = Console()
-    bench_rollout(cfg, json_path, console)
+    console.print(*rollout_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
@@ -335,22 +348,29 @@ def experiment(
                                                  "(e.g. of an interrupted experiment) without training"),
 ) -> None:
     """ReSpec's experiment: the same RL run without SD, with naive SD, adaptive SD, online KD and ReSpec."""
-    from respec.bench.experiment import FIVE, report_from_runs, run_experiment, write_report
+    from respec.bench.experiment import DEFAULT_CONFIGS, report_from_runs, run_experiment, write_report
     from respec.bench.plot import plot_experiment
     from respec.rl.config import load_config
 
     base = load_config(config, _overrides(set_))
-    names = FIVE if configs is None else tuple(c.strip() for c in configs.split(",") if c.strip())
+    names = DEFAULT_CONFIGS if configs is None else tuple(c.strip() for c in configs.split(",") if c.strip())
     json_path = json_path or out / "experiment.json"
     if report_only:
         report = report_from_runs(out, names, _ints(seeds, "--seeds"))
     else:
         with _progress() as log:
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
-    write_report(report, json_path)
+    write_report(_provenance(report, "cpu" if base.trainer.device == "cpu" else base.trainer.device), json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
     _print_experiment(report, Console())
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
+
+
+def _provenance(data: dict, device: str = "cpu") -> dict:
+    """Returns `data` with the command line that produced it and the machine it ran on (for docs/results.md)."""
+    from respec.bench.engine import machine_info
+
+    return {**data, "command": _command(), "machine": machine_info(device)}
 
 
 def _print_experiment(report: dict, console: Console) -> None:
@@ -372,16 +392,42 @@ def _print_experiment(report: dict, console: Console) -> None:
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)
-    base = report["runs"].get("no_sd")
-    if base is not None and base["wall_s"] > 0:
-        share = base["rollout_s"] / base["wall_s"]
-        console.print(f"no_sd: the rollout is {share:.0%} of a step, so a rollout 1.5x faster gives at most "
-                      f"{1 / (1 - share + share / 1.5):.2f}x end to end, an instant one {1 / (1 - share):.2f}x")
+    from respec.bench.experiment import phase_bound, staleness
+
+    stale = staleness(report)
+    if stale is not None:
+        learners = ", ".join(f"{n} {v['end']:.2f} ({v['vs_frozen']:.2f}x the frozen one)"
+                             for n, v in stale["learners"].items())
+        console.print(f"drafter tokens per verify step at k = 4: frozen ({stale['frozen']}) {stale['start']:.2f} -> "
+                      f"{stale['end']:.2f} ({stale['change']:+.0%}); online learners at the end: {learners}")
+    bound = phase_bound(report)
+    if bound is not None:
+        console.print(f"no_sd: the rollout is {bound['rollout_share']:.0%} of a step, so a rollout 1.5x faster gives "
+                      f"at most {bound['bound']:.2f}x end to end, an instant one {bound['instant_bound']:.2f}x")
     for name, checks in report.get("agreement", {}).items():
         reward = checks["critic/score/mean"]
-        if reward["bins"] and not math.isnan(reward["agree_fraction"]):
-            console.print(f"{name} vs no_sd: reward curve inside the 2-SE seed band in "
-                          f"{reward['agree_fraction']:.0%} of {reward['bin_steps']}-step bins")
+        judged = [b for b in reward["bins"] if b["agree"] is not None]
+        if judged:
+            ps = ", ".join(f"{b['steps'][0]}-{b['steps'][1]}: {b['p_holm']:.2f}" for b in judged)
+            console.print(f"{name} vs no_sd, training reward per {reward['bin_steps']}-step bin, paired by seed "
+                          f"(Holm-corrected p): {ps}; {sum(b['agree'] for b in judged)} of {len(judged)} bins "
+                          f"agree at the {reward['alpha']:.0%} level")
+        elif reward.get("note"):
+            console.print(f"{name} vs no_sd: {reward['note']}")
+
+
+@app.command()
+def report(
+    results: Path = typer.Option(Path("docs/results"), help="directory of the benchmark JSON files"),
+    out: Path = typer.Option(Path("docs/results.md"), help="the results page to (re)write"),
+    readme: Path | None = typer.Option(Path("README.md"), help="README whose results block gets the summary table "
+                                       "(between its markers); --readme '' skips it"),
+) -> None:
+    """Regenerate the results page's tables from the benchmark JSON files (what `make results` runs)."""
+    from respec.bench.report import write_results_page
+
+    readme = readme if readme and str(readme) not in ("", ".") else None
+    typer.echo(f"wrote {write_results_page(results, out, readme)} from {results}")
 
 
 @app.command("train-drafter")
@@ -414,7 +460,7 @@ def demo(
     policy with GRPO twice, without SD and with ReSpec (adaptive SD + the online drafter learner)."""
     from dataclasses import replace
 
-    from respec.bench.spec import SpecBenchConfig, bench_spec
+    from respec.bench.spec import SpecBenchConfig, bench_spec, spec_tables
     from respec.world.artifacts import cache_root
     from respec.world.defaults import resolve_models
 
@@ -430,7 +476,10 @@ def demo(
         policy, drafter = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log, threads=_threads(threads))
     console.print(f"policy:  {policy}\ndrafter: {drafter}")
     console.rule("speculative vs plain decoding")
-    bench_spec(replace(cfg, policy=str(policy), drafter=str(drafter)), json_path, console)
+    with _progress() as log:
+        spec = bench_spec(replace(cfg, policy=str(policy), drafter=str(drafter)), json_path, log=log,
+                          command=_command())
+    console.print(*spec_tables(spec))
     console.print(f"results: {json_path} and plot: {json_path.with_suffix('.png')}")
     if train_steps <= 0:
         return

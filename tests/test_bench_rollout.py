@@ -1,11 +1,21 @@
 """`respec bench rollout`: every chooser on one draining GRPO-shaped rollout, the oracle, JSON, plot and CLI."""
 
 import json
+import random
+import shlex
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from respec.bench.rollout import RolloutBenchConfig, bench_rollout, oracle, step_costs, table_from_rollouts
+from respec.bench.rollout import (
+    BATCH_RANGES,
+    RolloutBenchConfig,
+    bench_rollout,
+    oracle,
+    step_costs,
+    table_from_rollouts,
+)
 from respec.cli import app
 from respec.engine.generate import GenerationResult, StepStats
 from respec.errors import ConfigError
@@ -40,25 +50,71 @@ def test_oracle_takes_the_best_k_per_step_within_what_the_reference_reveals():
     assert seconds == pytest.approx(0.5 + 4 / 1000 + 2 / (2 / 0.0015))
 
 
-def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch):
+def test_the_oracle_is_never_slower_than_its_reference_under_the_same_costs():
+    """At every step the oracle may keep the reference's own k, so under the fitted costs it is at most the
+    reference's time: prefill + the sum of the reference's step costs."""
+    rng = random.Random(0)
+    fits = {0: (0.001, 0.0002), 1: (0.0015, 0.0003), 2: (0.002, 0.0005), 3: (0.0024, 0.0008)}
+    for _ in range(20):
+        k_ref, batch, steps = rng.randint(1, 3), rng.randint(1, 12), []
+        while batch:
+            steps.append((batch, k_ref, [rng.randint(0, k_ref) for _ in range(batch)], 0.0))
+            batch -= rng.randint(0, batch)
+        reference = run(steps, prefill=0.01)
+        seconds, ks = oracle(reference, fits)
+        a, b = fits[k_ref]
+        own = 0.01 + sum(a + b * s.batch for s in reference.stats)
+        assert seconds <= own + 1e-12 and len(ks) == len(steps) and all(0 <= k <= k_ref for k in ks)
+
+
+def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     policy, drafter = models
     cfg = RolloutBenchConfig(policy=str(policy), drafter=str(drafter), prompts=2, samples=3, max_new_tokens=8,
                              ks=(1, 2), repeats=1)
-    data = bench_rollout(cfg, tmp_path / "rollout.json")
+    progress = []
+    data = bench_rollout(cfg, tmp_path / "rollout.json", log=lambda m, f=None: progress.append((m, f)))
+    assert capsys.readouterr() == ("", "")  # library code reports through `log`, it never prints
+    assert [f for _, f in progress if f is not None][-1] == 1.0
     saved = json.loads((tmp_path / "rollout.json").read_text())
-    assert (tmp_path / "rollout.png").stat().st_size > 0
+    assert saved == json.loads(json.dumps(data)) and (tmp_path / "rollout.png").stat().st_size > 0
+    assert saved["command"] == "python API: bench_rollout(...)" and saved["machine"]["torch_threads"] == 1
     for key in ("plain_s", "table_s", "bandit_s", "adaptive_s", "oracle_s"):
         assert saved[key] > 0
-    assert set(saved["static_s"]) == {"1", "2"} and saved["ratios"] == data["ratios"]
+    static = saved["static_s"]
+    assert set(static) == set(saved["oracle_by_reference_s"]) == {"1", "2"}
+    # the oracle is the best of its evaluations, one per static rollout
+    assert saved["oracle_s"] == min(saved["oracle_by_reference_s"].values())
+    assert saved["best_static_k"] == min((1, 2), key=lambda k: static[str(k)])
+    # every ratio is computed from the JSON's own fields
+    wall, cpu = saved["ratios"], saved["cpu_ratios"]
+    assert wall["adaptive_vs_plain"] == pytest.approx(saved["plain_s"] / saved["adaptive_s"])
+    assert wall["adaptive_vs_best_static"] == pytest.approx(min(static.values()) / saved["adaptive_s"])
+    for name in ("table", "bandit", "oracle"):
+        assert wall[f"adaptive_vs_{name}"] == pytest.approx(saved[f"{name}_s"] / saved["adaptive_s"])
+    c = saved["cpu_s"]
+    assert set(c) == {"plain", "static_1", "static_2", "table", "bandit", "adaptive"}
+    assert cpu["adaptive_vs_plain"] == pytest.approx(c["plain"] / c["adaptive"])
+    assert cpu["adaptive_vs_best_static"] == pytest.approx(min(c["static_1"], c["static_2"]) / c["adaptive"])
+    assert cpu["adaptive_vs_table"] == pytest.approx(c["table"] / c["adaptive"])
+    # vLLM's table: ranges from batch 1 among this module's bounds, each with plain or one of the ks
+    table = {int(b): k for b, k in saved["table"].items()}
+    assert min(table) == 1 and set(table) <= set(BATCH_RANGES) and set(table.values()) <= {0, 1, 2}
+    assert all(0 <= saved["mean_k"][name] <= 2 for name in ("table", "bandit", "adaptive"))
+    assert 0 < saved["tokens"] <= cfg.prompts * cfg.samples * cfg.max_new_tokens
     trace = saved["trace"]
-    assert len(trace["batch"]) == len(trace["k"]) == len(trace["oracle_k"]) > 0
-    assert 1 <= trace["batch"][0] <= 6 and all(0 <= k <= 2 for k in trace["k"])  # rows may end at prefill
-    out = CliRunner().invoke(app, ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter),
-                                   "--prompts", "1", "--samples", "2", "--max-new-tokens", "4", "--ks", "1",
-                                   "--repeats", "1", "--json", str(tmp_path / "cli.json")])
+    assert len(trace["batch"]) == len(trace["k"]) == len(trace["oracle_k"]) == len(trace["seconds"]) > 0
+    assert 1 <= trace["batch"][0] <= 6 and all(0 <= k <= 2 for k in trace["k"] + trace["oracle_k"])
+    assert trace["batch"] == sorted(trace["batch"], reverse=True)  # no row joins: the batch only drains
+
+    args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
+            "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--json", str(tmp_path / "cli.json")]
+    monkeypatch.setattr(sys, "argv", ["respec", *args])  # what the console script sees
+    out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert (tmp_path / "cli.json").exists() and (tmp_path / "cli.png").exists()
+    assert "oracle (bound)" in out.output and "adaptive: " in out.output  # the CLI prints the table
+    assert (tmp_path / "cli.png").exists()
+    assert json.loads((tmp_path / "cli.json").read_text())["command"] == shlex.join(["respec", *args])
 
 
 @pytest.mark.parametrize("kwargs", [{"ks": ()}, {"ks": (0,)}, {"ks": (17,)}, {"samples": 0}, {"repeats": 0},

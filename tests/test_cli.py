@@ -1,6 +1,7 @@
 """CLI: user errors are one `error:` line with a non-zero exit, never a traceback; plot writes a PNG."""
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -87,6 +88,19 @@ def test_bench_rejects_bad_batch_sizes(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "bench", "engine", "--batch-sizes", "1,zero",
                            "--json", str(tmp_path / "e.json"))
     assert_one_error_line(code, err, "--batch-sizes")
+
+
+def test_bench_engine_prints_its_tables_and_records_its_command_line(monkeypatch, capsys, tmp_path, checkpoint):
+    path = tmp_path / "e.json"
+    args = ["bench", "engine", "--model", str(checkpoint), "--batch-sizes", "1", "--max-new-tokens", "2",
+            "--repeats", "1", "--verify-batches", "1", "--verify-max-n", "2", "--verify-repeats", "1",
+            "--threads", "1", "--json", str(path)]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    saved = json.loads(path.read_text())
+    assert saved["command"] == shlex.join(["respec", *args]) and saved["machine"]["torch_threads"] == 1
+    assert "Plain decoding" in out and "Verification cost" in out  # tables on stdout
+    assert "engine:" in err and "engine:" not in out  # progress on stderr, where scripts capturing stdout miss it
 
 
 def test_plot_writes_png(monkeypatch, capsys, tmp_path):

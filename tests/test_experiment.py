@@ -1,4 +1,4 @@
-"""`respec.bench.experiment` and `respec experiment`: configurations, run summaries, the seed-band agreement test,
+"""`respec.bench.experiment` and `respec experiment`: configurations, run summaries, the paired agreement test,
 the report from (possibly interrupted) run directories, the plot and the CLI."""
 
 import json
@@ -65,15 +65,41 @@ def test_summary_of_hand_made_rows():
     assert s["steps"] == 4
 
 
-def test_curve_agreement_band():
-    same = [rows_of([0.1 * s + 0.01 * i for i in range(20)]) for s in range(3)]
-    assert curve_agreement(same, same)["agree_fraction"] == 1.0
-    shifted = [rows_of([5 + 0.1 * s + 0.01 * i for i in range(20)]) for s in range(3)]
+def test_curve_agreement_is_a_paired_test_by_seed_with_holm_correction():
+    from scipy.stats import ttest_rel
+
+    same = {s: rows_of([0.1 * s + 0.01 * i for i in range(20)]) for s in range(3)}
+    agree = curve_agreement(same, same)
+    assert agree["agree_fraction"] == 1.0 and [b["p"] for b in agree["bins"]] == [1.0, 1.0]
+    # A shift of +5 in every seed is found however large the seed spread is: the pairs remove it.
+    shifted = {s: rows_of([5 + 0.1 * s + 0.01 * i + 0.001 * s * i for i in range(20)]) for s in range(3)}
     result = curve_agreement(same, shifted)
     assert result["agree_fraction"] == 0.0 and len(result["bins"]) == 2
-    assert result["bins"][0]["diff"] == pytest.approx(5.0)
-    one = curve_agreement(same[:1], same[:1])
-    assert "fewer than 2 seeds" in one["note"] and math.isnan(one["agree_fraction"])
+    assert result["bins"][0]["diff"] == pytest.approx(5.0, abs=0.01) and result["bins"][0]["steps"] == [1, 10]
+    # Noise that differs per seed: p is scipy's paired t-test of the per-seed bin means, Holm-corrected.
+    noisy = {s: rows_of([0.1 * s + 0.01 * i + (0.05 if (s + i) % 3 == 0 else -0.02) for i in range(20)])
+             for s in range(3)}
+    result = curve_agreement(same, noisy)
+    for b, lo in zip(result["bins"], (0, 10), strict=True):
+        a = [sum(0.1 * s + 0.01 * i for i in range(lo, lo + 10)) / 10 for s in range(3)]
+        n = [sum(0.1 * s + 0.01 * i + (0.05 if (s + i) % 3 == 0 else -0.02) for i in range(lo, lo + 10)) / 10
+             for s in range(3)]
+        assert b["p"] == pytest.approx(ttest_rel(n, a).pvalue)
+    ps = sorted(b["p"] for b in result["bins"])
+    assert sorted(b["p_holm"] for b in result["bins"]) == pytest.approx([min(1, 2 * ps[0]), min(1, max(2 * ps[0],
+                                                                                                       ps[1]))])
+    # Seeds are paired by number: a seed only one configuration ran is left out.
+    partial = curve_agreement({0: same[0], 1: same[1], 2: same[2]}, {1: shifted[1], 2: shifted[2], 7: same[0]})
+    assert partial["seeds"] == [1, 2]
+    one = curve_agreement({0: same[0]}, {0: same[0]})
+    assert "fewer than 2 paired seeds" in one["note"] and math.isnan(one["agree_fraction"])
+
+
+def test_holm_adjustment_matches_its_definition():
+    from respec.bench.experiment import holm
+
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_experiment_runs_reports_plots_and_rebuilds(tiny_world, tmp_path):
@@ -83,11 +109,17 @@ def test_experiment_runs_reports_plots_and_rebuilds(tiny_world, tmp_path):
     for r in report["runs"].values():
         for key in ("wall_s", "rollout_s", "update_s", "learner_s", "final_accuracy", "accept_start", "accept_end"):
             assert len(r["per_seed"][key]) == 2 and math.isfinite(r[key])
-        assert r["wall_s"] > 0 and r["steps"] == 2
+        assert r["steps"] == 2 and r["wall_s"] == pytest.approx(sum(r["per_seed"]["wall_s"]) / 2)
+        assert r["wall_s"] >= r["rollout_s"] + r["update_s"] > 0  # a step is at least its two phases
         assert 0 < r["rollout_cpu_s"] <= r["rollout_s"] * 1.05  # the rollout thread's CPU time, logged per step
-        assert r["rollout_cpu_speedup"] > 0
-    assert report["runs"]["no_sd"]["speedup"] == 1.0 and report["runs"]["no_sd"]["learner_s"] == 0.0
-    assert report["agreement"]["respec"]["critic/score/mean"]["bins"]
+    ref = report["runs"]["no_sd"]
+    for r in report["runs"].values():
+        assert r["speedup"] == pytest.approx(ref["wall_s"] / r["wall_s"])
+        assert r["rollout_speedup"] == pytest.approx(ref["rollout_s"] / r["rollout_s"])
+        assert r["rollout_cpu_speedup"] == pytest.approx(ref["rollout_cpu_s"] / r["rollout_cpu_s"])
+    assert ref["speedup"] == 1.0 and ref["learner_s"] == 0.0 and report["runs"]["respec"]["learner_s"] > 0
+    reward = report["agreement"]["respec"]["critic/score/mean"]
+    assert reward["seeds"] == [0, 1] and reward["bins"] and all(0 <= b["p"] <= b["p_holm"] <= 1 for b in reward["bins"])
     assert report["curves"]["respec"]["accept_k4_step"] == [0, 1, 2]
     path = write_report(report, tmp_path / "report.json")
     saved = json.loads(path.read_text())

@@ -84,7 +84,7 @@ MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool
     ("token-mean", 21 / 6),  # (10 + 11) / 6 valid tokens
     ("seq-mean-token-mean", (10 / 4 + 11 / 2) / 2),  # the empty row is left out of the mean
     ("seq-mean-token-sum", (10 + 11) / 2),
-    ("seq-mean-token-sum-norm", 21 / 4),  # verl: total / T, not divided by the number of sequences
+    ("seq-mean-token-sum-norm", (10 + 11) / 2 / 4),  # verl 0.9.1: the seq-mean-token-sum value / T
 ])
 def test_agg_loss_modes(agg, expected):
     close(agg_loss(LOSS_MAT, MASK, agg), expected)
@@ -92,7 +92,8 @@ def test_agg_loss_modes(agg, expected):
 
 
 def test_agg_loss_constants():
-    close(agg_loss(LOSS_MAT, MASK, "seq-mean-token-sum-norm", loss_scale_factor=8), 21 / 8)
+    close(agg_loss(LOSS_MAT, MASK, "seq-mean-token-sum-norm", loss_scale_factor=8), 21 / 2 / 8)
+    close(agg_loss(LOSS_MAT, MASK, "seq-mean-token-sum-norm", loss_scale_factor=8, global_batch_size=3), 21 / 3 / 8)
     close(agg_loss(LOSS_MAT, MASK, "token-mean", batch_num_tokens=12), 21 / 12)
     close(agg_loss(LOSS_MAT, MASK, "seq-mean-token-mean", global_batch_size=4), 8 / 4)
     close(agg_loss(LOSS_MAT, MASK, "seq-mean-token-sum", global_batch_size=3), 21 / 3)
@@ -107,11 +108,45 @@ def test_agg_loss_micro_batches_sum_to_the_batch(agg):
     mask = torch.rand(6, 5, generator=gen) < 0.7
     mask[2] = False
     whole = agg_loss(loss_mat, mask, agg)
-    counts = dict(batch_num_tokens=mask.sum(), global_batch_size=(mask.sum(-1) > 0).sum())
-    if agg == "seq-mean-token-sum-norm":
-        counts = dict(loss_scale_factor=5)  # already a global constant in verl
+    counts = dict(batch_num_tokens=mask.sum(), global_batch_size=(mask.sum(-1) > 0).sum(), loss_scale_factor=5)
     parts = sum(agg_loss(loss_mat[rows], mask[rows], agg, **counts) for rows in (slice(0, 2), slice(2, 6)))
     close(parts, whole)
+
+
+# verl 0.9.1 `verl.trainer.ppo.core_algos.agg_loss` on a tiny batch, computed with verl itself (float64):
+# loss_mat [[1, 2, 3], [4, 5, 6], [7, 8, 9]], loss_mask [[1, 1, 0], [1, 0, 0], [0, 0, 0]], loss_agg_mode=agg,
+# then with loss_scale_factor=8, then with batch_num_tokens=5, global_batch_size=4. seq-mean-token-mean differs
+# from the exact (1.5 + 4) / 2 by verl's 1e-8 in the per-sequence token count.
+TINY_LOSS = t64([1, 2, 3], [4, 5, 6], [7, 8, 9])
+TINY_MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+VERL_091_AGG = {  # agg: (default, loss_scale_factor=8, batch_num_tokens=5 and global_batch_size=4)
+    "token-mean": (2.3333333333333335, 2.3333333333333335, 1.4),
+    "seq-mean-token-mean": (2.7499999762500003, 2.7499999762500003, 1.3749999881250001),
+    "seq-mean-token-sum": (3.5, 3.5, 1.75),
+    "seq-mean-token-sum-norm": (1.1666666666666667, 0.4375, 0.5833333333333334),
+}
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGS)
+def test_agg_loss_matches_verl_0_9_1(agg):
+    default, scaled, global_counts = VERL_091_AGG[agg]
+    close(agg_loss(TINY_LOSS, TINY_MASK, agg), default, tol=1e-7)
+    close(agg_loss(TINY_LOSS, TINY_MASK, agg, loss_scale_factor=8), scaled, tol=1e-7)
+    close(agg_loss(TINY_LOSS, TINY_MASK, agg, batch_num_tokens=5, global_batch_size=4), global_counts, tol=1e-7)
+
+
+def test_seq_mean_token_sum_norm_is_the_sequence_mean_over_a_constant():
+    # Dr. GRPO as verl 0.9.1 and TRL's dr_grpo: sum of token losses / (sequences * max length). With no empty
+    # sequence this is TRL's (per_token_loss * mask).sum() / (N * max_completion_length).
+    gen = torch.Generator().manual_seed(5)
+    loss_mat = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask = torch.arange(6)[None, :] < t64([6, 1, 3, 4])[:, None]
+    close(agg_loss(loss_mat, mask, "seq-mean-token-sum-norm", loss_scale_factor=10),
+          (loss_mat * mask).sum() / (4 * 10))
+    close(agg_loss(loss_mat, mask, "seq-mean-token-sum-norm"), agg_loss(loss_mat, mask, "seq-mean-token-sum") / 6)
+    mask[1] = False  # an empty sequence is not counted, as in every seq-mean mode
+    close(agg_loss(loss_mat, mask, "seq-mean-token-sum-norm", loss_scale_factor=10),
+          (loss_mat * mask).sum() / (3 * 10))
 
 
 def test_agg_loss_and_masked_mean_of_an_empty_mask_are_zero():
@@ -213,11 +248,38 @@ def test_policy_loss_aggregation(agg):
     mask[0, 3:] = False  # row 0 keeps 3 tokens, row 1 all 5
     row0, row1 = sum(POS[:3]), sum(NEG_DUAL)
     expected = {"token-mean": (row0 + row1) / 8, "seq-mean-token-mean": (row0 / 3 + row1 / 5) / 2,
-                "seq-mean-token-sum": (row0 + row1) / 2, "seq-mean-token-sum-norm": (row0 + row1) / 5}[agg]
+                "seq-mean-token-sum": (row0 + row1) / 2, "seq-mean-token-sum-norm": (row0 + row1) / 2 / 5}[agg]
     loss, _ = policy_loss(logp, old_logp, adv, mask, clip_high=0.28, agg=agg)
     close(loss, expected)
     loss, _ = policy_loss(logp, old_logp, adv, mask, clip_high=0.28, agg=agg, loss_scale_factor=10)
-    close(loss, (row0 + row1) / 10 if agg == "seq-mean-token-sum-norm" else expected)
+    close(loss, (row0 + row1) / 2 / 10 if agg == "seq-mean-token-sum-norm" else expected)
+
+
+# verl 0.9.1 `verl.trainer.ppo.core_algos.compute_policy_loss_vanilla` on a tiny batch, computed with verl itself
+# (float64; clip_ratio_low 0.2, clip_ratio_high 0.28, clip_ratio_c 3.0): response_mask [[1, 1, 0], [1, 0, 0],
+# [0, 0, 0]], old_log_prob 0, ratios [[0.5, 1.5, -], [4.0, -, -], [-, -, -]], advantages +1, -1, +2 per row.
+# Per token: row 0 -> -0.5, -1.28 (clipped high); row 1 -> 3.0 (ratio 4 dual-clipped at clip_ratio_c).
+VERL_091_PG_LOSS = {  # loss_agg_mode: (pg_loss, pg_loss with loss_scale_factor=8)
+    "token-mean": (0.4066666666666667, 0.4066666666666667),
+    "seq-mean-token-mean": (1.0549999872250002, 1.0549999872250002),
+    "seq-mean-token-sum": (0.61, 0.61),
+    "seq-mean-token-sum-norm": (0.20333333333333334, 0.07625),
+}
+VERL_091_PG_METRICS = {"pg_clipfrac": 0.3333333322222222, "ppo_kl": -0.3662040950020229,
+                       "pg_clipfrac_lower": 0.3333333322222222}
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGS)
+def test_policy_loss_matches_verl_0_9_1(agg):
+    ratios = t64([0.5, 1.5, 1.0], [4.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    logp = torch.log(ratios)
+    logp[~TINY_MASK] = float("nan")  # padding never reaches the loss
+    args = (logp, torch.zeros_like(logp), t64([1.0, -1.0, 2.0]), TINY_MASK)
+    for lsf, expected in zip((None, 8), VERL_091_PG_LOSS[agg], strict=True):
+        loss, metrics = policy_loss(*args, clip_low=0.2, clip_high=0.28, clip_c=3.0, agg=agg, loss_scale_factor=lsf)
+        close(loss, expected, tol=1e-7)
+        for name, value in VERL_091_PG_METRICS.items():
+            close(metrics[name], value, tol=1e-7)
 
 
 def test_policy_loss_log_ratio_is_clamped_like_verl():

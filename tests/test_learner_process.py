@@ -3,14 +3,14 @@ saves and restores through the checkpoint, and a child that dies leaves training
 
 import os
 import signal
-import time
 
 import pytest
 import torch
+from test_learner import digit_share, learner_config
+from test_trainer import wait_until
 
 from respec.rl.learner_process import LearnerProcess
 from respec.rl.trainer import Trainer
-from tests.test_learner import digit_share, learner_config
 
 pytestmark = pytest.mark.usefixtures("per_test_cache")
 
@@ -24,38 +24,35 @@ def process_config(world, **learner):
     return learner_config(world, learner=dict(mode="process", steps_per_rollout=6, publish_every=1, **learner))
 
 
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 def test_a_learner_process_trains_publishes_pauses_and_stops(world, tmp_path):
     trainer = Trainer.start(process_config(world), tmp_path / "run", reward_fn=digit_share)
     learner = trainer.learner
     assert isinstance(learner, LearnerProcess) and learner._proc.is_alive() and learner._proc.pid != os.getpid()
     try:
         trainer.step()
-        wait_for(lambda: learner.version >= 1)  # a publication came back and the engine took it
+        wait_until(lambda: learner.version >= 1, "a publication to come back")  # and the engine took it
         assert trainer.engine.drafter_version >= 1 and learner.trained_through == 1
         row = trainer.step()
         assert row["learner/steps"] >= 1 and row["learner/alive"] == 1 and "learner/loss" in row
+        # A paused or held learner with credits left comes to rest (the child's learner waits with nothing in
+        # flight): nothing but the pause or hold keeps it from another step. Given back exactly n credits, it
+        # goes on for exactly n steps.
         learner.grant(10 ** 6)  # busy for as long as it is let
-        learner.pause()
+        learner.pause()  # returns after the step in flight
+        assert learner.wait_idle(60), "a paused learner did not come to rest"
         held = learner.metrics()["learner/steps"]
-        time.sleep(0.5)
-        assert learner.metrics()["learner/steps"] == held  # a paused learner starts no step
+        learner.grant(2)
+        assert learner.metrics()["learner/steps"] == held
         learner.resume()
-        wait_for(lambda: learner.metrics()["learner/steps"] > held)
+        assert learner.wait_idle(120) and learner.metrics()["learner/steps"] == held + 2
+        learner.grant(10 ** 6)
         learner.hold()  # schedule=update's call: no new step, the one in flight ends on its own
-        time.sleep(0.5)
+        assert learner.wait_idle(60), "a held learner did not come to rest"
         held = learner.metrics()["learner/steps"]
-        time.sleep(0.5)
+        learner.grant(2)
         assert learner.metrics()["learner/steps"] == held
         learner.release()
-        wait_for(lambda: learner.metrics()["learner/steps"] > held)
+        assert learner.wait_idle(120) and learner.metrics()["learner/steps"] == held + 2
     finally:
         trainer.close()
     assert not learner._proc.is_alive() and not learner.alive
@@ -92,9 +89,9 @@ def test_a_dead_learner_process_leaves_training_on_the_last_drafter(world, tmp_p
     try:
         trainer.learner.log = messages.append
         trainer.step()
-        wait_for(lambda: trainer.engine.drafter_version)
+        wait_until(lambda: trainer.engine.drafter_version, "a publication to reach the engine")
         os.kill(trainer.learner._proc.pid, signal.SIGKILL)
-        wait_for(lambda: not trainer.learner.alive)
+        wait_until(lambda: not trainer.learner.alive, "the trainer to notice the killed learner process")
         version = trainer.engine.drafter_version
         rows = [trainer.step(), trainer.step()]  # the run goes on
         assert [r["step"] for r in rows] == [2, 3] and rows[-1]["learner/alive"] == 0

@@ -13,7 +13,7 @@ from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem
 from respec.world.tasks.arithmetic import _worked_mul, house_notation, house_share, write_marks
 from respec.world.tasks.base import Score
 from respec.world.tasks.countdown import InvalidExpression, evaluate
-from respec.world.tasks.jsonl import completion_answer, equivalent, reference_answer
+from respec.world.tasks.jsonl import completion_answer, equivalent, read_jsonl, reference_answer
 
 SYNTHETIC = [ArithmeticTask(), CountdownTask()]
 
@@ -116,7 +116,7 @@ def test_arithmetic_completions_are_short():
 
 
 def test_arithmetic_rewards_a_true_check_line_and_half_an_unchecked_right_answer():
-    task = ArithmeticTask(unchecked_reward=0.5, notation=False)  # session 3's world
+    task = ArithmeticTask(unchecked_reward=0.5, notation=False)  # checked answers rewarded, one notation
     p = Problem("Q: 72+59=?\n", "131", {"a": 72, "b": 59, "op": "+"})
     checked, right = task.sft_completion(p, random.Random(0), style="checked")
     line = "Check: 72 plus 59, column by column, carrying where needed."
@@ -353,6 +353,26 @@ def test_jsonl_bad_files_name_the_line(tmp_path, lines, message):
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         JsonlTask(tmp_path / "nope.jsonl").problems(1, 0)
+
+
+def test_read_jsonl_numbers_lines_and_names_a_malformed_one_in_one_line(tmp_path):
+    """The one JSON Lines reader (data sets and metrics logs): blank lines skipped but counted, and a bad line is
+    one DataError line naming file:line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "reward": NaN}\n\n{"step": 2}\n')
+    records = read_jsonl(path)
+    assert [n for n, _ in records] == [1, 3] and records[1][1] == {"step": 2}
+    assert records[0][1]["reward"] != records[0][1]["reward"]  # NaN, as json.dumps writes a NaN metric
+    path.write_text('{"step": 0}\n{"step": 1,\n{"step": 2}\n')
+    with pytest.raises(DataError) as error:
+        read_jsonl(path)
+    assert str(error.value).startswith(f"{path}:2: invalid JSON") and "\n" not in str(error.value)
+    path.write_text('{"step": 0}\n"text"\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: expected a JSON object, got str$"):
+        read_jsonl(path)
+    path.write_bytes(b'{"step": 0}\n\xff\n')
+    with pytest.raises(DataError, match="cannot read"):
+        read_jsonl(path)
 
 
 # ---- parquet (same task, .parquet suffix) ----

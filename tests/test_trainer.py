@@ -47,6 +47,15 @@ def digit_share(problem, completion: str) -> float:
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
+def wait_until(condition, what: str, timeout: float = 120.0, poll_s: float = 0.02) -> None:
+    """Polls `condition` until it holds; fails naming `what` after `timeout` seconds. For conditions that nothing
+    in this process signals: another process's progress (a file it writes) or a listener thread's state."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(poll_s)
+
+
 def tiny_config(world, **sections) -> TrainConfig:
     policy, drafter = world
     base = TrainConfig(
@@ -141,9 +150,7 @@ def test_resume_after_sigkill_reaches_the_same_step_count(world, tmp_path):
         proc = subprocess.Popen([*cmd, "--out", str(run), "--model", str(policy), "--drafter", str(drafter),
                                  "--spec", "static", *common], env=env, stdout=out, stderr=subprocess.STDOUT)
     state = run / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: state.exists() or proc.poll() is not None, "the first checkpoint", timeout=300)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

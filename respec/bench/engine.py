@@ -1,7 +1,8 @@
 """Engine benchmarks: plain decoding against `transformers.generate` on the same model, and the verification
 cost curve t_verify(B, n) / t_verify(B, 1) that decides when speculative decoding pays (DESIGN.md, problem 1).
 
-`bench_engine` returns a JSON-able dict and, given a path, writes it (atomically) with a PNG beside it.
+`bench_engine` returns a JSON-able dict and, given a path, writes it (atomically) with a PNG beside it; it reports
+progress through `log(message, fraction)` and prints nothing (`engine_tables` renders the results for the CLI).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from respec.engine.checkpoint import load_model, resolve_dtype, save_model, torch_threads
+from respec.engine.checkpoint import atomic_write_text, load_model, resolve_dtype, save_model, torch_threads
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
@@ -156,31 +155,40 @@ def _load_hf(path: str, dtype: torch.dtype, device: str):
     return hf
 
 
+Log = Callable[..., None]  # log(message, fraction=None): progress for the caller to show
+
+
+def no_progress(message: str, fraction: float | None = None) -> None:
+    """The default `log` of the benchmarks: progress goes nowhere."""
+
+
 def bench_engine(cfg: EngineBenchConfig | None = None, json_path: str | os.PathLike | None = None,
-                 console: Console | None = None) -> dict:
-    """Returns {"engine_vs_hf", "verify_cost", "machine", "config"}; writes JSON + PNG if json_path is given."""
+                 log: Log | None = None, command: str | None = None) -> dict:
+    """Returns {"command", "engine_vs_hf", "verify_cost", "machine", "config"}; writes JSON + PNG if json_path is
+    given. `command` is recorded as the command line that produced the results (the CLI passes its own)."""
     from respec.bench.plot import plot_bench_engine
 
     cfg = cfg or EngineBenchConfig()
-    console = console or Console()
     with torch_threads(cfg.threads):
-        data = _bench_engine(cfg, console)
-    print_tables(data, console)
+        data = {"command": command or "python API: bench_engine(...)", **_bench_engine(cfg, log or no_progress)}
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_engine)
     return data
 
 
-def _bench_engine(cfg: EngineBenchConfig, console: Console) -> dict:
+def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     machine = machine_info(cfg.device)
     steps = 2 * len(cfg.batch_sizes) + len(cfg.verify_batches) * cfg.verify_max_n
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with tempfile.TemporaryDirectory(prefix="respec-bench-") as tmp, \
-            Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("loading models", total=steps)
+    done = 0  # of `steps`
+
+    def progress(message: str) -> None:
+        log(f"engine: {message}", done / steps)
+
+    with tempfile.TemporaryDirectory(prefix="respec-bench-") as tmp:
+        progress("loading models")
         model, path = _load(cfg, Path(tmp))
         hf = _load_hf(path, dtype, cfg.device)
         engine = Engine(model)
@@ -192,18 +200,18 @@ def _bench_engine(cfg: EngineBenchConfig, console: Console) -> dict:
         rows = []
         for batch in cfg.batch_sizes:
             prompts = _prompts(cfg, mcfg.vocab_size, batch, gen)
-            progress.update(task, description=f"warm-up, batch {batch}")
+            progress(f"warm-up, batch {batch}")
             engine.generate(prompts, warm, SpecConfig(mode="off"))
             _time_hf(hf, prompts, warm.max_new_tokens, pad, device)
-            progress.advance(task)
+            done += 1
             # Alternate the two sides so that load from other processes hits both alike; keep each one's best.
             runs_ours, runs_hf = [], []
             for r in range(cfg.gen_repeats):
-                progress.update(task, description=f"batch {batch}, run {r + 1}/{cfg.gen_repeats}")
+                progress(f"batch {batch}, run {r + 1}/{cfg.gen_repeats}")
                 runs_ours.append(_time_ours(engine, prompts, params, device))
                 runs_hf.append(_time_hf(hf, prompts, cfg.max_new_tokens, pad, device))
             ours, theirs = min(runs_ours, key=lambda r: r[0]), min(runs_hf, key=lambda r: r[0])
-            progress.advance(task)
+            done += 1
             ours_tps, hf_tps = ours[1] / ours[0], theirs[1] / theirs[0]
             # Greedy outputs should agree; a near-tie of a random model can flip an argmax, so this is reported,
             # not asserted.
@@ -217,12 +225,13 @@ def _bench_engine(cfg: EngineBenchConfig, console: Console) -> dict:
         for batch in cfg.verify_batches:
             base = None
             for n in range(1, cfg.verify_max_n + 1):
-                progress.update(task, description=f"verify cost, batch {batch}, n {n}")
+                progress(f"verify cost, batch {batch}, n {n}")
                 seconds = target_seconds(model, batch, n, cfg.verify_prefill, cfg.verify_repeats, gen)
                 base = seconds if n == 1 else base
                 curve.append({"batch": batch, "n": n, "seconds": seconds, "ratio_to_n1": seconds / base})
-                progress.advance(task)
+                done += 1
 
+    log("engine: done", 1.0)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     config = asdict(cfg)
     config["model_config"] = mcfg.to_hf()
@@ -231,15 +240,15 @@ def _bench_engine(cfg: EngineBenchConfig, console: Console) -> dict:
     return {"engine_vs_hf": rows, "verify_cost": curve, "machine": machine, "config": config}
 
 
-def print_tables(data: dict, console: Console) -> None:
-    """Prints the two result tables."""
+def engine_tables(data: dict) -> list[Table]:
+    """Returns the two result tables of `bench_engine` data, for the caller to print."""
     table = Table(title="Plain decoding: respec Engine vs transformers generate (greedy, tokens/s)")
     for col in ("batch", "ours tok/s", "HF tok/s", "ours / HF", "greedy match"):
         table.add_column(col, justify="right")
     for r in data["engine_vs_hf"]:
         table.add_row(str(r["batch"]), f"{r['ours_tokens_per_s']:.1f}", f"{r['hf_tokens_per_s']:.1f}",
                       f"{r['ratio']:.2f}x", f"{r['greedy_match']:.0%}")
-    console.print(table)
+    tables = [table]
     curve = data["verify_cost"]
     ns = sorted({c["n"] for c in curve})
     table = Table(title="Verification cost: t(B, n) / t(B, 1), one cached target forward over n tokens per row")
@@ -250,13 +259,10 @@ def print_tables(data: dict, console: Console) -> None:
     for batch in sorted({c["batch"] for c in curve}):
         cells = {c["n"]: c for c in curve if c["batch"] == batch}
         table.add_row(str(batch), f"{cells[1]['seconds'] * 1e3:.1f}", *(f"{cells[n]['ratio_to_n1']:.2f}" for n in ns))
-    console.print(table)
+    return [*tables, table]
 
 
 def write_results(data: dict, path: Path, plot: Callable[[dict, Path], Path]) -> tuple[Path, Path]:
     """Writes data as JSON at `path` and `plot(data, png)` at the same stem + .png, each atomically; returns both."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path, plot(data, path.with_suffix(".png"))

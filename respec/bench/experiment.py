@@ -1,4 +1,4 @@
-"""`respec experiment`: the ReSpec experiment — the same RL run under five rollout configurations.
+"""`respec experiment`: the ReSpec experiment — the same RL run under several rollout configurations.
 
   no_sd            plain decoding (the baseline every speedup is measured against)
   naive_sd         static k = 4 drafts per step, the drafter frozen
@@ -6,15 +6,16 @@
   online_kd        adaptive + the online learner with uniform weights (plain online KD)
   respec           adaptive + the online learner with reward weights (ReSpec)
   respec_update    respec with learner.schedule=update (its learner trains only while the policy updates);
-                   run on request (--configs), not by default
+                   run on request (--configs); the first five are the default
 
 Every configuration runs the same seeds, steps and data through `Trainer`. The runs of one seed are interleaved
-step by step in one process (`_run_interleaved`): this host's speed drifts by 10-30% over minutes, more than the
-differences measured, so configurations run one after another were compared across different machine states
-(sessions 3-7; section 10 of benchmarks/RESULTS.md found the rollout ratio only in alternated steps). Per run the
+step by step in one process (`_run_interleaved`): a shared host's speed drifts over minutes by more than the
+differences measured, and configurations run one after another would be compared across different machine
+states; interleaved, a drift reaches every configuration alike. Per run the
 summary holds end-to-end and phase seconds (evaluation excluded: it is the same work in every configuration),
 final held-out accuracy, and the drafter's tokens per verify step at k = 4 on held-out prompts at the start and the
-end (`val/emitted_per_step_k4`, the staleness measure that does not depend on the tuner's k).
+end (`val/emitted_per_step_k4`, the staleness measure that does not depend on the tuner's k). Whether SD
+changed what the policy learns is asked of the reward curves by a paired test per 10-step bin (`curve_agreement`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from respec.bench.plot import read_metrics
-from respec.engine.checkpoint import torch_threads
+from respec.engine.checkpoint import atomic_write_text, torch_threads
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
 from respec.rl.trainer import METRICS, Trainer
@@ -45,7 +46,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
     "respec_update": {"rollout": {"spec": "adaptive"},
                       "learner": {"mode": "async", "weighting": "reward", "schedule": "update"}},
 }
-FIVE = ("no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec")  # the experiment the issue names
+DEFAULT_CONFIGS = ("no_sd", "naive_sd", "adaptive_frozen", "online_kd", "respec")  # what `respec experiment` runs
 SUMMARY_KEYS = ("wall_s", "rollout_s", "update_s", "learner_s", "final_accuracy", "accept_start", "accept_end")
 EMITTED = "val/emitted_per_step_k4"
 
@@ -86,14 +87,17 @@ def summarize(rows: list[dict]) -> dict:
             "steps": len(steps)}
 
 
-def curve_agreement(runs_a: list[list[dict]], runs_b: list[list[dict]], key: str = "critic/score/mean",
-                    bin_steps: int = 10) -> dict:
-    """Returns how well two configurations' per-step curves agree over seeds.
+def curve_agreement(runs_a: dict[int, list[dict]], runs_b: dict[int, list[dict]], key: str = "critic/score/mean",
+                    bin_steps: int = 10, alpha: float = 0.05) -> dict:
+    """Returns the paired test of two configurations' per-step curves, seed by seed.
 
-    Steps are binned (`bin_steps` per bin); per seed and bin the mean of `key`; per bin the difference of the
-    two configurations' seed means and its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) from the seed
-    spread. A bin agrees when |difference| <= 2 standard errors (a ~95% band). With one seed there is no spread
-    and the result says so.
+    Steps are binned (`bin_steps` per bin; the evaluation before training, step 0, is left out); per seed and bin
+    the mean of `key`. Per bin, the seeds both configurations ran are paired and a two-sided paired t-test
+    (`scipy.stats.ttest_rel`) asks whether the mean difference b - a is zero: seed s of every configuration
+    trains on the same prompts from the same initial weights, so pairing removes the seed-to-seed spread that
+    an unpaired test would have to beat. Holm's step-down correction over the bins (family-wise error `alpha`)
+    gives `p_holm`; a bin agrees when `p_holm >= alpha`. With fewer than two paired seeds there is no test and
+    the result says so.
     """
     def bins(run: list[dict]) -> dict[int, float]:
         out: dict[int, list[float]] = {}
@@ -102,21 +106,54 @@ def curve_agreement(runs_a: list[list[dict]], runs_b: list[list[dict]], key: str
                 out.setdefault((r["step"] - 1) // bin_steps, []).append(r[key])
         return {b: sum(v) / len(v) for b, v in out.items()}
 
-    a, b = [bins(r) for r in runs_a], [bins(r) for r in runs_b]
-    common = sorted(set.intersection(*(set(x) for x in a + b))) if a and b else []
-    result = {"key": key, "bin_steps": bin_steps, "bins": []}
-    if len(a) < 2 or len(b) < 2:
-        result["note"] = "fewer than 2 seeds per configuration: no seed-noise band"
+    seeds = sorted(set(runs_a) & set(runs_b))
+    a, b = {s: bins(runs_a[s]) for s in seeds}, {s: bins(runs_b[s]) for s in seeds}
+    common = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))) if seeds else []
+    result: dict = {"key": key, "bin_steps": bin_steps, "test": "paired t-test by seed, Holm-corrected",
+                    "alpha": alpha, "seeds": seeds, "bins": []}
+    if len(seeds) < 2:
+        result["note"] = "fewer than 2 paired seeds: no test"
     for i in common:
-        va, vb = [x[i] for x in a], [x[i] for x in b]
-        ma, mb = sum(va) / len(va), sum(vb) / len(vb)
-        se = math.sqrt(_var(va) / len(va) + _var(vb) / len(vb)) if len(va) > 1 and len(vb) > 1 else math.nan
-        result["bins"].append({"steps": [i * bin_steps + 1, (i + 1) * bin_steps], "a": ma, "b": mb,
-                               "diff": mb - ma, "se": se,
-                               "agree": None if math.isnan(se) else bool(abs(mb - ma) <= 2 * se)})
-    judged = [x for x in result["bins"] if not math.isnan(x["se"])]
+        va, vb = [a[s][i] for s in seeds], [b[s][i] for s in seeds]
+        result["bins"].append({"steps": [i * bin_steps + 1, (i + 1) * bin_steps], "a": _mean(va), "b": _mean(vb),
+                               "diff": _mean(vb) - _mean(va), "p": paired_p(va, vb)})
+    for row, p_holm in zip(result["bins"], holm([row["p"] for row in result["bins"]]), strict=True):
+        row["p_holm"] = p_holm
+        row["agree"] = None if math.isnan(p_holm) else bool(p_holm >= alpha)
+    judged = [x for x in result["bins"] if x["agree"] is not None]
     result["agree_fraction"] = sum(x["agree"] for x in judged) / len(judged) if judged else math.nan
+    result["min_p"] = min((x["p"] for x in judged), default=math.nan)
     return result
+
+
+def paired_p(a: list[float], b: list[float]) -> float:
+    """Returns the two-sided p-value of the paired t-test of b - a = 0 (NaN for fewer than two pairs). Pairs
+    whose differences are all equal have no spread: p is 1 when they are all zero and 0 otherwise."""
+    if len(a) < 2:
+        return math.nan
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    if max(diffs) - min(diffs) <= 1e-12 * max(1.0, max(abs(d) for d in diffs)):
+        return 1.0 if abs(diffs[0]) <= 1e-12 else 0.0
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(b, a).pvalue)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Returns Holm's step-down adjusted p-values (NaN stays NaN and is not counted): the i-th smallest of m
+    p-values is multiplied by m - i, made monotone, and capped at 1; rejecting where adjusted p < alpha keeps
+    the family-wise error at alpha."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def seed_mean_curves(runs: list[list[dict]]) -> dict:
@@ -138,13 +175,8 @@ def seed_mean_curves(runs: list[list[dict]]) -> dict:
     return out
 
 
-def _var(values: list[float]) -> float:
-    m = sum(values) / len(values)
-    return sum((v - m) ** 2 for v in values) / (len(values) - 1)
-
-
 def run_experiment(base: TrainConfig, out: str | os.PathLike, steps: int, seeds: tuple[int, ...],
-                   configs: tuple[str, ...] = FIVE, log: Log | None = None) -> dict:
+                   configs: tuple[str, ...] = DEFAULT_CONFIGS, log: Log | None = None) -> dict:
     """Runs every configuration for every seed (out/NAME/seedS, replaced if present); returns the report:
     {"runs": {name: R}, "agreement": {...}, "config": ...} with R = the seed means of `summarize` plus
     "per_seed" lists."""
@@ -213,28 +245,29 @@ def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tu
     """Returns the experiment report from the run directories out/NAME/seedS (also of an interrupted
     experiment: runs missing or cut short are reported as they are; `steps` None = the longest run's)."""
     out = Path(out)
-    rows: dict[str, list[list[dict]]] = {}
+    rows: dict[str, dict[int, list[dict]]] = {}  # configuration -> seed -> metrics rows
     for name in configs:
         for seed in seeds:
             path = out / name / f"seed{seed}" / METRICS
             if path.is_file():
-                rows.setdefault(name, []).append(read_metrics(path))
+                rows.setdefault(name, {})[seed] = read_metrics(path)
     if not rows:
         raise ConfigError(f"{out}: no experiment runs (expected {out}/CONFIG/seedS/{METRICS})")
-    done = [max((r["step"] for r in run), default=0) for runs in rows.values() for run in runs]
+    done = [max((r["step"] for r in run), default=0) for runs in rows.values() for run in runs.values()]
     report: dict = {"runs": {}, "steps": steps if steps is not None else max(done), "seeds": list(seeds),
                     "out": str(out)}
     for name, runs in rows.items():
-        per_seed = [summarize(r) for r in runs]
+        per_seed = [summarize(r) for r in runs.values()]
         mean = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in per_seed[0]}
-        report["runs"][name] = {**mean, "per_seed": {k: [s[k] for s in per_seed] for k in per_seed[0]}}
-    report["curves"] = {name: seed_mean_curves(runs) for name, runs in rows.items()}
+        report["runs"][name] = {**mean, "seeds": list(runs),
+                                "per_seed": {k: [s[k] for s in per_seed] for k in per_seed[0]}}
+    report["curves"] = {name: seed_mean_curves(list(runs.values())) for name, runs in rows.items()}
     if "no_sd" in rows:
         ref = report["runs"]["no_sd"]
         for r in report["runs"].values():
             r["speedup"] = ref["wall_s"] / r["wall_s"]
             r["rollout_speedup"] = ref["rollout_s"] / r["rollout_s"]
-            if ref["rollout_cpu_s"] > 0 and r["rollout_cpu_s"] > 0:  # runs from before session 8 lack it
+            if ref["rollout_cpu_s"] > 0 and r["rollout_cpu_s"] > 0:  # 0 where a run's metrics lack the key
                 r["rollout_cpu_speedup"] = ref["rollout_cpu_s"] / r["rollout_cpu_s"]
         report["agreement"] = {name: {key: curve_agreement(rows["no_sd"], rows[name], key, bin_steps)
                                       for key, bin_steps in (("critic/score/mean", 10), ("val/accuracy", 1))}
@@ -242,14 +275,38 @@ def report_from_runs(out: str | os.PathLike, configs: tuple[str, ...], seeds: tu
     return report
 
 
+def staleness(report: dict) -> dict | None:
+    """Returns the staleness summary of a report: the frozen drafter's tokens per verify step at k = 4 at the start
+    and the end and its relative change, and each online learner's end value over the frozen one's; None when the
+    report has no frozen configuration or no learner. The frozen drafter is measured in `adaptive_frozen`, else
+    `naive_sd`, else `no_sd` (whose evaluations measure the offline drafter it never uses)."""
+    runs = report["runs"]
+    frozen = next((n for n in ("adaptive_frozen", "naive_sd", "no_sd") if n in runs), None)
+    learners = [n for n in ("respec", "online_kd", "respec_update") if n in runs]
+    if frozen is None or not learners:
+        return None
+    f = runs[frozen]
+    return {"frozen": frozen, "start": f["accept_start"], "end": f["accept_end"],
+            "change": f["accept_end"] / f["accept_start"] - 1,
+            "learners": {n: {"end": runs[n]["accept_end"], "vs_frozen": runs[n]["accept_end"] / f["accept_end"]}
+                         for n in learners}}
+
+
+def phase_bound(report: dict, rollout_speedup: float = 1.5) -> dict | None:
+    """Returns the no-SD phase split and what it allows (Amdahl): the rollout's share of a step, the end-to-end
+    speedup of a rollout `rollout_speedup` times faster, and of an instant rollout; None without a no_sd run."""
+    base = report["runs"].get("no_sd")
+    if base is None or base["wall_s"] <= 0:
+        return None
+    share = base["rollout_s"] / base["wall_s"]
+    return {"rollout_share": share, "rollout_speedup": rollout_speedup,
+            "bound": 1 / (1 - share + share / rollout_speedup),
+            "instant_bound": 1 / (1 - share) if share < 1 else math.inf}
+
+
 def write_report(report: dict, json_path: str | os.PathLike) -> Path:
     """Writes the report as JSON atomically; returns the path."""
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(json_path, json.dumps(report, indent=2, default=float) + "\n")
 
 
 def _prefixed(log: Log | None, prefix: str) -> Log | None:

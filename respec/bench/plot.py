@@ -5,6 +5,7 @@ Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display nee
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -12,24 +13,23 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from respec.engine.checkpoint import atomic_write_bytes
 from respec.errors import DataError
 from respec.world.tasks.jsonl import read_jsonl
 
 
 def save_figure(fig: Figure, png: str | os.PathLike) -> Path:
-    """Writes `fig` to `png` atomically (a temporary file, then a rename) and returns the path."""
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    """Writes `fig` to `png` atomically (`atomic_write_bytes`) and returns the path."""
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, png)
-    return png
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return atomic_write_bytes(png, buffer.getvalue())
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Returns the JSON objects of a JSONL file, one per non-empty line."""
-    return [record for _, record in read_jsonl(Path(path))]
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Returns the JSON objects of a JSONL metrics log, one per non-empty line (`read_jsonl`: a bad line is a
+    DataError naming PATH:LINE)."""
+    return [record for _, record in read_jsonl(path)]
 
 
 def _is_number(v) -> bool:

@@ -16,7 +16,9 @@ large k), so every single static choice loses somewhere.
   rate. Each static rollout drains at its own pace (which sets the batch at which tokens are made), so the
   oracle is evaluated on every static rollout and the best is reported. A bound under the fitted costs: a
   chooser can beat it only by the fit's error.
-Choosers keep their state across repeats (one untimed warm-up round first), as they would across RL steps.
+Choosers keep their state across repeats (one untimed warm-up pass first), as they would across RL steps.
+`bench_rollout` reports progress through `log(message, fraction)` and prints nothing (`rollout_tables` renders
+the results for the CLI).
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from respec.bench.engine import machine_info, write_results
+from respec.bench.engine import Log, machine_info, no_progress, write_results
 from respec.bench.policies import BanditPolicy, TablePolicy, table_from_cells
 from respec.engine.checkpoint import load_model, torch_threads
 from respec.engine.drafter import load_drafter
@@ -139,16 +140,18 @@ def oracle(reference: GenerationResult, fits: dict[int, tuple[float, float]]) ->
 
 
 def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.PathLike | None = None,
-                  console: Console | None = None) -> dict:
-    """Returns {"plain_s", "static_s", "table_s", "bandit_s", "adaptive_s", "oracle_s", ...}; writes JSON + PNG."""
+                  log: Log | None = None, command: str | None = None) -> dict:
+    """Returns {"command", "plain_s", "static_s", "table_s", "bandit_s", "adaptive_s", "oracle_s", ..., "machine"};
+    writes JSON + PNG if json_path is given. `command` is recorded as the command line that produced the results
+    (the CLI passes its own)."""
     from respec.bench.plot import plot_bench_rollout
     from respec.world.defaults import resolve_models
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or RolloutBenchConfig()
-    console = console or Console()
+    log = log or no_progress
     with torch_threads(cfg.threads):
-        policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task)
+        policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         engine = Engine(target, load_drafter(drafter_dir, target))
         prompts = [p for p in task_prompts(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED) for _ in range(cfg.samples)]
@@ -157,26 +160,26 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         static = {0: SpecConfig(mode="off"), **{k: SpecConfig(mode="static", k=k) for k in cfg.ks}}
         adaptive = SpecConfig(mode="adaptive", k_max=cfg.k_max)
         runs: dict[str, list[GenerationResult]] = defaultdict(list)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("bench rollout", total=(cfg.repeats + 1) * (len(static) + 3))
-            table = bandit = None
-            for r in range(cfg.repeats + 1):  # round 0 warms up every mode and is not counted
-                warm: dict[int, list[GenerationResult]] = {}
-                for k, spec in static.items():
-                    bar.update(task, description=f"round {r} {'plain' if k == 0 else f'static k={k}'}")
-                    out = _timed(engine, prompts, params, spec)
-                    (runs[f"static_{k}"] if r else warm.setdefault(k, [])).append(out)
-                    bar.advance(task)
-                if table is None:  # filled from the warm-up round's static grid, as offline tuning would be
-                    table = TablePolicy(table_from_rollouts(warm))
-                    bandit = BanditPolicy(ks=list(cfg.ks), seed=cfg.seed)
-                for name, chooser in (("table", table), ("bandit", bandit), ("adaptive", None)):
-                    bar.update(task, description=f"round {r} {name}")
-                    out = _timed(engine, prompts, params, adaptive, chooser)
-                    if r:
-                        runs[name].append(out)
-                    bar.advance(task)
+        total, done = (cfg.repeats + 1) * (len(static) + 3), 0
+        table = bandit = None
+        for r in range(cfg.repeats + 1):  # pass 0 warms up every mode and is not counted
+            what = f"repeat {r}/{cfg.repeats}" if r else "warm-up"
+            warm: dict[int, list[GenerationResult]] = {}
+            for k, spec in static.items():
+                log(f"rollout: {what}, {'plain' if k == 0 else f'static k={k}'}", done / total)
+                out = _timed(engine, prompts, params, spec)
+                (runs[f"static_{k}"] if r else warm.setdefault(k, [])).append(out)
+                done += 1
+            if table is None:  # filled from the warm-up pass's static grid, as offline tuning would be
+                table = TablePolicy(table_from_rollouts(warm))
+                bandit = BanditPolicy(ks=list(cfg.ks), seed=cfg.seed)
+            for name, chooser in (("table", table), ("bandit", bandit), ("adaptive", None)):
+                log(f"rollout: {what}, {name}", done / total)
+                out = _timed(engine, prompts, params, adaptive, chooser)
+                if r:
+                    runs[name].append(out)
+                done += 1
+        log("rollout: done", 1.0)
         machine = machine_info(cfg.device)
     static_runs = {k: runs[f"static_{k}"] for k in static}
     costs = step_costs(static_runs)
@@ -185,6 +188,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
     med = lambda rs: statistics.median(r.seconds for r in rs)  # noqa: E731
     cpu = lambda rs: statistics.median(r.cpu_seconds for r in rs)  # noqa: E731
     data = {
+        "command": command or "python API: bench_rollout(...)",
         "plain_s": med(static_runs[0]),
         "static_s": {str(k): med(static_runs[k]) for k in cfg.ks},
         "table_s": med(runs["table"]), "bandit_s": med(runs["bandit"]), "adaptive_s": med(runs["adaptive"]),
@@ -213,7 +217,6 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
         "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
     }
-    print_rollout_table(data, console)
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
@@ -238,8 +241,9 @@ def _trace(run: GenerationResult, fits: dict[int, tuple[float, float]], cfg: Rol
             "seconds": [s.seconds for s in run.stats], "predicted_seconds": [s.predicted_seconds for s in run.stats]}
 
 
-def print_rollout_table(data: dict, console: Console) -> None:
-    """Prints wall seconds of every mode and the adaptive tuner's ratios."""
+def rollout_tables(data: dict) -> list[Table | Text]:
+    """Returns the table of `bench_rollout` data (wall and CPU seconds of every mode) and a line of the adaptive
+    tuner's ratios, for the caller to print."""
     table = Table(title="GRPO-shaped rollout: seconds (lower is better), same engine, prompts and seeds")
     table.add_column("mode")
     table.add_column("seconds", justify="right")
@@ -254,8 +258,7 @@ def print_rollout_table(data: dict, console: Console) -> None:
     for name, s, c in rows:
         table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
                       "" if c is None else f"{cpu['plain'] / c:.2f}x")
-    console.print(table)
     r = data["ratios"]
-    console.print(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best static "
-                  f"(k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, {r['adaptive_vs_bandit']:.2f}x "
-                  f"bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed")
+    return [table, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
+                        f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
+                        f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed")]

@@ -13,7 +13,8 @@ Modes (cells per batch size and temperature):
 Each adaptive cell starts cold: a fresh tuner on the engine's profiled costs (profiling happens once, before
 any timing), a fresh bandit; each keeps learning over the cell's generate calls and repeats. Their `k` is the
 mean chosen k over the decode steps of the kept pass.
-`bench_spec` returns a JSON-able dict and, given a path, writes it atomically with a PNG beside it.
+`bench_spec` returns a JSON-able dict and, given a path, writes it atomically with a PNG beside it; it reports
+progress through `log(message, fraction)` and prints nothing (`spec_tables` renders the results for the CLI).
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from respec.bench.engine import machine_info, torch_threads, write_results
+from respec.bench.engine import Log, machine_info, no_progress, torch_threads, write_results
 from respec.bench.plot import plot_bench_spec
 from respec.bench.policies import BanditPolicy, TablePolicy, sd_threshold_from_table, table_from_cells
 from respec.engine.generate import Engine, KChooser, SpecConfig
@@ -110,8 +109,9 @@ def _timed(engine: Engine, batches: list[list[list[int]]], params: SamplingParam
 
 
 def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike | None = None,
-               console: Console | None = None) -> dict:
-    """Returns {"cells", "machine", "config", "policy", "drafter"}; writes JSON + PNG if json_path is given."""
+               log: Log | None = None, command: str | None = None) -> dict:
+    """Returns {"command", "cells", "machine", "config", "policy", "drafter"}; writes JSON + PNG if json_path is
+    given. `command` is recorded as the command line that produced the results (the CLI passes its own)."""
     from respec.engine.checkpoint import load_model
     from respec.engine.drafter import load_drafter
     from respec.engine.tuner import Tuner
@@ -119,10 +119,10 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or SpecBenchConfig()
-    console = console or Console()
+    log = log or no_progress
     k_max = max(cfg.ks)
     with torch_threads(cfg.threads):
-        policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task)
+        policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         drafter = load_drafter(drafter_dir, target)
         engine = Engine(target, drafter)
@@ -138,64 +138,61 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         per_point = ("plain" in cfg.modes) + len(cfg.ks) * ("static" in cfg.modes) + choosers + \
             (1 + ("static" in cfg.modes)) * (choosers > 0)
         cells, plain_tps = [], {}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("bench spec", total=len(grid) * per_point)
+        total = len(grid) * per_point
 
-            def run(batch: int, temperature: float, mode: str, k: int | None, spec: SpecConfig,
-                    chooser: KChooser | None = None, **extra) -> None:
-                bar.update(task, description=f"batch {batch} T={temperature} {mode}" + (f" k={k}" if k else ""))
-                rounds = max(1, cfg.min_prompts // batch)
-                batches = [prompts[i * batch:(i + 1) * batch] for i in range(rounds)]
-                params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-                r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
-                if mode in ("plain", "plain_again"):  # plain runs first in each phase; later cells compare with the latest
-                    plain_tps[(batch, temperature)] = r["tokens_per_s"]
-                ref = plain_tps[(batch, temperature)]
-                cells.append({"batch": batch, "temperature": temperature, "mode": mode,
-                              "k": r["mean_k"] if k is None else k, "tokens_per_s": r["tokens_per_s"],
-                              "speedup_vs_plain": r["tokens_per_s"] / ref,
-                              "tokens_per_s_median": r["tokens_per_s_median"],
-                              "mean_emitted_per_step": r["mean_emitted_per_step"], "tokens": r["tokens"],
-                              "seconds": r["seconds"], "prompts": rounds * batch, **extra})
-                bar.advance(task)
+        def run(batch: int, temperature: float, mode: str, k: int | None, spec: SpecConfig,
+                chooser: KChooser | None = None, **extra) -> None:
+            log(f"spec: batch {batch} T={temperature:g} {mode}" + (f" k={k}" if k else ""), len(cells) / total)
+            calls = max(1, cfg.min_prompts // batch)  # generate calls of `batch` prompts each
+            batches = [prompts[i * batch:(i + 1) * batch] for i in range(calls)]
+            params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
+            if mode in ("plain", "plain_again"):  # plain runs first in each phase; later cells compare with the latest
+                plain_tps[(batch, temperature)] = r["tokens_per_s"]
+            ref = plain_tps[(batch, temperature)]
+            cells.append({"batch": batch, "temperature": temperature, "mode": mode,
+                          "k": r["mean_k"] if k is None else k, "tokens_per_s": r["tokens_per_s"],
+                          "speedup_vs_plain": r["tokens_per_s"] / ref,
+                          "tokens_per_s_median": r["tokens_per_s_median"],
+                          "mean_emitted_per_step": r["mean_emitted_per_step"], "tokens": r["tokens"],
+                          "seconds": r["seconds"], "prompts": calls * batch, **extra})
 
-            # The fixed-k grid first: the table and the bandit's gate are filled from it.
-            for batch, temperature in grid:
-                run(batch, temperature, "plain", 0, SpecConfig(mode="off"))
-                if "static" in cfg.modes:
-                    for k in cfg.ks:
-                        run(batch, temperature, "static", k, SpecConfig(mode="static", k=k))
-            adaptive = SpecConfig(mode="adaptive", k_max=k_max)
-            for batch, temperature in grid:
-                table = table_from_cells(c for c in cells if c["temperature"] == temperature) \
-                    if "static" in cfg.modes else None
-                # The choosers run minutes after the grid; plain and the best static k are measured again right
-                # before them, so that every ratio of a cell compares runs made close together in time (the
-                # machine's speed drifts over a run on a shared host).
-                run(batch, temperature, "plain_again", 0, SpecConfig(mode="off"))
-                if "static" in cfg.modes:
-                    best_k = max((c for c in cells if (c["batch"], c["temperature"]) == (batch, temperature)
-                                  and c["mode"] == "static"), key=lambda c: c["tokens_per_s"])["k"]
-                    run(batch, temperature, "best_static_again", best_k, SpecConfig(mode="static", k=best_k))
-                if "adaptive" in cfg.modes:
-                    run(batch, temperature, "adaptive", None, adaptive, Tuner(profiled.costs, k_max, profiled.config))
-                if "table" in cfg.modes:
-                    policy = TablePolicy(table)
-                    run(batch, temperature, "table", None, adaptive, policy,
-                        table=[list(r) for r in policy.vllm_schedule()])
-                if "bandit" in cfg.modes:
-                    threshold = FASTRL_BS_THRESHOLD if table is None else sd_threshold_from_table(table)
-                    run(batch, temperature, "bandit", None, adaptive,
-                        BanditPolicy(cfg.ks, sd_batch_threshold=threshold, seed=cfg.seed),
-                        sd_batch_threshold=threshold)
+        # The fixed-k grid first: the table and the bandit's gate are filled from it.
+        for batch, temperature in grid:
+            run(batch, temperature, "plain", 0, SpecConfig(mode="off"))
+            if "static" in cfg.modes:
+                for k in cfg.ks:
+                    run(batch, temperature, "static", k, SpecConfig(mode="static", k=k))
+        adaptive = SpecConfig(mode="adaptive", k_max=k_max)
+        for batch, temperature in grid:
+            table = table_from_cells(c for c in cells if c["temperature"] == temperature) \
+                if "static" in cfg.modes else None
+            # The choosers run minutes after the grid; plain and the best static k are measured again right
+            # before them, so that every ratio of a cell compares runs made close together in time (the
+            # machine's speed drifts over a run on a shared host).
+            run(batch, temperature, "plain_again", 0, SpecConfig(mode="off"))
+            if "static" in cfg.modes:
+                best_k = max((c for c in cells if (c["batch"], c["temperature"]) == (batch, temperature)
+                              and c["mode"] == "static"), key=lambda c: c["tokens_per_s"])["k"]
+                run(batch, temperature, "best_static_again", best_k, SpecConfig(mode="static", k=best_k))
+            if "adaptive" in cfg.modes:
+                run(batch, temperature, "adaptive", None, adaptive, Tuner(profiled.costs, k_max, profiled.config))
+            if "table" in cfg.modes:
+                policy = TablePolicy(table)
+                run(batch, temperature, "table", None, adaptive, policy,
+                    table=[list(r) for r in policy.vllm_schedule()])
+            if "bandit" in cfg.modes:
+                threshold = FASTRL_BS_THRESHOLD if table is None else sd_threshold_from_table(table)
+                run(batch, temperature, "bandit", None, adaptive,
+                    BanditPolicy(cfg.ks, sd_batch_threshold=threshold, seed=cfg.seed),
+                    sd_batch_threshold=threshold)
+        log("spec: done", 1.0)
         machine = machine_info(cfg.device)  # while the benchmark's thread count is still set
     order = {(b, t): i for i, (b, t) in enumerate(grid)}
     rank = ("plain", "static", "plain_again", "best_static_again", *CHOOSER_MODES)
     cells.sort(key=lambda c: (order[(c["batch"], c["temperature"])], rank.index(c["mode"])))  # stable: k order
-    data = {"cells": cells, "machine": machine, "config": asdict(cfg),
-            "policy": str(policy_dir), "drafter": str(drafter_dir)}
-    print_spec_table(data, console)
+    data = {"command": command or "python API: bench_spec(...)", "cells": cells, "machine": machine,
+            "config": asdict(cfg), "policy": str(policy_dir), "drafter": str(drafter_dir)}
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_spec)
     return data
@@ -211,9 +208,11 @@ def best_cells(data: dict) -> list[dict]:
     return list(best.values())
 
 
-def print_spec_table(data: dict, console: Console) -> None:
-    """Prints the static grid (speedup and tokens emitted per verify step for every k) and, per (batch,
-    temperature), the best static k against the per-step choosers."""
+def spec_tables(data: dict) -> list[Table]:
+    """Returns the tables of `bench_spec` data, for the caller to print: the static grid (speedup and tokens
+    emitted per verify step for every k) and, per (batch, temperature), the best static k against the per-step
+    choosers."""
+    tables = []
     cells = data["cells"]
     points: dict[tuple, dict] = {}  # (batch, temperature) -> {"plain" | k of a static cell | chooser mode: cell}
     for c in cells:
@@ -230,10 +229,10 @@ def print_spec_table(data: dict, console: Console) -> None:
                           *(f"{row[k]['speedup_vs_plain']:.2f}x ({row[k]['mean_emitted_per_step']:.2f})"
                             if k in row else "-" for k in ks),
                           f"{b['speedup_vs_plain']:.2f}x @k={b['k']}")
-        console.print(table)
+        tables.append(table)
     modes = [m for m in CHOOSER_MODES if any(c["mode"] == m for c in cells)]
     if not modes:
-        return
+        return tables
     table = Table(title="Choosing k per step vs the best static k: speedup over plain (mean k)")
     ratio = "adaptive" in modes and bool(best)
     for col in ("batch", "T", "plain tok/s", *(["best static"] if best else []), *modes,
@@ -245,4 +244,4 @@ def print_spec_table(data: dict, console: Console) -> None:
                       *([f"{b['speedup_vs_plain']:.2f}x (k={b['k']})"] if best else []),
                       *(f"{row[m]['speedup_vs_plain']:.2f}x ({row[m]['k']:.1f})" if m in row else "-" for m in modes),
                       *([f"{row['adaptive']['tokens_per_s'] / b['tokens_per_s']:.2f}"] if ratio else []))
-    console.print(table)
+    return [*tables, table]

@@ -1,6 +1,6 @@
-"""Checkpoint I/O: safetensors directories read and checked, atomic directory writes, dtype names, and the
-Hugging Face load/save of the target model (`Transformer`). The drafter's layout lives in `drafter.py` and uses
-the same helpers.
+"""Checkpoint I/O: safetensors directories read and checked, atomic file and directory writes (the ones every
+layer's writers use), dtype names, and the Hugging Face load/save of the target model (`Transformer`). The
+drafter's layout lives in `drafter.py` and uses the same helpers.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,6 +146,30 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     inv_freq, _ = rope_inv_freq(cfg)
     model.inv_freq = inv_freq
     return model.to(device).eval()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Returns `path` after replacing its content by `data` atomically: readers (and a run killed mid-write) see
+    the old file or the new one, never a half-written one. Creates the parent directory. The bytes go to a temp
+    file of a unique name beside `path` (same file system, so the rename is atomic; concurrent writers do not
+    share it), which is removed if the write fails. No fsync: this guards against a killed process, not a
+    power cut, like `commit_directory`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:  # not mkstemp: that creates mode 0600, and these files keep the umask's mode
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Returns `path` after replacing its content by `text` (UTF-8) atomically; see `atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_directory(path: Path) -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 import warnings
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from respec.engine.checkpoint import cache_root
+from respec.engine.checkpoint import atomic_write_text, cache_root
 from respec.engine.kvcache import KVCache
 from respec.engine.sampling import SamplingParams, sample, target_probs
 from respec.errors import ConfigError
@@ -415,8 +414,5 @@ def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, con
                 warnings.warn(f"tuner cost cache {path} is unreadable ({e}); re-profiling", stacklevel=2)
     costs = profile_costs(target, drafter, n_max, config)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(costs), default=str) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(costs), default=str) + "\n")
     return costs

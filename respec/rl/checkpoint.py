@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from respec.engine.checkpoint import atomic_directory, commit_directory, save_model
+from respec.engine.checkpoint import atomic_directory, atomic_write_text, commit_directory, save_model
 from respec.engine.drafter import save_drafter
 from respec.errors import CheckpointError
 
@@ -138,9 +138,7 @@ def truncate_lines(path: Path, n: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) == n and (not lines or lines[-1].endswith("\n")):
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(lines[:n]))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines[:n]))
 
 
 # -- metrics ------------------------------------------------------------------------------------------------

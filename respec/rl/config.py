@@ -39,10 +39,8 @@ class TrainerConfig:
 
     model: str | None = None  # policy directory (HF layout + tokenizer); None = the embedded default (cached)
     steps: int = 200  # RL steps in the run; the LR schedule spans them (verl trainer.total_training_steps)
-    lr: float = 1e-4  # peak AdamW learning rate (verl actor.optim.lr, TRL learning_rate). On the embedded policy
-    # of session 4's notation world, 60 steps at 1e-4 raised held-out reward 0.165 -> 0.347 (greedy 0.357 ->
-    # 0.508), at 5e-5 to 0.324 (greedy 0.402). On session 2's world 1e-4 lowered greedy accuracy and 5e-4 collapsed
-    # reward to 0 (Adam's early steps move every weight by ~lr)
+    lr: float = 1e-4  # peak AdamW learning rate (verl actor.optim.lr, TRL learning_rate); on the embedded policy
+    # 1e-4 learns faster than 5e-5 and 5e-4 collapses reward to 0 (Adam's early steps move every weight by ~lr)
     warmup_steps: int = 5  # linear LR warm-up, in RL steps (verl actor.optim.lr_warmup_steps)
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step (verl optim.min_lr_ratio)
     weight_decay: float = 0.0  # AdamW weight decay on matrices (TRL's 0.0; verl uses 0.01)
@@ -198,10 +196,11 @@ class LearnerConfig:
     # "process": the same in a child process (its own GIL: rl/learner_process.py); "sync": the same steps run in the
     # trainer's thread after each update (deterministic; for tests and ablations)
     schedule: str = "always"  # when an async/process learner trains: "always" (beside the rollout and the update);
-    # "update": only while the policy updates, never beside the engine's rollouts and evaluations (its core's
-    # shared caches and memory bandwidth cost the rollout 1.11-1.18x on 2 cores, benchmarks/RESULTS.md section 12)
-    weighting: str = "reward"  # "reward": w ∝ exp(A / weight_temperature) per sequence (see learner.py);
-    # "uniform": every sequence weighs 1 (plain online KD)
+    # "update": only while the policy updates, never beside the engine's rollouts and evaluations (where cores
+    # share caches and memory bandwidth, a learner beside the rollout slows it; docs/rl.md)
+    weighting: str = "uniform"  # "uniform": every sequence weighs 1 (plain online KD); "reward": ReSpec's
+    # w ∝ exp(A / weight_temperature) per sequence (see learner.py). Uniform by default: on the embedded world
+    # reward weighting measured no better (docs/results.md); the `respec` experiment configuration sets "reward"
     weight_temperature: float = 1.0  # tau of the reward weights; larger = closer to uniform
     lookahead: float = 0.0  # eta of the lookahead targets: each training target is moved one policy-gradient
     # step ahead, softmax(log p + eta * A * (onehot(next token) - p)) (see learner.py); 0 = the target p as is
@@ -380,14 +379,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Writes config.yaml atomically (readers see the old or the new file)."""
-    import os
-
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    from respec.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 __all__ = ["AlgorithmConfig", "DataConfig", "LearnerConfig", "RolloutConfig", "TrainConfig", "TrainerConfig", "from_dict",

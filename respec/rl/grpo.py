@@ -1,10 +1,10 @@
 """GRPO math as verl and TRL compute it: group advantages, the clipped policy loss, KL penalties, entropy.
 
 Pure tensor functions: no I/O, no state, no config objects. Each option names the verl / TRL setting it
-reproduces, so a number printed here means what it means there. The references read were verl's
+reproduces, so a number printed here means what it means there. The verl reference is release 0.9.1:
 `verl/trainer/ppo/core_algos.py` (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `agg_loss`,
-`kl_penalty_forward`) and `verl/utils/torch_functional.py` (`masked_mean`, `entropy_from_logits`) at verl
-b178a3c (2026-01), and TRL's `trl/trainer/grpo_trainer.py` (`_compute_loss`) at f2cd577.
+`kl_penalty_forward`, `compute_entropy_loss`) and `verl/utils/torch_functional.py` (`masked_mean`,
+`entropy_from_logits`); TRL's is `trl/trainer/grpo_trainer.py` (`_compute_loss`) at f2cd577.
 
 Shapes: N sequences (rows), T completion positions; `mask` [N, T] is bool or 0/1 and marks the completion
 tokens that count. Values at masked positions never reach a result or a gradient, even if NaN or infinite.
@@ -38,8 +38,8 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Returns the mean of `x` where `mask` is set (over `dim`, or everything); 0 where nothing is set.
 
-    verl's `masked_mean` divides by (count + 1e-8); dividing by max(count, 1) is the same for any count >= 1
-    and exact in tests.
+    verl 0.9.1's `masked_mean` divides by (count + 1e-8); max(count, 1) gives the same 0 for an empty mask and
+    differs by a relative 1e-8 / count at most otherwise (not at all in float32), so hand-computed values are exact.
     """
     return masked_sum(x, mask, dim) / mask.sum(dim=dim).clamp(min=1)
 
@@ -53,7 +53,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     scale: "group" = (r - group mean) / (unbiased group std + eps), verl `algorithm.norm_adv_by_std_in_grpo=True`,
         TRL `scale_rewards="group"`; "none" = r - group mean (Dr. GRPO), verl `norm_adv_by_std_in_grpo=False`,
         TRL `scale_rewards="none"`.
-    eps: verl `compute_grpo_outcome_advantage`'s epsilon, 1e-6 (TRL adds 1e-4 instead).
+    eps: verl 0.9.1 `compute_grpo_outcome_advantage`'s epsilon, 1e-6 (TRL adds 1e-4 instead).
 
     A group whose rewards all tie has std 0 and advantage 0 (it carries no learning signal). A group of one
     sample follows verl: its mean is taken as 0 and its std as 1, so its advantage is r / (1 + eps) or r
@@ -93,16 +93,20 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean", *, loss_sc
       "seq-mean-token-mean": each sequence's token mean, then the mean over sequences that have a token.
         TRL `loss_type="grpo"` (the original GRPO loss).
       "seq-mean-token-sum": each sequence's token sum, then the mean over sequences that have a token.
-      "seq-mean-token-sum-norm": Dr. GRPO's length-unbiased loss. As verl computes it: the sum of every
-        sequence's token sum, divided by the constant `loss_scale_factor` and *not* by the number of
-        sequences. TRL `loss_type="dr_grpo"` divides by N * max_completion_length, i.e. equals this with
-        loss_scale_factor = N * max_completion_length.
-    loss_scale_factor: verl `actor.loss_scale_factor` (default None = T, the padded response length of this
-        batch). Pass the maximum response length (verl `data.max_response_length`, TRL `max_completion_length`)
-        to keep the divisor constant through training, as Dr. GRPO intends.
+      "seq-mean-token-sum-norm": Dr. GRPO's length-unbiased loss, as verl 0.9.1's `agg_loss`: the
+        "seq-mean-token-sum" value (mean over the sequences that have a token of each one's token sum), divided
+        by the constant `loss_scale_factor`, i.e. sum of token losses / (sequences * loss_scale_factor). TRL
+        `loss_type="dr_grpo"` divides by N * max_completion_length: the same with loss_scale_factor =
+        max_completion_length when no sequence is empty.
+    loss_scale_factor: verl `actor.loss_scale_factor`; None = T, the padded response length of `mask` (verl's
+        default, `loss_mask.shape[-1]`). Pass the maximum response length (verl `data.max_response_length`, TRL
+        `max_completion_length`) to keep the divisor constant through training, as Dr. GRPO intends.
     batch_num_tokens, global_batch_size: the global token / sequence counts when one batch is split into
         micro-batches (verl `global_batch_info`), so the micro-batch losses sum to the whole batch's loss;
-        None = this call's own counts.
+        None = this call's own counts (valid tokens; sequences with at least one valid token).
+
+    Sequences with no valid token contribute 0 to every sum and are not counted as sequences. A mask with no
+    valid token at all gives 0 (verl 0.9.1 divides 0 by 0 there and returns NaN, which would poison the step).
     """
     if agg not in LOSS_AGGS:
         raise ConfigError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, got {agg!r}")
@@ -115,13 +119,15 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean", *, loss_sc
         num_tokens = mask.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens
         return masked_sum(loss_mat, mask) / num_tokens
     seq_sums = masked_sum(loss_mat, mask, dim=-1)  # [N]
-    if agg == "seq-mean-token-sum-norm":
-        return seq_sums.sum() / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     seq_tokens = mask.sum(dim=-1)  # [N]
     seq_losses = seq_sums / seq_tokens.clamp(min=1) if agg == "seq-mean-token-mean" else seq_sums
     # sequences with no valid token are left out of the mean (they contribute 0 to the sum)
     num_seqs = (seq_tokens > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
-    return seq_losses.sum() / num_seqs
+    loss = seq_losses.sum() / num_seqs
+    if agg == "seq-mean-token-sum-norm":
+        # verl 0.9.1 divides the sequence mean, not the plain sum, by the length constant
+        loss = loss / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
 
 
 def _check_clip(clip_low: float, clip_high: float, clip_c: float | None) -> None:
@@ -139,8 +145,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 clip_high: float = 0.2, clip_c: float | None = 3.0, agg: str = "token-mean", *,
                 loss_scale_factor: float | None = None, batch_num_tokens: float | Tensor | None = None,
                 global_batch_size: float | Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Returns (the scalar PPO-clip policy loss with its graph, metrics as floats), as verl's
-    `compute_policy_loss_vanilla` computes them.
+    """Returns (the scalar PPO-clip policy loss with its graph, metrics as floats), as verl 0.9.1's
+    `compute_policy_loss_vanilla` computes them (aggregated by `agg_loss`, as verl 0.9.1's `agg_loss`).
 
     Per token, with ratio = exp(logp - old_logp) and A the advantage:
         loss = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))      (PPO, asymmetric clip)
@@ -218,7 +224,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "low_var_kl") -> Tens
     kind is verl `actor.kl_loss_type` (used with `actor.use_kl_loss=True`, weight `actor.kl_loss_coef`; TRL's
     weight is `beta`, default 0 = no KL term):
       "low_var_kl" (= "k3"): exp(ref - logp) - (ref - logp) - 1, with ref - logp clamped to [-20, 20] before exp
-        and the result clamped to [-10, 10], as verl does. TRL's GRPO KL is the same k3 without either clamp.
+        and the result clamped to [-10, 10], as verl 0.9.1's `kl_penalty_forward`. TRL's GRPO KL is the same
+        k3 without either clamp.
       "k1" (= "kl"): logp - ref.   "k2" (= "mse"): 0.5 (logp - ref)^2.   "abs": |logp - ref|.
     Aggregate it with `agg_loss` and the policy loss's mode, as verl does (TRL adds beta * k3 to each token's
     loss before aggregating, which is the same sum).
@@ -240,7 +247,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "low_var_kl") -> Tens
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Returns the entropy [N, T] in nats of softmax(logits [N, T, V]), as verl's `entropy_from_logits`.
+    """Returns the entropy [N, T] in nats of softmax(logits [N, T, V]), as verl 0.9.1's `entropy_from_logits`.
 
     H = logsumexp(z) - sum softmax(z) * z never exponentiates a large logit (verl's stable form). Half-precision
     logits are computed in float32; -inf logits (a masked vocabulary) count as probability 0 instead of 0 * -inf.

@@ -18,17 +18,16 @@ Normalising within the prompt's group estimates Z(x) and keeps every prompt's to
 distribution does not move). The weights are clipped to `max_weight` to bound the estimator's variance. tau is
 `weight_temperature`; tau -> infinity (or weighting="uniform") is plain online KD. With GRPO's group-normalised
 advantages (|A| <= ~2.5 for G = 8) and tau = 1 a correct answer among mostly wrong ones weighs up to 4x.
-Measured on the embedded world (benchmarks/RESULTS.md section 9, 3 seeds x 60 RL steps): uniform weights end at
-4.05 tokens per verify step, these at 3.89 (tau = 4: 3.94): the targets are full distributions at every
-position, so weights only choose contexts, and their variance costs more effective samples than their aim gains.
+The targets are full distributions at every position, so weights only choose contexts, and their variance costs
+effective samples; whether their aim gains more than that is measured per world (docs/results.md), and the
+default is uniform where it does not.
 
 Lookahead targets (`lookahead` = eta > 0; also ours). Sequence weights only choose which contexts count; at a
 position the target stays p_t, the policy that produced the rollouts, one to a few updates behind the policy the
 drafter will serve. For a softmax over logits z, the policy-gradient step on a sampled token y with advantage A is
 dz = A (onehot(y) - p), so the targets are moved one such step ahead: p' = softmax(log p_t + eta A (onehot(y) - p_t)).
 Averaged over the buffer the drafter learns the expected shift, which points where the update moves the policy
-(towards what was rewarded); eta sets how far ahead, 0 turns it off. Measured at eta = 2 with uniform weights:
-3.93 tokens per verify step (no gain; same runs as above).
+(towards what was rewarded); eta sets how far ahead, 0 turns it off.
 
 Guard. Every `publish_every` learner steps the candidate's expected tokens per verify step (static k = guard_k,
 T = 1, `teacher_forced_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
@@ -41,10 +40,9 @@ between decode steps). A crash is logged, the learner restarts from the last pub
 optimiser; after `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
 mode "sync" runs the same steps in the trainer's thread after each update (deterministic); mode "process" runs this
 class in a child process (`respec.rl.learner_process`). With `schedule="update"` the trainer `hold()`s the learner
-while the engine runs (rollout, evaluation) and `release()`s it for the policy update: the learner's core shares
-caches and memory bandwidth with the rollout's (the learner costs a 128-row rollout 1.11-1.18x on 2 cores), so
-this trades learner steps (~60% as many) for a rollout without a neighbour (benchmarks/RESULTS.md section 13:
-rollout 1.06x no SD's instead of 1.00x, drafter 3.62 tokens per verify step instead of 3.82).
+while the engine runs (rollout, evaluation) and `release()`s it for the policy update: on a machine where the
+learner's core shares caches and memory bandwidth with the rollout's, this trades learner steps for a rollout
+without a neighbour (docs/rl.md).
 """
 
 from __future__ import annotations
@@ -210,6 +208,7 @@ class Learner:
         self._stop = False
         self._held = False  # pause(): no new step starts until resume()
         self._holding = False  # hold(): the same without waiting for the step in flight
+        self._parked = False  # the thread waits in `_run` (no step in flight): what `wait_idle` waits for
         self._thread: threading.Thread | None = None
         if config.mode == "async":
             self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
@@ -303,13 +302,26 @@ class Learner:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (self._held or self._holding or self._credits <= 0 or not self.buffer):
+                self._parked = True
+                self._cond.notify_all()  # after every step: wakes `wait_idle`
+                while not self._stop and self.alive and self._nothing_to_do():
                     self._cond.wait()
-                if self._stop:
+                if self._stop or not self.alive:
                     return
+                self._parked = False
             self._guarded_step()
-            if not self.alive:
-                return
+
+    def _nothing_to_do(self) -> bool:
+        """Whether the thread must wait for a submission, a grant or a release (call it under `_cond`)."""
+        return self._held or self._holding or self._credits <= 0 or not self.buffer
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Returns True once no learner step is in flight and none can start before the next `submit`, `grant`,
+        `resume` or `release` (out of credits, paused, held or stopped); False after `timeout` seconds. A sync
+        learner is always idle between calls. Tests and benchmarks wait on this, not on a sleep."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._thread is None or (self._parked and (
+                self._stop or not self.alive or self._nothing_to_do())), timeout)
 
     def _guarded_step(self) -> None:
         """Runs one learner step; a crash is logged and the learner restarts from the published weights."""

@@ -3,9 +3,8 @@
 Why. Isolation. A rollout is a chain of small torch ops, each taking the GIL back after its kernel; a learner
 thread in the trainer's process runs Python between its own ops and could keep the rollout waiting for the GIL.
 In a process the learner competes only for cores, caches and memory, and a learner that dies (out of memory, a
-crash in native code) cannot take the trainer with it. Measured on the 2-core machine of benchmarks/RESULTS.md
-(section 12, `benchmarks/learner_overhead.py`): the GIL was not what the rollout paid there (its thread CPU time
-grew as much as its wall time, thread and process alike: 1.10-1.16x), so the thread stays the default.
+crash in native code) cannot take the trainer with it. The thread stays the default where a process is no
+faster: `benchmarks/learner_overhead.py` measures both on the machine at hand (docs/results.md).
 
 How. `LearnerProcess` has the interface the trainer, the checkpoint and `respec experiment` use (`submit`,
 `metrics`, `pause`/`resume`/`paused`, `hold`/`release`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
@@ -143,6 +142,10 @@ class LearnerProcess:
     def release(self) -> None:
         self._call("release")
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """`Learner.wait_idle` in the child (a child that is gone is idle)."""
+        return self._call("wait_idle", timeout) is not False
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Holds the learner (after its step in flight) for the duration of the block."""
@@ -231,6 +234,7 @@ def _child_main(config: LearnerConfig, drafter_config: DrafterConfig, init: byte
         "resume": lambda _: learner.resume(),
         "hold": lambda _: learner.hold(),
         "release": lambda _: learner.release(),
+        "wait_idle": learner.wait_idle,
         "state_dict": lambda _: _pack(learner.state_dict()),
         "load_state_dict": lambda p: learner.load_state_dict(_unpack(p)),
     }

@@ -417,10 +417,11 @@ class Trainer:
                         features[rows, : aux.shape[1]] = aux.detach().float()
                     if i == 0:  # before any update: the trainer's logprobs must equal the verifier's
                         diff_max = (logp.detach() - mb.old_logp).abs().masked_fill(~mask, 0).max().item()
-                # verl pads responses to max_response_length, the divisor of seq-mean-token-sum-norm (Dr. GRPO).
+                # verl pads responses to max_response_length, the divisor of seq-mean-token-sum-norm (Dr. GRPO),
+                # and counts every sequence of the mini-batch in its seq-mean modes, empty ones included.
                 loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_low=alg.clip_low,
                                             clip_high=alg.clip_high, clip_c=alg.clip_c, agg=alg.loss_agg,
-                                            loss_scale_factor=max_new)
+                                            loss_scale_factor=max_new, global_batch_size=mask.shape[0])
                 metrics = {"actor/pg_loss": loss.detach(), **{_metric_name(k): v for k, v in metrics.items()}}
                 if self.reference is not None:
                     with torch.no_grad():
@@ -428,7 +429,7 @@ class Trainer:
                         ref_logits = ref_logits / cfg.rollout.temperature
                         ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, mb.tokens[..., None]).squeeze(-1)
                     kl_loss = agg_loss(kl_penalty(logp, ref_logp, kind=alg.kl_kind), mask, alg.loss_agg,
-                                       loss_scale_factor=max_new)
+                                       loss_scale_factor=max_new, global_batch_size=mask.shape[0])
                     loss = loss + alg.kl_coef * kl_loss
                     metrics["actor/kl_loss"] = kl_loss.detach()
                 with torch.no_grad():

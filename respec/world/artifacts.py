@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from respec.engine.checkpoint import cache_root
+from respec.engine.checkpoint import atomic_write_text, cache_root
 
 __all__ = ["MARKER", "cache_key", "cache_path", "cache_root", "discard_partial", "is_complete", "mark_complete"]
 
@@ -37,9 +36,7 @@ def is_complete(path: Path) -> bool:
 
 def mark_complete(path: Path, key: dict) -> None:
     """Writes the marker (holding the key, for humans) into a finished artifact directory."""
-    tmp = Path(path) / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(key, sort_keys=True, indent=2, default=str) + "\n")
-    os.replace(tmp, Path(path) / MARKER)
+    atomic_write_text(Path(path) / MARKER, json.dumps(key, sort_keys=True, indent=2, default=str) + "\n")
 
 
 def discard_partial(path: Path) -> None:

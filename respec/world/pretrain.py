@@ -12,10 +12,8 @@ The policy is shaped for the demo rather than for accuracy:
   layers skipping each batch's padding); the result is cached under $RESPEC_CACHE keyed by the config, and a
   cache entry is trusted only once its completion marker exists.
 
-Measured (PretrainConfig() defaults, 2.38M parameters, 2 threads, session 7's world: multiplication worked digit
-by digit, 800 steps): 626 s; on 256 held-out problems mean reward 0.35 at T=1 (styles: checked 4%, worked 44%,
-direct 17%, sloppy 36%) and 0.58 greedy; right answers 0.46 at T=1, 0.75 greedy; every sample ended with eos.
-(Session 6's world, 600 steps: reward 0.17 / 0.34, right answers greedy 0.47, multiplication 18 of 88 greedy.)
+What the built policy scores on held-out problems is written to its directory (`eval.json`) and reported in
+docs/world.md.
 
 Training sequences are ``<bos> prompt completion <eos>`` with the loss on the completion and eos only; prompt and
 completion are encoded separately, exactly as the policy sees them at generation (`respec.world.prompts.encode_prompt`).
@@ -48,10 +46,7 @@ from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokeniz
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
-FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused
-# (5: multiplication worked digit by digit with carries, 800 steps instead of 600: session 7)
-# (4: the packed forward skips padding; the same loss, different float rounding, so different bytes)
-# (2: the fused q/k/v and gate/up parameters changed the random init order; 3: the notation world of session 4)
+FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused (CHANGELOG.md)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
@@ -78,17 +73,15 @@ class PretrainConfig:
     grad_clip: float = 1.0  # max global grad norm
     seed: int = 0  # model init, problems, styles and batch order
     num_train_problems: int = 60_000  # distinct training problems, one sampled completion each
-    # The solution-style mixture (arithmetic: worked, direct, sloppy, checked); None = the task's default. With 3
-    # styles (session 2) (0.35, 0.35, 0.3) gave 18% accuracy at T=1 and (0.6, 0.25, 0.15) 38%; checked (the
-    # fully rewarded style) needs ~10% to be learnt at all: at 5% the policy's check lines were all wrong.
+    # The solution-style mixture (arithmetic: worked, direct, sloppy, checked); None = the task's default. The
+    # checked style needs ~10% to be learnt at all: with less the policy's check lines come out wrong.
     style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
-    # torch CPU threads while training; None = every core this process may use. 1 by default: on a 2-core machine
-    # shared with other processes 2 threads ran several times slower per step than 1 (threads waiting on each
-    # other); on an idle one 2 threads ran 1.65x faster (1,600 vs 960 tokens/s, session 5), which `respec demo`
-    # uses. Not in the cache key: it changes speed only (the 2-thread build of the default policy, 971 s, was
-    # byte-identical to the 1-thread one).
+    # torch CPU threads while training; None = every core this process may use. 1 by default: on a small machine
+    # shared with other processes more threads run slower (each OpenMP region waits for a descheduled thread);
+    # `respec demo` uses every core of an idle machine. Not in the cache key: it changes speed only (the thread
+    # count does not change the built weights).
     num_threads: int | None = 1
 
     def __post_init__(self) -> None:

@@ -18,10 +18,9 @@ and RL should visibly move it toward the style that is right):
   marks a borrow out, ``-1`` the borrow in), e.g. ``15-7=8;8-1-4=3;3-0=3``; multiplication
   one step per digit from the units up, ``dxb=p(+c=s)`` with ``+c`` the carry in, e.g. ``7x6=42;4x6=24+4=28``
   (the answer's digits: the last step's value, then the other steps' units digits, as for addition).
-  Session 7 replaced the session-1 form (partial products, then their place-valued sum in one line,
-  ``7x6=42;4x6=24;240+42=282``): that sum of up to three carried terms done without working was the one
-  step the small policy could not learn (3-digit x 1-digit right 4 times in 51 after 200 RL steps); a
-  fused ``4x6+4=28`` (720 facts of product plus carry) was not learnt in pretraining either.
+  Worked digit by digit because the alternatives were not learnable by the small policy: partial products
+  followed by their place-valued sum in one line (``7x6=42;4x6=24;240+42=282``) leave a sum of up to three
+  carried terms without working, and a fused ``4x6+4=28`` needs 720 facts of product plus carry.
 - ``direct``: just ``Answer: <value>``; right with probability `direct_accuracy`, otherwise
   a plausible value one digit off.
 - ``sloppy``: looks like ``worked`` but drops one carry (or borrow), and the answer follows
@@ -29,18 +28,17 @@ and RL should visibly move it toward the style that is right):
 - ``checked``: a line that restates the problem in words and announces the method, e.g.
   ``Check: 47 plus 385, column by column, carrying where needed.``, then ``worked``.
 
-Notation (session 4): every worked line (worked, sloppy, checked) writes each of its *marks* in one of several
+Notation: every worked line (worked, sloppy, checked) writes each of its *marks* in one of several
 equally likely ways, drawn independently per mark: the result mark ``=`` or ``~``, ``>``, ``#``; the step separator
 ``;`` or ``|``, ``&``, ``/``; and each operator (``+ - x`` and the result mark) bare or with a space on both sides.
 E.g. ``7+5=12;4 + 8+1#13|0+3 + 1 = 4``. The house notation is the bare ``=`` / ``;`` form.
 
 Reward: a right final answer earns ``0.5 + 0.5 * share``, `share` being the fraction of its marks in the house
 notation (0 for an answer without working), times `unchecked_reward` when it lacks this problem's check line;
-a wrong or missing answer earns 0. Why (the embedded world's design, see README "The embedded default"): ReSpec's
-second gap needs RL to move the policy where its initial drafter is weak. Measured in sessions 2-3: rewarding all
-right answers alike only sharpened the style the drafter already predicted (a frozen drafter lost 2% of its tokens
-per verify step over 200 steps), and rewarding the rare checked style moved the policy to the copy-heavy check
-line, which the drafter predicts best (-2% over 60 steps). Notation choices are what RL collapses and a drafter
+a wrong or missing answer earns 0. Why (the embedded world's design, docs/world.md): ReSpec's second gap needs RL
+to move the policy where its initial drafter is weak. Rewarding all right answers alike only sharpens the style
+the drafter already predicts, and rewarding the rare checked style moves the policy to the copy-heavy check line,
+which the drafter predicts best; in neither world does a frozen drafter go stale. Notation choices are what RL collapses and a drafter
 trained on the initial policy cannot follow: where the initial policy spreads p over four marks the drafter
 learns q near p (acceptance sum min(p, q) near 1); once RL puts p on the house mark, acceptance there falls to
 q(house) = 1/4 (1/2 for spacing). 45% of a worked line's tokens carry a mark (the embedded tokenizer).
@@ -73,7 +71,7 @@ class ArithmeticTask:
     ops: str = "+-x"  # which operations to draw from, uniformly
     style_weights: tuple[float, ...] = (0.3, 0.35, 0.25, 0.1)  # worked, direct, sloppy, checked
     direct_accuracy: float = 0.4  # chance that a "direct" completion is right
-    unchecked_reward: float = 1.0  # reward factor of a right answer without a true check line (session 3: 0.5)
+    unchecked_reward: float = 1.0  # reward factor of a right answer without a true check line (< 1 rewards checking)
     notation: bool = True  # marks in random notation (pretraining data) and the house-notation share in the reward
 
     name = "arithmetic"

@@ -17,6 +17,7 @@ A completion's final answer is the text after its last ``Answer:``, else its las
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 from dataclasses import dataclass
@@ -94,9 +95,11 @@ def row_problem(record: dict, question_field: str, answer_field: str, where: str
     return Problem(prompt=f"Q: {question.strip()}\n", answer=gold, meta=meta)
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """Return (line number, parsed JSON object) for each non-blank line of a .jsonl file (data files and metrics
-    logs alike); a missing, unreadable or malformed file is one DataError naming the line."""
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """Return (line number, parsed JSON object) for each non-blank line of a .jsonl file: the one reader of data
+    sets and metrics logs alike. A missing, unreadable or malformed file is a one-line DataError naming the file
+    and, for a bad line, its number (``PATH:3: invalid JSON (...)``)."""
+    path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
