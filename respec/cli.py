@@ -132,7 +132,7 @@ def _prompts(text: str) -> list[list[int]]:
 @app.command()
 def generate(
     model: Path = typer.Option(..., help="HF checkpoint directory of the target"),
-    drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter directory (enables --mode static)"),
+    drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter directory (enables the speculative modes)"),
     prompt_ids: str | None = typer.Option(None, help="prompt token ids, e.g. 1,2,3 (';' separates prompts)"),
     prompt: list[str] = typer.Option([], help="prompt text (repeatable), encoded by the model's tokenizer"),
     prompts_file: Path | None = typer.Option(None, help="text file with one prompt per line"),
@@ -270,7 +270,7 @@ def pretrain(
     from respec.world.pretrain import PretrainConfig
     from respec.world.pretrain import pretrain as run
 
-    cfg = PretrainConfig(task=task, seed=seed, num_threads=_threads(threads))
+    cfg = PretrainConfig.for_task(task, seed=seed, num_threads=_threads(threads))
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     with _progress() as log:
@@ -289,7 +289,7 @@ def train(
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
     task: str | None = typer.Option(None, help="arithmetic | countdown | jsonl"),
-    data: Path | None = typer.Option(None, help="GSM8K-style .jsonl file (implies --task jsonl)"),
+    data: Path | None = typer.Option(None, help="GSM8K-style .jsonl or verl .parquet file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:
     """GRPO on the speculative engine; with no other flag, trains the embedded default policy (built or reused)."""
@@ -453,7 +453,7 @@ def demo(
     json_path: Path = typer.Option(Path("runs/demo/spec.json"), "--json", help="where the results go"),
     full: bool = typer.Option(False, help="the full grid of `respec bench spec` instead of the quick one"),
     train_steps: int = typer.Option(8, help="RL steps of the ReSpec-vs-no-SD training run (0 skips it)"),
-    threads: int = typer.Option(0, help="torch CPU threads of a first-run policy build (0: every core, 1.65x faster "
+    threads: int = typer.Option(0, help="torch CPU threads of a first-run policy build (0: every core, faster "
                                 "on an idle 2-core machine, same weights; 1 on a busy one)"),
 ) -> None:
     """Build (or reuse) the embedded policy and drafter, compare speculative and plain decoding, then train the

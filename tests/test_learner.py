@@ -182,8 +182,7 @@ def sharp(sharp_target):
 def test_a_drafter_swapped_in_mid_run_drafts_with_the_whole_context(sharp):
     """Swapping in an identical copy every 4 steps changes nothing: the copy catches up on the recorded history
     (prompt, plain and verified steps), so every step accepts exactly what the run without swaps accepts. A copy
-    that started from an empty cache would draft from the tokens since the swap only (session 4 measured the
-    frozen copy's tokens per verify dropping 3.8 -> 2.6 in an evaluation during which the learner published)."""
+    that started from an empty cache would draft from the tokens since the swap only, and accept less."""
     target, drafter, _ = sharp
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, V, (4,), generator=gen).tolist() for _ in range(16)]

@@ -199,3 +199,14 @@ def test_progress_is_reported_through_the_callback_not_printed(tmp_path, capfd):
     assert out == "" and err == ""
     assert any(m.startswith("policy:") for m, _ in lines)
     assert [f for _, f in lines if f is not None][-1] == 1.0
+
+
+def test_each_synthetic_task_has_a_default_config_that_builds_its_task():
+    from respec.world.tasks.countdown import CountdownTask
+
+    assert PretrainConfig.for_task("arithmetic") == PretrainConfig()  # the embedded default's cache key is kept
+    countdown = PretrainConfig.for_task("countdown", seed=3)
+    assert countdown.style_weights is None and countdown.seed == 3
+    assert countdown.make_task().style_weights == CountdownTask().style_weights
+    with pytest.raises(ConfigError, match="style"):
+        PretrainConfig(task="countdown")  # the four-style arithmetic mixture does not fit countdown's three

@@ -34,7 +34,7 @@ BENCH_MODEL = ModelConfig(model_type="qwen2", vocab_size=4096, hidden_size=512, 
 
 @dataclass(frozen=True)
 class EngineBenchConfig:
-    """What `bench_engine` measures; the defaults are the numbers reported in benchmarks/RESULTS.md."""
+    """What `bench_engine` measures; the defaults are the run of docs/results.md."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # generate() batch sizes, ours vs transformers
     max_new_tokens: int = 64  # generated per row, on both sides (eos ignored)

@@ -194,7 +194,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path
 def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
     """Returns the PNG of `respec experiment`'s curves (seed means): the drafter's tokens per verify step
     against RL step (ReSpec's Figure 4: a frozen drafter goes stale), training reward and held-out accuracy
-    (Figure 5: speculative rollouts must not change the learning curve), and the time per configuration."""
+    (Figure 5: speculative rollouts must not change the learning curve), and the rollout's tokens per verify step."""
     curves = report["curves"]
     fig = Figure(figsize=(16, 4))
     panels = fig.subplots(1, 4)

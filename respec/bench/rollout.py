@@ -46,7 +46,7 @@ BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-s
 
 @dataclass(frozen=True)
 class RolloutBenchConfig:
-    """What `bench_rollout` measures; the defaults are the run of benchmarks/RESULTS.md."""
+    """What `bench_rollout` measures; the defaults are the run of docs/results.md."""
 
     policy: str | None = None  # policy directory (with tokenizer); None = the embedded default
     drafter: str | None = None  # drafter directory; None = the embedded default's

@@ -42,7 +42,7 @@ FASTRL_BS_THRESHOLD = 32  # verl/trainer/config/fastrl_trainer.yaml speculative.
 
 @dataclass(frozen=True)
 class SpecBenchConfig:
-    """What `bench_spec` measures; the defaults are the grid of benchmarks/RESULTS.md."""
+    """What `bench_spec` measures; the defaults are the grid of docs/results.md."""
 
     policy: str | None = None  # HF policy directory (with tokenizer); None = build/reuse the embedded default
     drafter: str | None = None  # EAGLE-3 drafter directory; None = build/reuse the default for the policy

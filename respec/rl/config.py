@@ -1,9 +1,9 @@
-"""The configuration of an RL run: one tree of frozen dataclasses (trainer, algorithm, rollout, data), read from
+"""The configuration of an RL run: one tree of frozen dataclasses (trainer, algorithm, rollout, data, learner), read from
 YAML with `section.key=value` overrides, written back into the run directory as config.yaml.
 
 Names follow verl (and TRL where verl has none) so that a number means the same here: each field's comment names
-its verl / TRL counterpart. The defaults train the embedded 2.4M-parameter arithmetic policy (mean reward about 0.2
-at T=1) with adaptive speculative decoding.
+its verl / TRL counterpart. The defaults train the embedded 2.4M-parameter arithmetic policy with adaptive
+speculative decoding.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class RolloutConfig:
     spec: str = "adaptive"  # speculative decoding: "off" | "static" (k drafts every step) | "adaptive" (the tuner)
     k: int = 4  # draft tokens per step in static mode
     k_max: int = 8  # the largest k the tuner may pick in adaptive mode
-    drafter: str | None = None  # EAGLE-3 drafter directory (frozen in this run); None = the embedded default's
+    drafter: str | None = None  # EAGLE-3 drafter directory (the learner's start when it runs); None = the default's
     # when trainer.model is None, else none (then spec must be "off")
 
     def __post_init__(self) -> None:
@@ -149,7 +149,7 @@ class DataConfig:
     """Where prompts and rewards come from (verl data.*)."""
 
     task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | countdown | jsonl
-    path: str | None = None  # the .jsonl file of task "jsonl" (GSM8K / MATH style: question, answer fields)
+    path: str | None = None  # the .jsonl (or verl .parquet) file of task "jsonl" (GSM8K / MATH style: question, answer fields)
     eval_path: str | None = None  # held-out .jsonl for task "jsonl" (verl data.val_files); None = hold out
     # eval_problems problems of `path` (never trained on)
     reward_fn: str | None = None  # "module:function" called as f(problem, completion_text) -> float; None = the

@@ -7,7 +7,7 @@ crash in native code) cannot take the trainer with it. The thread stays the defa
 faster: `benchmarks/learner_overhead.py` measures both on the machine at hand (docs/results.md).
 
 How. `LearnerProcess` has the interface the trainer, the checkpoint and `respec experiment` use (`submit`,
-`metrics`, `pause`/`resume`/`paused`, `hold`/`release`, `grant`, `state_dict`/`load_state_dict`, `close`, `version`,
+`metrics`, `pause`/`resume`/`paused`, `hold`/`release`, `grant`, `wait_idle`, `state_dict`/`load_state_dict`, `close`, `version`,
 `trained_through`, `alive`, `draft_ids`, `log`, `publish_fn`). It starts a spawned child that runs a
 `Learner(mode="async")` on an fp32 copy of the drafter, with `threads` torch threads. Requests go over a pipe, one
 at a time, each answered; tensors travel as `torch.save` bytes (one step's rollouts are ~15 MB for the embedded

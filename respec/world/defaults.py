@@ -16,6 +16,7 @@ def resolve_models(policy: str | Path | None = None, drafter: str | Path | None 
     from respec.world.distill import build_drafter
     from respec.world.pretrain import PretrainConfig, pretrain
 
-    policy_dir = Path(policy) if policy else pretrain(PretrainConfig(task=task, num_threads=threads), log=log)
+    policy_dir = Path(policy) if policy else pretrain(PretrainConfig.for_task(task, num_threads=threads),
+                                                                   log=log)
     drafter_dir = Path(drafter) if drafter else build_drafter(policy_dir, task=task, log=log)
     return policy_dir, drafter_dir

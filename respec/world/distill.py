@@ -59,7 +59,7 @@ class DistillConfig:
     num_rollouts: int = 512  # target rollouts (one per training prompt) to train on
     rollout_temperature: float = 1.0  # sampling temperature of the rollouts (1.0 = the RL rollout distribution)
     max_new_tokens: int = 96  # completion budget of each rollout
-    steps: int = 500  # optimiser steps (0.1-0.9 s each for the 12-layer H=128 policy on 2 shared CPU cores)
+    steps: int = 500  # optimiser steps
     batch_size: int = 32  # sequences per step
     lr: float = 3e-3  # AdamW peak learning rate (linear warm-up, cosine decay to 10%)
     warmup_steps: int = 30

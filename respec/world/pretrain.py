@@ -12,8 +12,7 @@ The policy is shaped for the demo rather than for accuracy:
   layers skipping each batch's padding); the result is cached under $RESPEC_CACHE keyed by the config, and a
   cache entry is trusted only once its completion marker exists.
 
-What the built policy scores on held-out problems is written to its directory (`eval.json`) and reported in
-docs/world.md.
+What the built policy scores on held-out problems is written to its directory (`eval.json`).
 
 Training sequences are ``<bos> prompt completion <eos>`` with the loss on the completion and eos only; prompt and
 completion are encoded separately, exactly as the policy sees them at generation (`respec.world.prompts.encode_prompt`).
@@ -119,6 +118,14 @@ class PretrainConfig:
                                                or sum(self.style_weights) <= 0):
             raise ConfigError(f"style_weights must be non-negative with a positive sum, got {self.style_weights}")
         self.make_task()  # unknown task or style weights that do not fit it fail now, not after the tokenizer
+
+    @classmethod
+    def for_task(cls, task: str, **changes) -> PretrainConfig:
+        """Returns the default config for `task`: the default style mixture is the arithmetic one (four styles), so
+        any other task trains on its own default mixture unless `changes` gives one."""
+        if task != "arithmetic":
+            changes.setdefault("style_weights", None)
+        return cls(task=task, **changes)
 
     def make_task(self) -> Task:
         """Returns the synthetic task this config trains on."""
@@ -276,7 +283,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
             for group in opt.param_groups:
                 group["lr"] = lr
             # The layers skip the padding (about 60% of a batch's positions here) and the head runs only where
-            # a loss is taken: the same mean cross-entropy over the completion tokens, 1.6x faster.
+            # a loss is taken: the same mean cross-entropy over the completion tokens, for less work.
             hidden, _ = model(inputs, seq_lens=seq_lens)  # [B, T, H]
             scored = targets != -100  # [B, T]
             loss = F.cross_entropy(model.lm_head(hidden[scored]), targets[scored])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELD_OUT_SEED = 424_242  # task seed of benchmark prompts that no training run has seen (pretrain and distill
-# draw other seeds)
+HELD_OUT_SEED = 424_242  # task seed of benchmark prompts, drawn apart from the RL and distillation streams (a small
+# task has few distinct problems, so some also occur in pretraining data: docs/world.md)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
