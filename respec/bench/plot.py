@@ -201,7 +201,9 @@ def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
     for i, (name, c) in enumerate(curves.items()):
         style = {"label": name, "color": f"C{i % 10}"}  # one colour per configuration in every panel
         if c["accept_k4"]:
-            panels[0].plot(c["accept_k4_step"], c["accept_k4"], marker="o", **style)
+            frozen = name in ("no_sd", "naive_sd", "adaptive_frozen")  # these runs measure the offline drafter
+            panels[0].plot(c["accept_k4_step"], c["accept_k4"], marker="o",
+                           **{**style, "label": f"{name} (frozen drafter)" if frozen else name})
         if name != "no_sd":
             panels[1].plot(c["emitted_step"], _smooth(c["emitted"]), **style)
         panels[2].plot(c["reward_step"], _smooth(c["reward"]), **style)
