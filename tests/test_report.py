@@ -120,3 +120,15 @@ def test_cli_report_writes_page(results, tmp_path):
     cli = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out), "--readme", ""])
     assert cli.exit_code == 0, cli.output
     assert out.read_text() == render_results(results)
+
+
+def test_links_into_the_results_page_name_its_sections():
+    import re
+
+    from respec.bench.report import _anchor
+
+    page = (ROOT / "docs" / "results.md").read_text()
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", page, re.M)}
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    links = [(f.name, a) for f in files for a in re.findall(r"results\.md#([\w-]+)", f.read_text())]
+    assert links and all(a in anchors for _, a in links), [x for x in links if x[1] not in anchors]
