@@ -88,7 +88,8 @@ def test_rejection_sample_matches_target_by_sampling():
     p = torch.stack([rand_dist(gen) for _ in range(k + 1)]).float()  # [k+1, V], independent of the prefix
     q = torch.stack([rand_dist(gen) for _ in range(k)]).float()
     drafts = torch.multinomial(q, N, replacement=True, generator=gen).T  # [N, k]
-    accepted, nxt = rejection_sample(p.expand(N, -1, -1), q.expand(N, -1, -1), drafts, gen)
+    u_accept, u_sample = torch.rand(N, k, generator=gen), torch.rand(N, k + 1, generator=gen)
+    accepted, nxt = rejection_sample(p.expand(N, -1, -1), q.expand(N, -1, -1), drafts, u_accept, u_sample)
     first = torch.where(accepted > 0, drafts[:, 0], nxt)
     counts = torch.bincount(first, minlength=V).double()
     assert chisquare(counts, p[0].double() * N).pvalue > 1e-3
