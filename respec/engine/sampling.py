@@ -189,7 +189,7 @@ def request_key(seed: int | None, index: int = 0) -> int:
     added with seed s uses stream 0; `Engine.generate` gives its row i stream i of the call's seed."""
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little")
-    x = mix64(torch.tensor([_int64(seed) + _GOLDEN], dtype=torch.long))
+    x = mix64(torch.tensor([_int64(seed + 0x9E3779B97F4A7C15)], dtype=torch.long))
     return int(mix64(x + _int64(index * 0x9E3779B97F4A7C15) + _GOLDEN)[0])
 
 
@@ -205,11 +205,11 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Returns one token id per row of probs [..., V] for uniforms u [...] in [0, 1): the inverse CDF, i.e. the
     first token whose cumulative mass exceeds u times the row's total (a zero-probability token never is).
 
-    With u < 1 - 2^-52 and a total near 1, u * total stays below the total in float64, so some token qualifies;
-    the clamp only guards against the impossible.
+    With u <= 1 - 2^-52 and a total near 1, u * total stays below the total in float64, so some token qualifies
+    (u is clamped there: a float32 uniform may round up to 1); the index clamp only guards against the impossible.
     """
     cdf = probs.double().cumsum(-1)  # [..., V]
-    x = (u.double() * cdf[..., -1])[..., None]
+    x = (u.double().clamp(max=1 - 2.0 ** -52) * cdf[..., -1])[..., None]
     return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 

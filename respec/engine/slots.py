@@ -313,7 +313,11 @@ class SlotTable:
             return
         for name in DYNAMIC:
             value = getattr(b, name)
-            if value is not None:
+            if value is None:
+                continue
+            if b.contiguous:  # the value may still be a view of these very slots
+                getattr(self, name)[: b.size].copy_(value)
+            else:
                 getattr(self, name).index_copy_(0, b.index, value)
         # A request's done flag is only read by the first step after its prefill.
         self.done.index_fill_(0, b.index, False)
