@@ -449,12 +449,13 @@ class Engine:
             emitted, logprobs, count, accepted = spec_step(self.target, drafter, tab, b, k, span, width, dspan,
                                                            aux_layers)
         count, done, stopped = finish(b, emitted, count)
-        flags = torch.stack([accepted, count, done.long(), stopped.long()], 1)  # [B, 4]
-        out = [torch.cat([flags.double(), emitted.double(), logprobs.double()], 1).flatten()]
+        # One float32 tensor for the one sync (token ids below 2^24 are exact in float32, logprobs are float32).
+        out = [torch.cat([accepted[:, None], count[:, None], done[:, None], stopped[:, None], emitted, logprobs],
+                         1).flatten()]  # [B * (4 + 2n)]
         fresh = [s for s in live if s in tab.fresh]
         if fresh:
             index = tab.long_tensor(fresh)
-            out.append(torch.stack([tab.first_token[index].double(), tab.first_logprob[index].double()], 1).flatten())
+            out.append(torch.stack([tab.first_token[index].float(), tab.first_logprob[index]], 1).flatten())
         return torch.cat(out).tolist(), flushed  # the step's one host sync
 
     def _book(self, tab: SlotTable, b: Batch, k: int, host: list[float],
@@ -538,7 +539,10 @@ def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTabl
     n = b.lengths
     hidden, aux = target(b.last[:, None], tab.target_view(b, span), aux_layers)  # [B, 1, H], [B, 1, 3H]
     logits = target.lm_head(hidden[:, 0])  # [B, V]
-    token = sample(target_probs(logits, b.params), uniforms(b.key, n + 1, SAMPLE))  # [B], at position n + 1
+    if b.params.all_greedy:
+        token = logits.argmax(-1)
+    else:
+        token = sample(target_probs(logits, b.params), uniforms(b.key, n + 1, SAMPLE))  # [B], at position n + 1
     b.lengths = n + 1
     if drafter is not None:
         if flush is not None:
@@ -557,12 +561,13 @@ def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Ba
     h, dlogits = catch_up(drafter, tab, b, width, dspan)  # [B, 1, H], [B, Vd]
     n = b.lengths  # the last token sits at position n; draft i at n + i, the bonus at n + k + 1
     pos = n[:, None] + 1 + torch.arange(k + 1, device=n.device)  # [B, k+1]
-    u_draft = uniforms(b.key, pos[:, :k], DRAFT)
+    u = uniforms(b.key, pos[..., None], tab.draws)  # [B, k+1, 3]: every draw of the step, one hash
     dview = tab.drafter_view(b.index, b.contiguous, b.dlengths, dspan)
     drafts, qs = [], []
     for i in range(k):
         q_draft = target_probs(dlogits, b.params)  # [B, Vd]
-        token = drafter.draft_to_target(sample(q_draft, u_draft[:, i]))  # [B]
+        draft = dlogits.argmax(-1) if b.params.all_greedy else sample(q_draft, u[:, i, DRAFT])
+        token = drafter.draft_to_target(draft)  # [B]
         drafts.append(token)
         qs.append(drafter.expand_probs(q_draft))  # [B, V]
         if i + 1 < k:
@@ -574,8 +579,7 @@ def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Ba
     tokens = torch.cat([b.last[:, None], drafts], 1)  # [B, k+1]
     hidden, aux = target(tokens, tab.target_view(b, span), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
     logits = target.lm_head(hidden)  # [B, k+1, V]
-    accepted, nxt = rejection_sample(target_probs(logits, b.params), q, drafts, uniforms(b.key, pos[:, :k], ACCEPT),
-                                     uniforms(b.key, pos, SAMPLE))
+    accepted, nxt = rejection_sample(target_probs(logits, b.params), q, drafts, u[:, :k, ACCEPT], u[:, :, SAMPLE])
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
     # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
     b.lengths = n + 1 + accepted

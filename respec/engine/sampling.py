@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +63,10 @@ class RowParams:
     any_greedy: bool
     all_greedy: bool
     truncate: bool  # some row has top_p < 1 or top_k > 0
+    divisor: torch.Tensor = field(init=False)  # [B] what logits are divided by: the temperature, 1 for greedy
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "divisor", torch.where(self.temperature > 0, self.temperature, 1.0))
 
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> RowParams:
@@ -116,8 +120,7 @@ def _row_probs(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
         if params.all_greedy:
             return onehot
     shape = (-1,) + (1,) * (logits.dim() - 1)  # a [B] tensor broadcast over [B, ..., V]
-    temperature = params.temperature.view(shape)
-    logits = logits / torch.where(temperature > 0, temperature, 1.0)
+    logits = logits / params.divisor.view(shape)
     if not params.truncate:
         probs = torch.softmax(logits, dim=-1)
     else:
@@ -144,8 +147,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingP
     it from the verifying forward.
     """
     if isinstance(params, RowParams):
-        t = params.temperature.view((-1,) + (1,) * (logits.dim() - 1))
-        temperature = torch.where(t > 0, t, 1.0)
+        temperature = params.divisor.view((-1,) + (1,) * (logits.dim() - 1))
     else:
         temperature = params.temperature if params.temperature > 0 else 1.0
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -193,9 +195,10 @@ def request_key(seed: int | None, index: int = 0) -> int:
     return int(mix64(x + _int64(index * 0x9E3779B97F4A7C15) + _GOLDEN)[0])
 
 
-def uniforms(keys: torch.Tensor, positions: torch.Tensor, draw: int) -> torch.Tensor:
+def uniforms(keys: torch.Tensor, positions: torch.Tensor, draw: int | torch.Tensor) -> torch.Tensor:
     """Returns uniforms in [0, 1) (float64, 52 random bits) shaped like positions [B, ...]: draw `draw` at each
-    sequence position of row b's stream keys[b]."""
+    sequence position of row b's stream keys[b]. `draw` may be a tensor broadcast against positions (several
+    draws in one hash: positions [B, n, 1] with draws [3] give [B, n, 3])."""
     keys = keys.view((-1,) + (1,) * (positions.dim() - 1))
     counter = positions.long() * _DRAWS + (draw + 1)
     return _shr(mix64(keys + counter * _GOLDEN), 12).double() * 2.0 ** -52

@@ -171,6 +171,7 @@ class SlotTable:
         self.temperature, self.top_p, self.top_k = zeros(torch.float32) + 1, zeros(torch.float32) + 1, zeros()
         self.stop_ids = torch.full((S, 0), -1, dtype=torch.long, device=device)
         self.first_token, self.first_logprob = zeros(), zeros(torch.float32)  # sampled at the prefill
+        self.draws = torch.arange(3, device=device)  # DRAFT, ACCEPT, SAMPLE: the draws of a speculative position
         self.speculative = draft_layer is not None
         self.dlengths = self.pend = None
         if self.speculative:
