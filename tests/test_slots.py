@@ -16,8 +16,9 @@ def model(sharp_target):
     return sharp_target(V, max_positions=64)
 
 
-def test_bucket_sizes_are_powers_of_two_up_to_the_table_size():
+def test_bucket_sizes_are_1_2_4_then_multiples_of_8_up_to_the_table_size():
     assert [bucket_size(n, 64) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert [bucket_size(n, 256) for n in (16, 17, 24, 25, 33, 63, 64, 65, 250)] == [16, 24, 24, 32, 40, 64, 64, 72, 256]
     assert [bucket_size(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     assert bucket_size(0, 8) == 1
 
