@@ -9,12 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_generate import GREEDY_PROMPTS, PROMPTS, RandomChooser, V, chi2_pvalue, exact_joint
+from test_generate import GREEDY_PROMPTS, PROMPTS, RandomChooser, ScriptedChooser, V, chi2_pvalue, exact_joint
 from transformers import AutoModelForCausalLM
 
+import respec.engine.generate
 from respec.engine.checkpoint import save_model
 from respec.engine.drafter import init_drafter
-from respec.engine.generate import Engine, SpecConfig
+from respec.engine.generate import BACKLOG_FLUSH, Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.engine.slots import SPAN_BLOCK
 from respec.errors import ConfigError, DuplicateRequestError, PromptError, UnknownRequestError
@@ -167,6 +168,42 @@ def test_every_decode_step_has_shapes_fixed_by_bucket_and_k(target, drafter):
     assert {(b, t) for b, t, _ in shapes} <= {(8, 4), (4, 4), (2, 4), (1, 4)} and (1, 4) in {s[:2] for s in shapes}
     assert all(span % SPAN_BLOCK == 0 for *_, span in shapes)
     assert [b for b, _, _ in shapes] == sorted((b for b, _, _ in shapes), reverse=True)
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3),
+                                  SpecConfig(mode="adaptive", k_max=4)], ids=["plain", "static", "adaptive"])
+def test_a_step_reads_the_device_once(target, drafter, spec, monkeypatch):
+    """Every step, with admissions, finishing requests, plain steps that flush the drafter's backlog and drafter
+    swaps, reads tensors back to the host exactly once."""
+    engine = Engine(target, drafter, spec=spec, max_running=4)
+    engine.tuner = ScriptedChooser([3, 0, 2] + [0] * (BACKLOG_FLUSH + 4) + [4, 1, 0, 2])
+    flushes = []
+    monkeypatch.setattr(respec.engine.generate, "catch_up", lambda *a, _real=respec.engine.generate.catch_up:
+                        (flushes.append(a[3]), _real(*a))[1])
+    reads, per_step = [], []
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **kw:
+                            (reads.append(_name), _real(self, *a, **kw))[1])
+    step = engine.step
+
+    def counted_step():
+        before = len(reads)
+        out = step()
+        per_step.append(len(reads) - before)
+        return out
+
+    engine.step = counted_step
+
+    def between(i):
+        if i == 6:
+            engine.set_drafter(drafter, version=1)
+
+    serve(engine, background(10, seed=5, max_new=60), list(range(10)), between)
+    monkeypatch.undo()
+    assert len(per_step) > 20 and set(per_step) == {1}, per_step
+    if spec.mode == "adaptive":
+        assert BACKLOG_FLUSH in flushes  # a plain step flushed the backlog
 
 
 # ---- per-request randomness ----
