@@ -3,7 +3,7 @@ range. It explains a rollout ratio (`respec bench rollout`, `respec experiment`)
 where a verify step over k + 1 tokens plus the drafter costs less than E(k) plain steps.
 
 Each mode (plain, static k for each --ks) rolls out the same prompts (P x G at T = 1) `--repeats` times after one
-untimed round; the engine's step functions are wrapped with timers (the target forward, the drafter's forwards,
+untimed pass; the engine's step functions are wrapped with timers (the target forward, the drafter's forwards,
 the rejection rule, the bookkeeping of stops, budgets and outputs), each step filed under its live batch's range.
 On a CPU every op is synchronous, so wall time per part is that part's cost; on CUDA the timers sync first.
 

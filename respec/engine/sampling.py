@@ -209,7 +209,7 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     first token whose cumulative mass exceeds u times the row's total (a zero-probability token never is).
 
     With u <= 1 - 2^-52 and a total near 1, u * total stays below the total in float64, so some token qualifies
-    (u is clamped there: a float32 uniform may round up to 1); the index clamp only guards against the impossible.
+    (u is clamped there: a float32 uniform may be stored as 1.0); the index clamp only guards against the impossible.
     """
     cdf = probs.double().cumsum(-1)  # [..., V]
     x = (u.double().clamp(max=1 - 2.0 ** -52) * cdf[..., -1])[..., None]

@@ -5,7 +5,7 @@ A request holds one slot from its prefill to its last token. A finished request 
 compacted: nothing moves) and a waiting request is prefilled into it while the others keep decoding. A decode step
 runs over the active slots padded with free ones to a batch bucket (1, 2, 4, 8, 16, 24, 32, ...: multiples of 8, at
 most the table size), so every tensor of a step has a shape fixed by (bucket, verify width, attention span). The span is the host-known longest row
-rounded up to SPAN_BLOCK positions (a step never reads positions no row has written); a compiled step would pin it
+padded to a multiple of SPAN_BLOCK positions (a step never reads positions no row has written); a compiled step would pin it
 to the slot capacity instead.
 
 Invariants:
@@ -49,7 +49,8 @@ def bucket_size(n: int, num_slots: int) -> int:
 
 
 def attention_span(needed: int, capacity: int) -> int:
-    """Returns the cache positions a step attends over: `needed` rounded up to SPAN_BLOCK, at most `capacity`."""
+    """Returns the cache positions a step attends over: `needed` padded to a multiple of SPAN_BLOCK, at most
+    `capacity`."""
     return min(-(-needed // SPAN_BLOCK) * SPAN_BLOCK, capacity)
 
 
