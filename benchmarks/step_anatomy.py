@@ -3,8 +3,8 @@ range. It explains a rollout ratio (`respec bench rollout`, `respec experiment`)
 where a verify step over k + 1 tokens plus the drafter costs less than E(k) plain steps.
 
 Each mode (plain, static k for each --ks) rolls out the same prompts (P x G at T = 1) `--repeats` times after one
-untimed round; the engine's step methods are wrapped with timers (the target forward, the drafter's catch-up and
-chained drafts, the rejection rule, the bookkeeping of `commit`), each step filed under its live batch's range.
+untimed pass; the engine's step functions are wrapped with timers (the target forward, the drafter's forwards,
+the rejection rule, the bookkeeping of stops, budgets and outputs), each step filed under its live batch's range.
 On a CPU every op is synchronous, so wall time per part is that part's cost; on CUDA the timers sync first.
 
     python benchmarks/step_anatomy.py --policy DIR --drafter DIR [--ks 1,2,4] [--repeats 3]
@@ -73,26 +73,36 @@ def batch_range(batch: int) -> str:
 
 def install(timers: Timers, engine: Engine) -> None:
     """Wraps the engine's step parts with timers (this process only: a benchmark, not a library feature)."""
-    run = generate._Run
-    step = run.step
+    decode, book = Engine._decode, Engine._book
 
-    def timed_step(self, k):
-        timers.range = batch_range(len(self.rows))
+    def timed_decode(self, tab, b, k):
+        timers.range = batch_range(len(b.live))
         sync_device(timers.device)
         t0 = time.perf_counter()
-        accepted, live = step(self, k)
+        out = decode(self, tab, b, k)
         sync_device(timers.device)
+        timers.seconds[(timers.range, timers.mode, "step")] += time.perf_counter() - t0
+        return out
+
+    def timed_book(self, tab, b, k, host, flushed):
         key = (timers.range, timers.mode)
-        timers.seconds[(*key, "step")] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        accepted, advanced = book(self, tab, b, k, host, flushed)
+        seconds = time.perf_counter() - t0  # host-side bookkeeping: part of the step's commit
+        timers.seconds[(*key, "step")] += seconds
+        timers.seconds[(*key, "commit")] += seconds
         timers.steps[key] += 1
         timers.emitted[key] += sum(accepted) / len(accepted) + 1
         timers.range = ""
-        return accepted, live
+        return accepted, advanced
 
-    run.step = timed_step
-    run.draft = timers.timed("drafter", run.draft)
-    run.catch_up = timers.timed("drafter", run.catch_up)  # plain steps flush the backlog now and then
-    run.commit = timers.timed("commit", run.commit)
+    Engine._decode, Engine._book = timed_decode, timed_book
+    # The drafter's forwards (catch-up, chained drafts, the prompt's drafter prefill); the sampling of the chained
+    # drafts falls under "other".
+    engine.drafter.forward = timers.timed("drafter", engine.drafter.forward)
+    generate.catch_up = timers.timed("drafter", generate.catch_up)
+    generate.drafter_prefill = timers.timed("drafter", generate.drafter_prefill)
+    generate.finish = timers.timed("commit", generate.finish)
     generate.rejection_sample = timers.timed("rejection", generate.rejection_sample)
     engine.target.forward = timers.timed("target forward", engine.target.forward)
 

@@ -21,6 +21,14 @@ class PromptError(RespecError):
     """A prompt is empty, holds invalid token ids or does not fit the context."""
 
 
+class DuplicateRequestError(RespecError):
+    """A request id is already in use by an unfinished request."""
+
+
+class UnknownRequestError(RespecError):
+    """No unfinished request has the given id."""
+
+
 class SamplingError(RespecError):
     """Sampling parameters are invalid."""
 

@@ -138,20 +138,19 @@ def test_speculative_matches_target_distribution(target, drafter, temperature, t
         assert_follows_target(target, first3_counts(engine, params, SpecConfig(mode="off"), N), params)
 
 
-def always_accept(p, q, drafts, generator):
+def always_accept(p, q, drafts, u_accept, u_sample):
     """A classic bug: every draft is accepted."""
     k = drafts.shape[1]
-    return torch.full((drafts.shape[0],), k), sample(p[:, k], generator)
+    return torch.full((drafts.shape[0],), k), sample(p[:, k], u_sample[:, k])
 
 
-def resample_from_target(p, q, drafts, generator):
+def resample_from_target(p, q, drafts, u_accept, u_sample):
     """A subtler bug: the right acceptance test, but a rejection resamples from p instead of norm(max(p - q, 0))."""
     B, k = drafts.shape
     p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     q_draft = q.gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(B, k, generator=generator)
-    accepted = (u < accept_prob(p_draft, q_draft)).long().cumprod(-1).sum(-1)
-    return accepted, sample(p[torch.arange(B), accepted], generator)
+    accepted = (u_accept < accept_prob(p_draft, q_draft)).long().cumprod(-1).sum(-1)
+    return accepted, sample(p[torch.arange(B), accepted], u_sample.gather(1, accepted[:, None]).squeeze(1))
 
 
 @pytest.mark.parametrize("wrong_rule", [always_accept, resample_from_target], ids=lambda f: f.__name__)
@@ -319,9 +318,9 @@ def test_draft_distributions_equal_a_teacher_forced_drafter_forward(target, draf
     captured = []
     real = respec.engine.generate.rejection_sample
 
-    def spy(p, q, drafts, generator):
+    def spy(p, q, drafts, u_accept, u_sample):
         captured.append((q.clone(), drafts.clone()))
-        return real(p, q, drafts, generator)
+        return real(p, q, drafts, u_accept, u_sample)
 
     monkeypatch.setattr(respec.engine.generate, "rejection_sample", spy)
     prompts = [[1, 2, 3, 4, 5], [6, 7], [3, 1, 4]]

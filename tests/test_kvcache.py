@@ -1,4 +1,4 @@
-"""Tests of respec/engine/kvcache.py: positions, masks, writes, advance, rollback, compaction."""
+"""Tests of respec/engine/kvcache.py: positions, masks, writes, advance, rollback."""
 
 import pytest
 import torch
@@ -84,17 +84,6 @@ def test_rollback_keeps_extent_as_an_upper_bound_and_refeed_overwrites():
     assert cache.extent == 6 and cache.mask(1).shape[-1] == 7
     cache.set_lengths(torch.tensor([9, 9, 9]), extent=9)  # growing lengths need an explicit extent
     assert cache.extent == 9
-
-
-def test_keep_compacts_rows_in_the_given_order():
-    cache = make_cache((1, 2, 3))
-    cache.write(0, kv(1, 1), kv(1, 0.5))
-    cache.advance(1)
-    cache.keep(torch.tensor([2, 0]))
-    assert cache.batch == 2 and cache.lengths.tolist() == [4, 2]
-    assert cache.k.shape[1] == cache.v.shape[1] == 2
-    assert cache.k[0, 0, 0, 3, 0] == 201 and cache.k[0, 1, 0, 1, 0] == 1 and cache.v[0, 0, 1, 3, 0] == 210.5
-    assert cache.positions(1).tolist() == [[4], [2]]
 
 
 def test_reset_empties_every_row():

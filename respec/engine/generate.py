@@ -1,6 +1,10 @@
-"""Batched generation, plain or speculative, with one API: the single source of rollout tokens and logprobs.
+"""Generation, plain or speculative, for one request or many: the single source of rollout tokens and logprobs.
 
-The decode loop keeps every live row in one batch and runs one `step(k)` at a time, k chosen per step:
+The engine batches continuously over a slot table (`slots.py`), with vLLM's names: `add_request` queues a request,
+`step` prefills waiting requests into free slots, runs one decode step over every running request and returns
+what each one generated; `generate` is that loop over a list of prompts.
+
+One decode step runs over the running requests padded to a batch bucket, with one k for every row:
   k >= 1 (speculative):
     1. the drafter catches up on the (target feature, next token) pairs it has not seen (its backlog), then
        chains k - 1 more drafts on its own hidden states;
@@ -9,163 +13,171 @@ The decode loop keeps every live row in one batch and runs one `step(k)` at a ti
     4. each row's target cache is rolled back past its rejected drafts, the drafter's past its chained guesses;
   k = 0 (plain): one target forward over the last token; its aux features and the sampled token join the
     drafter's backlog, so speculation can switch on at any later step without a re-prefill;
-  then rows that hit a stop token or their budget leave the batch (compaction).
+  then rows that hit a stop token or their budget finish and free their slots. The host syncs once per step.
 Verify-forward features and emitted tokens become the next catch-up's pairs, so the drafter always conditions
-on true target features (EAGLE-3) at no extra target compute.
+on true target features (EAGLE-3) at no extra target compute. A new request's prompt is its first backlog: the
+step after its prefill has the drafter consume it (as it does the whole history after a drafter swap).
 
 Who picks k: `SpecConfig.mode` "off" (always 0), "static" (always k), "replay" (a logged trace), or
-"adaptive" (the engine's `Tuner`, or any chooser passed to `generate`, asked before each step and told each
-step's stats). Every mode samples the target's distribution exactly; the random draws depend only on the
-prompts, the sampling params and the sequence of k, so replaying a trace reproduces a rollout token for token.
+"adaptive" (the engine's `Tuner`, or any chooser passed to `generate`, asked before each step with the live
+batch and told each step's stats). Every mode samples the target's distribution exactly.
+
+Randomness: each request draws from its own counter-based stream (`sampling.uniforms`), keyed by its seed and
+fixed per sequence position, so its tokens depend on its seed, its prompt and the sequence of k only: not on the
+requests beside it, when they arrived or which slot it holds (up to floating-point differences between batch
+shapes). Replaying a logged trace therefore reproduces a rollout token for token.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from respec.engine.checkpoint import check_finite, check_tensors
 from respec.engine.drafter import Eagle3Drafter, check_fits
-from respec.engine.kvcache import KVCache, fill_holes, keep_rows
 from respec.engine.model import Transformer, fused_state
-from respec.engine.sampling import SamplingParams, rejection_sample, sample, target_probs, token_logprobs
-from respec.errors import CheckpointError, ConfigError, DrafterMismatchError, PromptError
+from respec.engine.outputs import (
+    K_LIMIT,
+    GenerationResult,
+    KChooser,
+    RequestOutput,
+    SequenceOutput,
+    SpecConfig,
+    StepStats,
+)
+from respec.engine.sampling import (
+    ACCEPT,
+    DRAFT,
+    SAMPLE,
+    SamplingParams,
+    rejection_sample,
+    request_key,
+    sample,
+    target_probs,
+    token_logprobs,
+    uniforms,
+)
+from respec.engine.slots import Batch, SlotKV, SlotTable, attention_span
+from respec.errors import (
+    CheckpointError,
+    ConfigError,
+    DrafterMismatchError,
+    DuplicateRequestError,
+    PromptError,
+    UnknownRequestError,
+)
 
-SPEC_MODES = ("off", "static", "adaptive", "replay")
-K_LIMIT = 16  # the largest draft length any mode accepts
+__all__ = ["BACKLOG_FLUSH", "K_LIMIT", "Engine", "GenerationResult", "KChooser", "RequestOutput", "SequenceOutput",
+           "SpecConfig", "StepStats"]
+
 BACKLOG_FLUSH = 32  # during plain (k = 0) steps the drafter consumes its backlog once it is this wide
+MAX_RUNNING = 256  # default slots (vLLM's max_num_seqs)
 
 
-@dataclass(frozen=True)
-class SpecConfig:
-    """How many draft tokens each decode step verifies; the engine's setting, not the sampler's."""
+class _Request:
+    """A request's host-side record: its prompt and parameters, and the tokens it has generated so far."""
 
-    mode: str = "static"  # "off" (plain) | "static" (k every step) | "adaptive" (tuner) | "replay" (trace)
-    k: int = 4  # static: draft tokens per step
-    k_max: int = 8  # adaptive: the tuner picks k in 0..k_max per step (buffers and caches are sized by it)
-    trace: tuple[int, ...] = ()  # replay: k of every decode step, e.g. GenerationResult.trace of a logged run
+    def __init__(self, request_id, prompt: list[int], params: SamplingParams, key: int, stops: list[int]):
+        self.request_id, self.prompt, self.params, self.key, self.stops = request_id, prompt, params, key, stops
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.slot: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.mode not in SPEC_MODES:
-            raise ConfigError(f"SpecConfig mode must be one of {', '.join(SPEC_MODES)}, got '{self.mode}'")
-        if not isinstance(self.k, int) or not 1 <= self.k <= K_LIMIT:
-            raise ConfigError(f"SpecConfig k must be an integer in [1, {K_LIMIT}], got {self.k}")
-        if not isinstance(self.k_max, int) or not 1 <= self.k_max <= K_LIMIT:
-            raise ConfigError(f"SpecConfig k_max must be an integer in [1, {K_LIMIT}], got {self.k_max}")
-        object.__setattr__(self, "trace", tuple(self.trace))
-        if any(not isinstance(k, int) or not 0 <= k <= K_LIMIT for k in self.trace):
-            raise ConfigError(f"SpecConfig trace must hold integers in [0, {K_LIMIT}]")
-        if self.mode == "replay" and not self.trace:
-            raise ConfigError("SpecConfig mode 'replay' needs a trace (GenerationResult.trace of the run to replay)")
-
-    @property
-    def largest_k(self) -> int:
-        """Returns the largest k this config can use in a step (what buffers are sized by)."""
-        return {"off": 0, "static": self.k, "adaptive": self.k_max,
-                "replay": max(self.trace, default=0)}[self.mode]
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, list(self.tokens), list(self.logprobs), self.finish_reason is not None,
+                             self.finish_reason)
 
 
-@dataclass
-class SequenceOutput:
-    """One generated sequence: the new tokens, the target's logprob of each, and why it ended."""
+class _Run:
+    """How steps choose k and whom they report to: one generate call, or the engine's own step() loop."""
 
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (stop/eos token, included in tokens) | "length" (max_new_tokens)
+    def __init__(self, spec: SpecConfig, chooser: KChooser | None, on_step: Callable[[StepStats], None] | None,
+                 keep_stats: bool):
+        self.spec, self.chooser, self.on_step = spec, chooser, on_step
+        self.k_max = spec.largest_k
+        self.stats: list[StepStats] | None = [] if keep_stats else None
+        self.steps = 0
+        self.prefill_seconds = 0.0
 
+    def choose(self, batch: int) -> tuple[int, float | None]:
+        """Returns (k for the next step, predicted seconds or None) under the spec mode."""
+        mode = self.spec.mode
+        if mode == "off":
+            return 0, None
+        if mode == "static":
+            return self.spec.k, None
+        if mode == "replay":
+            if self.steps >= len(self.spec.trace):
+                raise ConfigError(f"replay trace has {len(self.spec.trace)} steps but this rollout needs more: "
+                                  "replay with the prompts, sampling params and seed of the logged run")
+            return self.spec.trace[self.steps], None
+        k, predicted = self.chooser.choose(batch, self.k_max)
+        if not 0 <= k <= self.k_max:
+            raise ConfigError(f"the k chooser returned k={k}, outside 0..k_max={self.k_max}")
+        return k, predicted
 
-@dataclass
-class StepStats:
-    """One decode step: live batch, chosen k (0 = plain), per-row accepted drafts, tokens out, seconds."""
-
-    batch: int
-    k: int
-    accepted: list[int]  # per live row, leading drafts accepted (all 0 when k = 0)
-    emitted: int  # tokens produced by the step over all rows (before stop/budget truncation)
-    seconds: float  # measured wall time of the step, one host sync included
-    predicted_seconds: float | None = None  # the chooser's prediction for this (batch, k), if it made one
-    drafter_version: int | None = None  # the drafter that drafted (Engine.set_drafter's version)
-
-
-class KChooser(Protocol):
-    """What adaptive mode asks for k before each step and tells about each step (see `respec.engine.tuner`)."""
-
-    def choose(self, batch: int, k_max: int) -> tuple[int, float | None]:
-        """Returns (k in 0..k_max, predicted seconds of the step or None)."""
-        ...
-
-    def observe(self, stats: StepStats) -> None:
-        ...
-
-
-@dataclass
-class GenerationResult:
-    sequences: list[SequenceOutput]
-    stats: list[StepStats] = field(default_factory=list)
-    prefill_seconds: float = 0.0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self.sequences)
-
-    @property
-    def seconds(self) -> float:
-        return self.prefill_seconds + sum(s.seconds for s in self.stats)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_tokens / max(self.seconds, 1e-9)
-
-    @property
-    def trace(self) -> tuple[int, ...]:
-        """Returns the k of every decode step: `SpecConfig(mode="replay", trace=...)` reproduces this run."""
-        return tuple(s.k for s in self.stats)
-
-    @property
-    def mean_emitted_per_step(self) -> float:
-        """Returns tokens emitted per row per speculative verify step (accepted drafts + 1); 1.0 when no step
-        speculated."""
-        spec = [s for s in self.stats if s.k > 0]
-        rows = sum(s.batch for s in spec)
-        return sum(s.emitted for s in spec) / rows if rows else 1.0
-
-    @property
-    def mean_k(self) -> float:
-        """Returns the mean chosen k over decode steps."""
-        return sum(s.k for s in self.stats) / max(len(self.stats), 1)
+    def record(self, stats: StepStats, prefill_seconds: float) -> None:
+        self.steps += 1
+        self.prefill_seconds += prefill_seconds
+        if self.stats is not None:
+            self.stats.append(stats)
+        if self.chooser is not None:
+            self.chooser.observe(stats)
+        if self.on_step is not None:
+            self.on_step(stats)
 
 
 class Engine:
     """Generates from a target model, optionally accelerated by an EAGLE-3 drafter; the output distribution
     is the target's in every mode.
 
-    `set_drafter` and `load_weights` may be called from another thread while `generate` runs: they wait for
-    the current decode step to end and take effect from the next one.
+    `spec` is the speculative setting of requests added with `add_request` (default: static k = 4 with a
+    drafter, plain without); `max_running` bounds the requests decoding at once (the slots; more wait in a queue);
+    `max_model_len` bounds a request's prompt plus generated tokens (default: the model's context), past which it
+    finishes with reason "length". `add_request`, `abort_request`, `step` and `generate` are called from one
+    thread; `set_drafter` and `load_weights` may come from another: they wait for the current decode step to end
+    and take effect from the next one.
     """
 
-    def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, tuner: KChooser | None = None):
+    def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, tuner: KChooser | None = None, *,
+                 spec: SpecConfig | None = None, max_running: int = MAX_RUNNING, max_model_len: int | None = None):
         self.target = target.eval()
         param = next(target.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if not isinstance(max_running, int) or max_running < 1:
+            raise ConfigError(f"max_running must be an integer >= 1 (the requests decoding at once), got {max_running}")
+        context = target.config.max_position_embeddings
+        max_model_len = context if max_model_len is None else max_model_len
+        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
+            raise ConfigError(f"max_model_len must be an integer in [2, {context}] (the model's context), "
+                              f"got {max_model_len}")
+        self.max_running, self.max_model_len = max_running, max_model_len
         self.drafter: Eagle3Drafter | None = None
         self.drafter_version: int | None = None
-        self.drafter_epoch = 0  # bumped by every swap; a running generate rebuilds its drafter cache on change
+        self.drafter_epoch = 0  # bumped by every swap; running requests re-read their history on change
         self.tuner = tuner  # adaptive mode's chooser; built (profiled) on first use when None
         self._step_lock = threading.Lock()
         if drafter is not None:
             self.set_drafter(drafter, version=0)
+        self.spec = spec if spec is not None else self._default_spec()
+        self._check_spec(self.spec)
+        self._requests: dict[object, _Request] = {}  # unfinished: waiting or running
+        self._waiting: deque[_Request] = deque()
+        self._table: SlotTable | None = None
+        self._serving: _Run | None = None  # the run of step() calls
 
+    # -- models ----------------------------------------------------------------------------------------------------
     def set_drafter(self, drafter: Eagle3Drafter, version: int | None = None,
                     keep_evidence: float | None = None) -> None:
         """Swaps in `drafter` (validated against the target) from the next decode step on.
 
-        A rollout in progress keeps its tokens and target cache; at its next step the new drafter catches up on
-        the whole sequence so far (one drafter forward over the recorded target features, like a prefill), so
+        Running requests keep their tokens and target cache; at the next step the new drafter catches up on each
+        one's whole sequence so far (one drafter forward over the recorded target features, like a prefill), so
         it drafts with full context. Exactness is unaffected (any drafter is exact).
         `keep_evidence` is the share of the tuner's acceptance evidence kept (None = its swap_decay; 1.0 for a
         successor known to be at least as good, as the online learner's guarded versions are).
@@ -194,7 +206,7 @@ class Engine:
 
         `state` is a state dict of a `Transformer` of the same config, or HF-named tensors (`q_proj`, an optional
         `model.` prefix). A missing or misshaped tensor, or a NaN/Inf, raises CheckpointError before anything is
-        copied. Rows in flight keep their KV cache, so in RL call this between rollouts.
+        copied. Running requests keep their KV cache, so in RL call this between rollouts.
         """
         state = {k.removeprefix("model."): v for k, v in state.items()}
         state = fused_state(self.target, state)
@@ -211,20 +223,6 @@ class Engine:
             for name, tensor in expected.items():
                 tensor.copy_(state[name])
 
-    def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        cfg = self.target.config
-        if not prompts:
-            raise PromptError("no prompts given")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise PromptError(f"prompt {i} is empty")
-            if min(p) < 0 or max(p) >= cfg.vocab_size:
-                raise PromptError(f"prompt {i} holds token ids outside the vocabulary [0, {cfg.vocab_size})")
-            if len(p) + params.max_new_tokens > cfg.max_position_embeddings:
-                raise PromptError(
-                    f"prompt {i} ({len(p)} tokens) + max_new_tokens {params.max_new_tokens} exceeds the model "
-                    f"context of {cfg.max_position_embeddings} tokens")
-
     def default_tuner(self, k_max: int) -> KChooser:
         """Returns the engine's tuner, built for drafts up to k_max (profiling or loading cached costs) on first
         use. A tuner given to the engine is kept as it is; it never picks more than its own k_max."""
@@ -235,290 +233,372 @@ class Engine:
             self.tuner.drafter_version = self.drafter_version
         return self.tuner
 
+    # -- requests (vLLM's LLMEngine names) --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Queues a request; it is prefilled into a free slot at a coming `step` and decodes from then on.
+
+        Raises DuplicateRequestError if `request_id` belongs to an unfinished request, PromptError for an empty
+        prompt, ids outside the vocabulary, or a prompt that leaves no room in a slot of max_model_len tokens.
+        With `params.seed` set, the request's tokens are reproducible whatever else runs beside it.
+        """
+        if request_id in self._requests:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in use by an unfinished request: "
+                                        "choose another id, or abort that request first")
+        params = params if params is not None else SamplingParams()
+        prompt = self._check_prompt(prompt_token_ids, f"request {request_id!r}")
+        if len(prompt) >= self.max_model_len:
+            raise PromptError(f"request {request_id!r}: its prompt has {len(prompt)} tokens but a slot holds "
+                              f"{self.max_model_len} (prompt and generated tokens together): shorten the prompt or "
+                              "raise Engine(max_model_len=...)")
+        self._queue(request_id, prompt, params, request_key(params.seed))
+
+    def abort_request(self, request_id: str) -> None:
+        """Drops an unfinished request (waiting or running); its slot is free for the next step. Raises
+        UnknownRequestError if no unfinished request has this id."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise UnknownRequestError(f"no unfinished request has id {request_id!r} (finished requests are "
+                                      "forgotten once their last output is returned)")
+        if req.slot is None:
+            self._waiting.remove(req)
+        else:
+            self._table.release(req.slot)
+            req.slot = None
+        req.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admits waiting requests into free slots, runs one decode step over every running request, and returns
+        one RequestOutput per request that advanced (its tokens and logprobs so far; finished ones for the last
+        time). Returns [] when nothing is queued or running."""
+        if not self._requests:
+            return []
+        return [r.output() for r in self._step(self._serving_run())]
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  spec: SpecConfig | None = None, chooser: KChooser | None = None,
                  on_step: Callable[[StepStats], None] | None = None) -> GenerationResult:
         """Returns one SequenceOutput per prompt (same order) and per-step stats.
 
-        In adaptive mode `chooser` (default: the engine's tuner) picks each step's k; `on_step` is called after
-        every decode step (progress reporting).
+        The prompts run as requests on an idle engine, at most max_running at a time; row i draws from stream i
+        of `params.seed`, so a call's tokens are reproducible. In adaptive mode `chooser` (default: the engine's
+        tuner) picks each step's k; `on_step` is called after every decode step (progress reporting).
         """
-        params = params or SamplingParams()
-        if spec is None:
-            spec = SpecConfig(mode="static") if self.drafter is not None else SpecConfig(mode="off")
+        params = params if params is not None else SamplingParams()
+        spec = spec if spec is not None else self._default_spec()
+        self._check_spec(spec)
+        if not prompts:
+            raise PromptError("no prompts given")
+        for i, p in enumerate(prompts):
+            self._check_prompt(p, f"prompt {i}")
+            if len(p) + params.max_new_tokens > self.target.config.max_position_embeddings:
+                raise PromptError(
+                    f"prompt {i} ({len(p)} tokens) + max_new_tokens {params.max_new_tokens} exceeds the model "
+                    f"context of {self.target.config.max_position_embeddings} tokens")
+        if self._requests:
+            raise ConfigError(f"generate needs an idle engine, and {len(self._requests)} requests added with "
+                              "add_request are unfinished: step them to the end or abort them first")
+        if spec.mode == "adaptive" and chooser is None:
+            chooser = self.default_tuner(spec.k_max)
+        run = _Run(spec, chooser, on_step, keep_stats=True)
+        self._table_for(min(len(prompts), self.max_running), max(map(len, prompts)) + params.max_new_tokens, spec)
+        requests = [self._queue(i, list(p), params, request_key(params.seed, i)) for i, p in enumerate(prompts)]
+        try:
+            while self._requests:
+                self._step(run)
+        finally:
+            for r in requests:
+                if r.request_id in self._requests:
+                    self.abort_request(r.request_id)  # an error mid-run leaves the engine idle
+        seqs = [SequenceOutput(r.tokens, r.logprobs, r.finish_reason) for r in requests]
+        return GenerationResult(seqs, run.stats, run.prefill_seconds)
+
+    # -- checks and setup ------------------------------------------------------------------------------------------
+    def _default_spec(self) -> SpecConfig:
+        return SpecConfig(mode="static") if self.drafter is not None else SpecConfig(mode="off")
+
+    def _check_spec(self, spec: SpecConfig) -> None:
         if spec.mode != "off" and self.drafter is None:
             raise ConfigError(f"speculative decoding (mode '{spec.mode}') needs a drafter: pass one to Engine or "
                               "use SpecConfig(mode='off')")
-        self._check_prompts(prompts, params)
-        if spec.mode == "adaptive" and chooser is None:
-            chooser = self.default_tuner(spec.k_max)
-        return _Run(self, prompts, params, spec, chooser, on_step).run()
 
+    def _check_prompt(self, prompt, name: str) -> list[int]:
+        prompt = [int(t) for t in prompt]
+        vocab = self.target.config.vocab_size
+        if not prompt:
+            raise PromptError(f"{name} is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise PromptError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
+        return prompt
 
-class _Run:
-    """The state of one generate call: caches, live rows, the drafter's backlog, output buffers."""
+    def _queue(self, request_id, prompt: list[int], params: SamplingParams, key: int) -> _Request:
+        eos = () if params.ignore_eos else self.target.config.eos_ids
+        req = _Request(request_id, prompt, params, key, sorted(set(params.stop_token_ids) | set(eos)))
+        self._requests[request_id] = req
+        self._waiting.append(req)
+        return req
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, spec: SpecConfig,
-                 chooser: KChooser | None, on_step: Callable[[StepStats], None] | None):
-        self.engine, self.params, self.spec, self.chooser, self.on_step = engine, params, spec, chooser, on_step
-        self.k_max = spec.largest_k
-        self.target = engine.target
-        self.speculative = spec.mode != "off"
-        dev = engine.device
-        self.gen = torch.Generator(device=dev)
-        self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        B = len(prompts)
-        self.prompt_lens = torch.tensor([len(p) for p in prompts], device=dev)
-        max_len = max(len(p) for p in prompts) + params.max_new_tokens
-        # Target: the accepted prefix plus k_max + 1 verified positions. Drafter: its consumed prefix plus a
-        # backlog (prompt, or up to BACKLOG_FLUSH plain steps, or k_max + 1 verified pairs) and k_max - 1 chained.
-        self.capacity = max_len + self.k_max + 1
-        self.dcapacity = max_len + BACKLOG_FLUSH + 2 * self.k_max + 2
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.target.config.eos_ids))
-        self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=dev)
-        width = params.max_new_tokens + self.k_max + 1
-        self.out_tokens = torch.zeros(B, width, dtype=torch.long, device=dev)  # [B0, width] by original row
-        self.out_logprobs = torch.zeros(B, width, dtype=torch.float32, device=dev)
-        self.finish = ["length"] * B
-        self.rows = torch.arange(B, device=dev)  # live row -> original row
-        self.gen_len = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted so far per live row
-        self.gen_len_final = torch.zeros(B, dtype=torch.long, device=dev)  # by original row, set as rows finish
-        self.prompts = prompts
-        self.stats: list[StepStats] = []
-        with engine._step_lock:  # a swap from another thread between the two reads would mislabel the drafter
-            self.drafter = engine.drafter if self.speculative else None
-            self.drafter_epoch = engine.drafter_epoch
-        self.aux_layers = tuple(self.drafter.aux_layer_ids) if self.drafter is not None else ()
+    def _table_for(self, num_slots: int, max_tokens: int, spec: SpecConfig) -> SlotTable:
+        """Returns the slot table for this shape and spec, built anew if the current one differs (and is idle)."""
+        speculative = spec.mode != "off"
+        shape = (num_slots, max_tokens, spec.largest_k, speculative)
+        tab = self._table
+        if tab is not None and (tab.shape == shape or tab.num_active()):
+            return tab  # a table with requests running is kept until they end
+        drafter = self.drafter if speculative else None
+        cfg = self.target.config
+        self._table = tab = SlotTable(
+            cfg, num_slots, max_tokens, spec.largest_k, self.dtype, self.device,
+            draft_layer=drafter.layer_config if drafter is not None else None,
+            feature_size=len(drafter.aux_layer_ids) * cfg.hidden_size if drafter is not None else 0,
+            backlog=BACKLOG_FLUSH)
+        tab.shape, tab.drafter_epoch = shape, self.drafter_epoch
+        return tab
 
-    def run(self) -> GenerationResult:
+    def _serving_run(self) -> _Run:
+        """Returns the run of step() calls under the engine's spec (a changed spec applies once the engine is
+        idle: the running requests' slots are sized for the old one)."""
+        run = self._serving
+        busy = self._table is not None and self._table.num_active() > 0
+        if run is None or (run.spec != self.spec and not busy):
+            self._check_spec(self.spec)
+            chooser = self.default_tuner(self.spec.k_max) if self.spec.mode == "adaptive" else None
+            run = self._serving = _Run(self.spec, chooser, None, keep_stats=False)
+        self._table_for(self.max_running, self.max_model_len, run.spec)
+        return run
+
+    # -- one step ----------------------------------------------------------------------------------------------------
+    def _step(self, run: _Run) -> list[_Request]:
+        """Admits what fits, runs one decode step, books its tokens; returns the requests that advanced."""
+        tab = self._table
+        new = min(len(self._waiting), len(tab.free))
+        batch = tab.num_active() + new
+        if batch == 0:
+            return []
         t0 = time.perf_counter()
-        live = self.prefill()
-        prefill_s = time.perf_counter() - t0
-        while live:
-            t0 = time.perf_counter()
-            batch = len(self.rows)
-            k, predicted = self.choose(batch)
-            with self.engine._step_lock:
-                self.sync_drafter()
-                accepted_host, live = self.step(k)
-                version = self.engine.drafter_version if k else None  # read before a waiting swap can land
-            stats = StepStats(batch, k, accepted_host, sum(accepted_host) + batch, time.perf_counter() - t0,
-                              predicted, version)
-            self.stats.append(stats)
-            if self.chooser is not None:
-                self.chooser.observe(stats)
-            if self.on_step is not None:
-                self.on_step(stats)
-        lens = self.gen_len_final.tolist()
-        toks, lps = self.out_tokens.tolist(), self.out_logprobs.tolist()
-        seqs = [SequenceOutput(toks[b][:n], lps[b][:n], self.finish[b]) for b, n in enumerate(lens)]
-        return GenerationResult(seqs, self.stats, prefill_s)
+        k, predicted = run.choose(batch)  # before anything changes: a bad k leaves the engine as it was
+        t1 = time.perf_counter()
+        if new:
+            with self._step_lock:
+                self._admit(tab, [self._waiting.popleft() for _ in range(new)])
+        t2 = time.perf_counter()  # a drafter swapped in from now on drafts this step
+        with self._step_lock:
+            self._sync_drafter(tab)
+            b = tab.batch_for(tab.active())
+            host, flushed = self._decode(tab, b, k)
+            version = self.drafter_version if k else None  # read before a waiting swap can land
+        t3 = time.perf_counter()
+        accepted, advanced = self._book(tab, b, k, host, flushed)
+        run.record(StepStats(batch, k, accepted, sum(accepted) + batch, (t1 - t0) + (t3 - t2), predicted, version),
+                   t2 - t1)
+        return advanced
 
-    def choose(self, batch: int) -> tuple[int, float | None]:
-        """Returns (k for the next step, predicted seconds or None) under the spec mode."""
-        mode = self.spec.mode
-        if mode == "off":
-            return 0, None
-        if mode == "static":
-            return self.spec.k, None
-        if mode == "replay":
-            step = len(self.stats)
-            if step >= len(self.spec.trace):
-                raise ConfigError(f"replay trace has {len(self.spec.trace)} steps but this rollout needs more: "
-                                  "replay with the prompts, sampling params and seed of the logged run")
-            return self.spec.trace[step], None
-        k, predicted = self.chooser.choose(batch, self.k_max)
-        if not 0 <= k <= self.k_max:
-            raise ConfigError(f"the k chooser returned k={k}, outside 0..k_max={self.k_max}")
-        return k, predicted
+    def _admit(self, tab: SlotTable, reqs: list[_Request]) -> None:
+        """Prefills `reqs` into the lowest free slots (one target forward); their first tokens stay on the device
+        and are reported with the step."""
+        tab.flush()  # the batch state goes back to the slots before new requests write theirs
+        slots = tab.take(len(reqs))
+        for req, s in zip(reqs, slots, strict=True):
+            req.slot, tab.owner[s] = s, req
+        aux_layers = tuple(self.drafter.aux_layer_ids) if tab.speculative else ()
+        tab.prefill(self.target, slots, [r.prompt for r in reqs], [r.params for r in reqs], [r.key for r in reqs],
+                    [r.stops for r in reqs], aux_layers)
 
-    def sync_drafter(self) -> None:
-        """Adopts a drafter swapped in by Engine.set_drafter since the last step: a fresh drafter cache, and the
-        whole history becomes the backlog, so the new drafter's first catch-up reads every position, as a
-        prefill. Target features do not depend on the drafter, so they stay valid."""
-        if self.drafter is None or self.engine.drafter_epoch == self.drafter_epoch:
+    def _sync_drafter(self, tab: SlotTable) -> None:
+        """Adopts a drafter swapped in by set_drafter since the last step: a fresh drafter cache, and every
+        running request's whole history becomes its backlog, so the new drafter's first catch-up reads every
+        position, as a prefill. Target features do not depend on the drafter, so they stay valid."""
+        if not tab.speculative or tab.drafter_epoch == self.drafter_epoch:
             return
-        self.drafter, self.drafter_epoch = self.engine.drafter, self.engine.drafter_epoch
-        self.pend_width += self.dcache.extent  # host-side bound of max(consumed + pend_len)
-        self.pend_len = self.dcache.lengths + self.pend_len
-        self.dcache = self.drafter.new_cache(len(self.rows), self.dcapacity)
+        tab.drafter_epoch = self.drafter_epoch
+        tab.flush()
+        layer = self.drafter.layer_config
+        if (layer.num_key_value_heads, layer.head_dim) != (tab.draft_layer.num_key_value_heads,
+                                                           tab.draft_layer.head_dim):
+            tab.dkv = SlotKV.for_model(layer, tab.num_slots, tab.dcapacity, self.dtype, self.device, num_layers=1)
+            tab.draft_layer = layer
+        tab.pend += tab.dlengths
+        tab.dlengths.zero_()
+        for s in tab.active():
+            tab.host_pend[s] = tab.host_len[s]
+            tab.needs_prefill.add(s)
 
-    def append_history(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        """Writes (next token [B, n], target feature [B, n, 3H]) pairs at each row's first free history position,
-        consumed + pending (entries past a row's valid ones are padding, overwritten later, as in the drafter
-        cache, which has the same capacity); the caller grows the backlog by the valid ones."""
-        idx = (self.dcache.lengths + self.pend_len)[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        self.hist_tok.scatter_(1, idx, tokens)
-        self.hist_feat.scatter_(1, idx[..., None].expand(-1, -1, features.shape[-1]), features)
-
-    def step(self, k: int) -> tuple[list[int], bool]:
-        """Runs one decode step with k drafts (0 = plain); returns (accepted per live row, whether any row is live)."""
+    def _decode(self, tab: SlotTable, b: Batch, k: int) -> tuple[list[float], bool]:
+        """Runs one decode step with k drafts over batch `b`; returns (its outcome read back in one sync, whether
+        a plain step flushed the drafter's backlog)."""
+        drafter = self.drafter if tab.speculative else None
+        aux_layers = tuple(drafter.aux_layer_ids) if drafter is not None else ()
+        live = [b.slots[i] for i in b.live]
+        tab.reset_pads(b)
+        if drafter is not None and tab.needs_prefill:
+            drafter_prefill(drafter, tab, b, [i for i in b.live if b.slots[i] in tab.needs_prefill])
+        span = attention_span(max(tab.host_len[s] for s in live) + k + 1, tab.capacity)
+        flushed = False
+        if drafter is not None:
+            width = max(tab.host_pend[s] for s in live)
+            dspan = attention_span(max(tab.host_len[s] - tab.host_pend[s] for s in live) + width + k, tab.dcapacity)
         if k == 0:
-            emitted, logprobs, count, accepted = self.plain_step()
+            flushed = drafter is not None and width >= BACKLOG_FLUSH
+            emitted, logprobs, count, accepted = plain_step(self.target, drafter, tab, b, span, aux_layers,
+                                                            flush=(width, dspan) if flushed else None)
         else:
-            emitted, logprobs, count, accepted = self.spec_step(k)
-        return self.commit(emitted, logprobs, count, accepted)
+            emitted, logprobs, count, accepted = spec_step(self.target, drafter, tab, b, k, span, width, dspan,
+                                                           aux_layers)
+        count, done, stopped = finish(b, emitted, count)
+        # One float32 tensor for the one sync (token ids below 2^24 are exact in float32, logprobs are float32).
+        out = [torch.cat([accepted[:, None], count[:, None], done[:, None], stopped[:, None], emitted, logprobs],
+                         1).flatten()]  # [B * (4 + 2n)]
+        fresh = [s for s in live if s in tab.fresh]
+        if fresh:
+            index = tab.long_tensor(fresh)
+            out.append(torch.stack([tab.first_token[index].float(), tab.first_logprob[index]], 1).flatten())
+        return torch.cat(out).tolist(), flushed  # the step's one host sync
 
-    def prefill(self) -> bool:
-        """Runs the prompts through the target (right-padded, one forward), samples each row's first token."""
-        dev, B = self.engine.device, len(self.prompts)
-        L = int(self.prompt_lens.max())
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        for b, p in enumerate(self.prompts):  # once per call, not per token
-            ids[b, : len(p)] = torch.tensor(p, device=dev)
-        self.cache = KVCache.for_model(self.target.config, B, self.capacity, self.engine.dtype, dev)
-        hidden, aux = self.target(ids, self.cache, self.aux_layers)  # [B, L, H], [B, L, 3H]
-        self.cache.set_lengths(self.prompt_lens, extent=L)
-        last = self.prompt_lens - 1
-        rows = torch.arange(B, device=dev)
-        logits = self.target.lm_head(hidden[rows, last])  # [B, V]
-        first = self.sample(logits)  # [B]
-        self.last = first
-        if self.drafter is not None:
-            # The history holds every (target feature at t, token t+1) pair by drafter position t. Row b's first
-            # dcache.lengths[b] pairs are consumed; the next pend_len[b] are the backlog, the next catch-up's
-            # input. A drafter swapped in mid-run catches up on all of them (sync_drafter).
-            self.dcache = self.drafter.new_cache(B, self.dcapacity)
-            self.hist_tok = torch.zeros(B, self.dcapacity, dtype=torch.long, device=dev)  # [B, C]
-            self.hist_feat = aux.new_zeros(B, self.dcapacity, aux.shape[-1])  # [B, C, 3H]
-            # The prompt shifted left, with the sampled first token at the end of each row.
-            self.hist_tok[:, :L] = ids.roll(-1, dims=1).scatter(1, last[:, None], first[:, None])
-            self.hist_feat[:, :L] = aux
-            self.pend_len = self.prompt_lens.clone()  # [B] backlog entries per row
-            self.pend_width = L  # host-side bound of max(pend_len)
-        emitted = first[:, None]
-        logprobs = token_logprobs(logits, first, self.params)[:, None]
-        _, live = self.commit(emitted, logprobs, torch.ones(B, dtype=torch.long, device=dev), None)
-        return live
+    def _book(self, tab: SlotTable, b: Batch, k: int, host: list[float],
+              flushed: bool) -> tuple[list[int], list[_Request]]:
+        """Appends each live row's new tokens to its request, finishes and frees the rows that ended, and moves
+        the host mirrors; returns (accepted drafts per live row, the requests that advanced)."""
+        n = k + 1
+        w = 4 + 2 * n
+        fresh = iter(host[b.size * w:])
+        accepted, advanced = [], []
+        for i in b.live:
+            s = b.slots[i]
+            req = tab.owner[s]
+            row = host[i * w: (i + 1) * w]
+            acc, count = int(row[0]), int(row[1])
+            accepted.append(acc)
+            if s in tab.fresh:
+                req.tokens.append(int(next(fresh)))
+                req.logprobs.append(next(fresh))
+            req.tokens.extend(int(t) for t in row[4: 4 + count])
+            req.logprobs.extend(row[4 + n: 4 + n + count])
+            advanced.append(req)
+            if row[2]:
+                req.finish_reason = "stop" if row[3] else "length"
+                del self._requests[req.request_id]
+                tab.release(s)
+                req.slot = None
+            else:
+                tab.host_len[s] += acc + 1 if k else 1
+                tab.host_pend[s] = acc + 1 if k else 1 if flushed else tab.host_pend[s] + 1
+        tab.fresh.clear()
+        return accepted, advanced
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Returns one token per row of logits [B, V] under the sampling params."""
-        if self.params.greedy:
-            return logits.argmax(-1)
-        return sample(target_probs(logits, self.params), self.gen)
 
-    def plain_step(self):
-        hidden, aux = self.target(self.last[:, None], self.cache, self.aux_layers)  # [B, 1, H], [B, 1, 3H]
-        logits = self.target.lm_head(hidden[:, 0])  # [B, V]
-        token = self.sample(logits)
-        self.last = token
-        if self.drafter is not None:
-            self.push_backlog(token, aux[:, 0])
-        ones = torch.ones_like(token)
-        return token[:, None], token_logprobs(logits, token, self.params)[:, None], ones, None
+# -- the step's tensor work ------------------------------------------------------------------------------------------
 
-    def push_backlog(self, token: torch.Tensor, feature: torch.Tensor) -> None:
-        """Appends one (feature [B, 3H], next token [B]) pair per row to the drafter's backlog, after letting
-        the drafter consume a backlog that has grown BACKLOG_FLUSH wide (a bounded catch-up, amortised cost)."""
-        if self.pend_width >= BACKLOG_FLUSH:
-            self.catch_up()
-        self.append_history(token[:, None], feature[:, None])
-        self.pend_len = self.pend_len + 1
-        self.pend_width += 1
+def drafter_prefill(drafter: Eagle3Drafter, tab: SlotTable, b: Batch, rows: list[int]) -> None:
+    """Has the drafter consume all but the last pair of the backlog of batch rows `rows` (a new request's prompt,
+    or the whole history after a drafter swap), so that every row enters the step with one pending pair."""
+    slots = [b.slots[i] for i in rows]
+    width = max(tab.host_pend[s] for s in slots) - 1
+    start_max = max(tab.host_len[s] - tab.host_pend[s] for s in slots)
+    for s in slots:
+        tab.host_pend[s] = 1
+    tab.needs_prefill.difference_update(slots)
+    if width <= 0:
+        return
+    if len(rows) == b.size:
+        index, contiguous, sel = b.index, b.contiguous, None
+        start, pend = b.dlengths, b.pend
+    else:
+        sel = tab.long_tensor(rows)
+        index, contiguous = b.index[sel], False
+        start, pend = b.dlengths[sel], b.pend[sel]
+    tokens, features = tab.read_history(index, contiguous, start, width)  # [R, P], [R, P, 3H]
+    drafter(tokens, features, tab.drafter_view(index, contiguous, start, attention_span(start_max + width,
+                                                                                       tab.dcapacity)))
+    consumed, one = start + pend - 1, torch.ones_like(pend)
+    if sel is None:
+        b.dlengths, b.pend = consumed, one
+    else:
+        b.dlengths, b.pend = b.dlengths.index_copy(0, sel, consumed), b.pend.index_copy(0, sel, one)
 
-    def catch_up(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the drafter over its backlog and empties it; returns (hidden [B, 1, H], draft logits [B, Vd]) at
-        each row's last backlog entry: the start of the next chain of drafts."""
-        drafter, B = self.drafter, len(self.rows)
-        start = self.dcache.lengths
-        idx = start[:, None] + torch.arange(self.pend_width, device=start.device)  # [B, P] the backlog's positions
-        tokens = self.hist_tok.gather(1, idx)  # [B, P]
-        features = self.hist_feat.gather(1, idx[..., None].expand(-1, -1, self.hist_feat.shape[-1]))  # [B, P, 3H]
-        hidden, dlogits = drafter(tokens, features, self.dcache)  # [B, P, H], [B, P, Vd]
-        self.dcache.set_lengths(start + self.pend_len)  # rows with a shorter backlog drop their padding
-        rows = torch.arange(B, device=self.engine.device)
-        at = self.pend_len - 1
-        out = hidden[rows, at][:, None], dlogits[rows, at]
-        self.pend_len = torch.zeros_like(self.pend_len)
-        self.pend_width = 0
-        return out
 
-    def draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns k chained drafts [B, k] (target ids) and the draft distributions [B, k, V] they came from."""
-        drafter = self.drafter
-        h, logits = self.catch_up()  # [B, 1, H], [B, Vd]
-        consumed = self.dcache.lengths
-        drafts, qs = [], []
-        for i in range(k):
-            q_draft = target_probs(logits, self.params)  # [B, Vd]
-            token = drafter.draft_to_target(sample(q_draft, self.gen))  # [B]
-            drafts.append(token)
-            qs.append(drafter.expand_probs(q_draft))  # [B, V]
-            if i + 1 < k:
-                h, dl = drafter(token[:, None], h, self.dcache)  # chain on the drafter's own hidden state
-                logits = dl[:, 0]
-        # Forget the chained entries: the next catch-up re-feeds these positions with the target's true features.
-        self.dcache.set_lengths(consumed)
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+def catch_up(drafter: Eagle3Drafter, tab: SlotTable, b: Batch, width: int,
+             span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the drafter over each row's backlog (padded to `width` pairs) and empties it; returns (hidden
+    [B, 1, H], draft logits [B, Vd]) at each row's last backlog pair: the start of the next chain of drafts."""
+    start = b.dlengths
+    tokens, features = tab.read_history(b.index, b.contiguous, start, width)  # [B, P], [B, P, 3H]
+    hidden, dlogits = drafter(tokens, features, tab.drafter_view(b.index, b.contiguous, start, span))
+    rows, at = torch.arange(b.size, device=start.device), b.pend - 1
+    b.dlengths, b.pend = start + b.pend, torch.zeros_like(b.pend)  # rows with a shorter backlog drop the padding
+    return hidden[rows, at][:, None], dlogits[rows, at]
 
-    def spec_step(self, k: int):
-        drafts, q = self.draft(k)  # [B, k], [B, k, V]
-        n = self.cache.lengths
-        tokens = torch.cat([self.last[:, None], drafts], 1)  # [B, k+1]
-        hidden, aux = self.target(tokens, self.cache, self.aux_layers)  # [B, k+1, H], [B, k+1, 3H]
-        logits = self.target.lm_head(hidden)  # [B, k+1, V]
-        accepted, nxt = rejection_sample(target_probs(logits, self.params), q, drafts, self.gen)
-        emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
-        # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
-        self.cache.set_lengths(n + 1 + accepted)
-        self.append_history(emitted, aux)  # the backlog was consumed by draft()'s catch-up
-        self.pend_len, self.pend_width = accepted + 1, k + 1
-        self.last = nxt
-        return emitted, token_logprobs(logits, emitted, self.params), accepted + 1, accepted
 
-    def commit(self, emitted: torch.Tensor, logprobs: torch.Tensor, count: torch.Tensor,
-               accepted: torch.Tensor | None) -> tuple[list[int], bool]:
-        """Writes emitted tokens [B, n] (first count[b] valid) to the outputs, applies stop tokens and budgets,
-        drops finished rows. Returns (accepted per row, whether any row is live); one host sync."""
-        n = emitted.shape[1]
-        j = torch.arange(n, device=emitted.device)
-        valid = j[None] < count[:, None]
-        is_stop = torch.isin(emitted, self.stop_ids) & valid
-        has_stop = is_stop.any(1)
-        # Tokens after a stop token are discarded; so are tokens beyond max_new_tokens.
-        first_stop = torch.where(has_stop, is_stop.long().argmax(1) + 1, count)
-        budget = self.params.max_new_tokens - self.gen_len
-        count = torch.minimum(first_stop, budget)
-        pos = self.gen_len[:, None] + j[None]  # [B, n]
-        self.out_tokens[self.rows[:, None], pos] = emitted
-        self.out_logprobs[self.rows[:, None], pos] = logprobs.float()
-        self.gen_len = self.gen_len + count
-        stopped = has_stop & (first_stop <= budget)
-        done = stopped | (self.gen_len >= self.params.max_new_tokens)
-        acc = accepted if accepted is not None else torch.zeros_like(count)
-        # Extents over the rows that stay (a finished row may hold positions past the live rows' budget).
-        extents = [self.cache.lengths.masked_fill(done, 0).max()[None]]
-        if self.drafter is not None:
-            extents.append(self.dcache.lengths.masked_fill(done, 0).max()[None])
-        host = torch.cat([acc, done.long(), stopped.long(), *extents]).tolist()
-        B = len(self.rows)
-        acc_host, done_host, stopped_host = host[:B], host[B:2 * B], host[2 * B:3 * B]
-        # Exact extents keep attention over [0, max live length) only.
-        self.cache.shrink_extent(host[3 * B])
-        if self.drafter is not None:
-            self.dcache.shrink_extent(host[3 * B + 1])
-        if not any(done_host):
-            return acc_host, True
-        orig = self.rows.tolist()
-        for i in range(B):  # only over rows that finished this step: bookkeeping, not the hot path
-            if done_host[i]:
-                self.finish[orig[i]] = "stop" if stopped_host[i] else "length"
-        keep = fill_holes([bool(d) for d in done_host])
-        self.gen_len_final[self.rows] = self.gen_len
-        if keep:
-            self._keep(keep)
-        return acc_host, len(keep) > 0
+def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTable, b: Batch, span: int,
+               aux_layers: tuple[int, ...], flush: tuple[int, int] | None):
+    """One target forward over each row's last token; the sampled token and its feature join the backlog (after
+    a catch-up of width flush[0] when the backlog has grown BACKLOG_FLUSH wide)."""
+    n = b.lengths
+    hidden, aux = target(b.last[:, None], tab.target_view(b, span), aux_layers)  # [B, 1, H], [B, 1, 3H]
+    logits = target.lm_head(hidden[:, 0])  # [B, V]
+    if b.params.all_greedy:
+        token = logits.argmax(-1)
+    else:
+        token = sample(target_probs(logits, b.params), uniforms(b.key, n + 1, SAMPLE))  # [B], at position n + 1
+    b.lengths = n + 1
+    if drafter is not None:
+        if flush is not None:
+            catch_up(drafter, tab, b, *flush)
+        tab.write_history(b.index, b.contiguous, b.dlengths + b.pend, token[:, None], aux)
+        b.pend = b.pend + 1
+    b.last = token
+    return token[:, None], token_logprobs(logits, token, b.params)[:, None], torch.ones_like(token), \
+        torch.zeros_like(token)
 
-    def _keep(self, keep: list[int]) -> None:
-        """Compacts every per-row tensor and cache to the rows in `keep` (in place for the large ones)."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
-        self.rows, self.gen_len, self.last = self.rows[index], self.gen_len[index], self.last[index]
-        self.cache.keep(keep)
-        if self.drafter is not None:
-            self.dcache.keep(keep)
-            n = len(keep)
-            for buf in (self.hist_tok, self.hist_feat):
-                keep_rows(buf, keep, dim=0)
-            self.hist_tok, self.hist_feat = self.hist_tok[:n], self.hist_feat[:n]
-            self.pend_len = self.pend_len[index]
+
+def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Batch, k: int, span: int,
+              width: int, dspan: int, aux_layers: tuple[int, ...]):
+    """Drafts k tokens per row, verifies them in one target forward over k + 1 positions, keeps the accepted
+    prefix plus a correction or bonus token; returns (emitted [B, k+1], their logprobs, valid count, accepted)."""
+    h, dlogits = catch_up(drafter, tab, b, width, dspan)  # [B, 1, H], [B, Vd]
+    n = b.lengths  # the last token sits at position n; draft i at n + i, the bonus at n + k + 1
+    pos = n[:, None] + 1 + torch.arange(k + 1, device=n.device)  # [B, k+1]
+    u = uniforms(b.key, pos[..., None], tab.draws)  # [B, k+1, 3]: every draw of the step, one hash
+    dview = tab.drafter_view(b.index, b.contiguous, b.dlengths, dspan)
+    drafts, qs = [], []
+    for i in range(k):
+        q_draft = target_probs(dlogits, b.params)  # [B, Vd]
+        draft = dlogits.argmax(-1) if b.params.all_greedy else sample(q_draft, u[:, i, DRAFT])
+        token = drafter.draft_to_target(draft)  # [B]
+        drafts.append(token)
+        qs.append(drafter.expand_probs(q_draft))  # [B, V]
+        if i + 1 < k:
+            h, dl = drafter(token[:, None], h, dview)  # chain on the drafter's own hidden state
+            dlogits = dl[:, 0]
+    # b.dlengths stays: the chained entries are forgotten, the next catch-up re-feeds their positions with the
+    # target's true features.
+    drafts, q = torch.stack(drafts, 1), torch.stack(qs, 1)  # [B, k], [B, k, V]
+    tokens = torch.cat([b.last[:, None], drafts], 1)  # [B, k+1]
+    hidden, aux = target(tokens, tab.target_view(b, span), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
+    logits = target.lm_head(hidden)  # [B, k+1, V]
+    accepted, nxt = rejection_sample(target_probs(logits, b.params), q, drafts, u[:, :k, ACCEPT], u[:, :, SAMPLE])
+    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
+    # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
+    b.lengths = n + 1 + accepted
+    tab.write_history(b.index, b.contiguous, b.dlengths, emitted, aux)  # the catch-up emptied the backlog
+    b.pend, b.last = accepted + 1, nxt
+    return emitted, token_logprobs(logits, emitted, b.params), accepted + 1, accepted
+
+
+def finish(b: Batch, emitted: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Applies stop tokens and budgets to emitted tokens [B, n] (first count[b] valid): returns (tokens kept per
+    row, done, stopped by a stop token). A row that finished at its prefill keeps nothing."""
+    j = torch.arange(emitted.shape[1], device=emitted.device)
+    valid = j[None] < count[:, None]
+    is_stop = (emitted[:, :, None] == b.stop_ids[:, None, :]).any(-1) & valid  # [B, n]
+    has_stop = is_stop.any(1)
+    # Tokens after a stop token are discarded; so are tokens beyond the budget.
+    first_stop = torch.where(has_stop, is_stop.long().argmax(1) + 1, count)
+    budget = (b.budget - b.gen_len).masked_fill(b.done, 0)
+    count = torch.minimum(first_stop, budget)
+    stopped = (has_stop & (first_stop <= budget)) | b.stopped
+    b.gen_len = b.gen_len + count
+    return count, b.done | stopped | (b.gen_len >= b.budget), stopped

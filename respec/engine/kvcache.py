@@ -1,10 +1,11 @@
-"""The KV cache: preallocated keys and values with one length per row, and the masks and positions derived from
-those lengths. It is the only place that moves `lengths` and `extent`.
+"""The KV cache of one batch: preallocated keys and values with one length per row, and the masks and positions
+derived from those lengths (cached forwards outside the engine: the tuner's profiling, tests). The engine keeps
+its requests in the slot table of `slots.py`, whose views offer the same interface to the models.
 
 Invariant: row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
 rolling back rejected draft tokens is lowering lengths[b] (no copy). `extent` is a host-side integer with
 extent >= lengths.max(): attention reads positions [0, extent + T) only, and knowing it on the host avoids a
-device sync per forward. Rows that finish are dropped with `keep`, so attention cost follows the live batch.
+device sync per forward.
 """
 
 from __future__ import annotations
@@ -87,41 +88,3 @@ class KVCache:
         """Empties every row (stale entries stay, masked)."""
         self.lengths = torch.zeros_like(self.lengths)
         self.extent = 0
-
-    def keep(self, rows: list[int] | torch.Tensor) -> None:
-        """Keeps only `rows` (indices into the batch), in that order.
-
-        Compaction moves data in place: row i takes row rows[i] only where they differ, and the batch becomes a
-        view of the first len(rows) rows. Filling the holes of finished rows with the last rows (see
-        `fill_holes`) moves one row per finished row instead of copying the whole cache every time a row ends.
-        """
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        keep_rows(self.k, rows, dim=1, extent=self.extent)
-        keep_rows(self.v, rows, dim=1, extent=self.extent)
-        n = len(rows)
-        self.k, self.v = self.k[:, :n], self.v[:, :n]
-        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.lengths.device)]
-
-
-def fill_holes(done: list[bool]) -> list[int]:
-    """Returns the rows to keep, in an order that fills each finished row below the new batch size with a live
-    row from above it: the fewest row moves for an in-place compaction."""
-    n = len(done) - sum(done)
-    order = list(range(n))
-    fillers = [i for i in range(n, len(done)) if not done[i]]
-    holes = [i for i in range(n) if done[i]]
-    for hole, filler in zip(holes, fillers, strict=True):
-        order[hole] = filler
-    return order
-
-
-def keep_rows(t: torch.Tensor, rows: list[int], dim: int, extent: int | None = None) -> None:
-    """Moves t's rows `rows` (along `dim`) into positions 0..len(rows)-1 in place, copying only rows that move
-    (and, along dim + 2 of a cache, only positions below `extent`)."""
-    moved = [(i, r) for i, r in enumerate(rows) if i != r]
-    if not moved:
-        return
-    dest = torch.tensor([i for i, _ in moved], dtype=torch.long, device=t.device)
-    src = torch.tensor([r for _, r in moved], dtype=torch.long, device=t.device)
-    view = t if extent is None else t.narrow(dim + 2, 0, max(extent, 1))
-    view.index_copy_(dim, dest, view.index_select(dim, src))  # the gather copies first: overlaps are safe

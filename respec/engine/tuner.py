@@ -40,7 +40,7 @@ import torch
 
 from respec.engine.checkpoint import atomic_write_text, cache_root
 from respec.engine.kvcache import KVCache
-from respec.engine.sampling import SamplingParams, sample, target_probs
+from respec.engine.sampling import DRAFT, RowParams, SamplingParams, sample, target_probs, uniforms
 from respec.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from respec.engine.generate import Engine, StepStats
     from respec.engine.model import Transformer
 
-COST_FORMAT = 2  # bump when profiling changes, so cached cost models are re-measured (2: smoothed in n)
+COST_FORMAT = 3  # bump when profiling changes, so cached cost models are re-measured (3: per-row sampling)
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def target_seconds(model: Transformer, batch: int, n: int, context: int, repeats
 @torch.inference_mode()
 def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int, gen: torch.Generator) -> float:
     """Returns the fastest seconds of one chained drafter step at batch `batch`: forward over one token with
-    `context` cached positions, draft distribution, sample, and scatter into the target vocabulary."""
+    `context` cached positions, draft distribution, its uniforms, sample, and scatter into the target vocabulary."""
     w = drafter.fc.weight
     device, H = w.device, drafter.config.hidden_size
     cache = drafter.new_cache(batch, context + 1)
@@ -335,7 +335,8 @@ def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int
     lengths, extent = cache.lengths.clone(), cache.extent
     token = torch.randint(0, drafter.config.vocab_size, (batch, 1), generator=gen).to(device)
     h = torch.randn(batch, 1, H, generator=gen).to(device, w.dtype)
-    params = SamplingParams(temperature=1.0)
+    params = RowParams.of([SamplingParams(temperature=1.0)] * batch, device)
+    keys = torch.arange(batch, device=device)
     times = []
     for i in range(repeats + 1):
         sync_device(device)
@@ -343,7 +344,7 @@ def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int
         _, logits = drafter(token, h, cache)  # [B, 1, Vd]
         q = target_probs(logits[:, 0], params)
         drafter.expand_probs(q)
-        drafter.draft_to_target(sample(q, None))
+        drafter.draft_to_target(sample(q, uniforms(keys, cache.lengths, DRAFT)))
         sync_device(device)
         if i:
             times.append(time.perf_counter() - t0)
