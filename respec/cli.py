@@ -360,7 +360,10 @@ def experiment(
     else:
         with _progress() as log:
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
-    write_report(_provenance(report, "cpu" if base.trainer.device == "cpu" else base.trainer.device), json_path)
+    report = _provenance(report, base.trainer.device)
+    if base.trainer.num_threads is not None:  # the trainers' thread count, not this process's default
+        report["machine"]["torch_threads"] = base.trainer.num_threads
+    write_report(report, json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
     _print_experiment(report, Console())
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
