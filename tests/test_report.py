@@ -95,7 +95,10 @@ def test_summary_table_and_readme_block(results, tmp_path):
     assert readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(ConfigError, match="no results block"):
-        write_results_page(results, tmp_path / "results.md", readme)
+        write_results_page(results, tmp_path / "fresh.md", readme)
+    assert not (tmp_path / "fresh.md").exists()  # nothing is written when the README cannot take the table
+    with pytest.raises(ConfigError, match="no such README"):
+        write_results_page(results, tmp_path / "fresh.md", tmp_path / "missing.md")
 
 
 def test_corrupt_json_is_a_one_line_error(results):

@@ -43,15 +43,19 @@ def write_results_page(results_dir: str | Path, out: str | Path, readme: str | P
     BEGIN / END markers when given; returns the page's path."""
     from respec.engine.checkpoint import atomic_write_text
 
-    path = Path(out)
-    atomic_write_text(path, render_results(results_dir))
-    if readme is not None:
+    path, page = Path(out), render_results(results_dir)
+    new_readme = None
+    if readme is not None:  # checked before anything is written
+        if not Path(readme).is_file():
+            raise ConfigError(f"{readme}: no such README (--readme '' skips it)")
         text = Path(readme).read_text()
         if BEGIN not in text or END not in text:
             raise ConfigError(f"{readme}: no results block (a line {BEGIN} and a line {END})")
         head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        atomic_write_text(Path(readme), head + BEGIN + "\n" + render_summary(results_dir) + END + tail)
+        new_readme = head + BEGIN + "\n" + render_summary(results_dir) + END + rest.split(END, 1)[1]
+    atomic_write_text(path, page)
+    if new_readme is not None:
+        atomic_write_text(Path(readme), new_readme)
     return path
 
 
