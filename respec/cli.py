@@ -360,20 +360,20 @@ def experiment(
     else:
         with _progress() as log:
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
-    report = _provenance(report, base.trainer.device)
-    if base.trainer.num_threads is not None:  # the trainers' thread count, not this process's default
-        report["machine"]["torch_threads"] = base.trainer.num_threads
-    write_report(report, json_path)
+    write_report(_provenance(report, base.trainer.device, base.trainer.num_threads), json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
     _print_experiment(report, Console())
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
 
 
-def _provenance(data: dict, device: str = "cpu") -> dict:
-    """Returns `data` with the command line that produced it and the machine it ran on (for docs/results.md)."""
+def _provenance(data: dict, device: str = "cpu", threads: int | None = None) -> dict:
+    """Returns `data` with the command line that produced it and the machine it ran on (for docs/results.md);
+    `threads` is the torch thread count the work ran with (None: this process's)."""
     from respec.bench.engine import machine_info
+    from respec.engine.checkpoint import torch_threads
 
-    return {**data, "command": _command(), "machine": machine_info(device)}
+    with torch_threads(threads):
+        return {**data, "command": _command(), "machine": machine_info(device)}
 
 
 def _print_experiment(report: dict, console: Console) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from respec.bench.experiment import phase_bound, staleness
+from respec.bench.spec import best_cells
 from respec.errors import ConfigError
 
 HEADER = """# Results
@@ -72,11 +73,7 @@ def render_summary(results_dir: str | Path) -> str:
 
     spec = _load(root, "spec.json")
     if spec:
-        best: dict[tuple[int, float], dict] = {}
-        for c in spec["cells"]:
-            key = (c["batch"], c["temperature"])
-            if c["mode"] == "static" and (key not in best or c["speedup_vs_plain"] > best[key]["speedup_vs_plain"]):
-                best[key] = c
+        best = {(c["batch"], c["temperature"]): c for c in best_cells(spec)}
         t = 1.0 if any(tt == 1.0 for _, tt in best) else max(tt for _, tt in best)
         batches = sorted(b for b, tt in best if tt == t)
         lo, hi = best[(batches[0], t)], best[(batches[-1], t)]
@@ -236,7 +233,7 @@ def _spec(root: Path) -> str:
     ks = sorted({c["k"] for c in cells if c["mode"] == "static"})
     choosers = [m for m in ("adaptive", "table", "bandit") if any(c["mode"] == m for c in cells)]
     keys = sorted({(c["batch"], c["temperature"]) for c in cells})
-    rows, best_line = [], {}
+    rows, best_line = [], {(c["batch"], c["temperature"]): c for c in best_cells(data)}
     for batch, temp in keys:
         here = [c for c in cells if (c["batch"], c["temperature"]) == (batch, temp)]
         plain = next((c for c in here if c["mode"] == "plain"), None)
@@ -244,12 +241,8 @@ def _spec(root: Path) -> str:
         row = [str(batch), _f(temp, "g"), _f(plain["tokens_per_s"], ".0f") if plain else "-"]
         row += [f"{_f(static[k]['speedup_vs_plain'])}x ({_f(static[k]['mean_emitted_per_step'])})" if k in static
                 else "-" for k in ks]
-        if static:
-            best = max(static.values(), key=lambda c: c["speedup_vs_plain"])
-            row.append(f"**{_f(best['speedup_vs_plain'])}x** @k={best['k']}")
-            best_line[(batch, temp)] = best
-        else:
-            row.append("-")
+        best = best_line.get((batch, temp))
+        row.append(f"**{_f(best['speedup_vs_plain'])}x** @k={best['k']}" if best else "-")
         for mode in choosers:
             c = next((c for c in here if c["mode"] == mode), None)
             row.append(f"{_f(c['speedup_vs_plain'])}x (k {_f(c['k'], '.1f')})" if c else "-")
