@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from respec.bench.engine import machine_info
-from respec.engine.checkpoint import save_model
+from respec.engine.checkpoint import atomic_write_text, save_model
 from respec.engine.drafter import init_drafter, save_drafter
 from respec.engine.model import ModelConfig, init_model
 from respec.rl.config import load_config
@@ -146,15 +148,15 @@ def main() -> None:
         args.tokenizer = resolve_models(None, None)[0]
     policy, drafter, params = build_models(args.shape, Path(args.tokenizer), out / "models", args.draft_vocab)
     print(f"policy {args.shape}: {params / 1e6:.1f}M parameters at {policy}", flush=True)
-    data = {"shape": args.shape, "params": params, "machine": machine_info(args.device), "args": vars(args),
-            "modes": {}, "errors": {}}
+    data = {"command": shlex.join(["python", "benchmarks/gpu_train.py", *sys.argv[1:]]), "shape": args.shape,
+            "params": params, "machine": machine_info(args.device), "args": vars(args), "modes": {}, "errors": {}}
     for spec in args.specs.split(","):
         try:
             data["modes"][spec] = run_mode(policy, drafter, spec, args, out)
         except Exception:  # one mode's failure must not lose the others' numbers
             data["errors"][spec] = traceback.format_exc()
             print(data["errors"][spec], flush=True)
-        (out / "gpu_train.json").write_text(json.dumps(data, indent=1, default=str))
+        atomic_write_text(out / "gpu_train.json", json.dumps(data, indent=1, default=str))
     base = data["modes"].get("off")
     print(f"\n{'mode':10s} {'step s':>7s} {'rollout':>8s} {'update':>7s} {'other':>6s} {'tok/verify':>10s} "
           f"{'k':>4s} {'vs off':>7s}")

@@ -40,6 +40,7 @@ def test_gpu_train_runs_every_rollout_mode_on_a_tiny_shape(tiny_world, tmp_path,
     gpu_train.main()
     data = json.loads((tmp_path / "gpu_train.json").read_text())
     assert data["errors"] == {} and list(data["modes"]) == ["off", "static"]
+    assert data["command"].startswith("python benchmarks/gpu_train.py --out ") and "--specs off,static" in data["command"]
     # The tiny Qwen2 shape, counted by hand: tied embedding V*H; per layer q and o (H*H), k and v (H*kv, kv = KV
     # heads x head dim) with the q/k/v biases, the MLP (3*H*F) and two norms; the final norm.
     V, H, F, L, kv = 1024, 64, 128, 2, 2 * (64 // 4)
