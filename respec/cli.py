@@ -80,6 +80,7 @@ def bench_engine_cmd(
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16 (default fp32 on CPU, bf16 on CUDA)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
     seed: int = typer.Option(0),
     json_path: Path = typer.Option(Path("runs/bench/engine.json"), "--json", help="where the results go"),
 ) -> None:
@@ -90,7 +91,7 @@ def bench_engine_cmd(
                             gen_repeats=repeats, verify_batches=_ints(verify_batches, "--verify-batches"),
                             verify_max_n=verify_max_n, verify_repeats=verify_repeats,
                             model=str(model) if model is not None else None, dtype=dtype, device=device,
-                            threads=threads, seed=seed)
+                            threads=threads, compile=compile, seed=seed)
     with _progress() as log:
         data = bench_engine(cfg, json_path, log=log, command=_command())
     console = Console()
@@ -146,6 +147,7 @@ def generate(
     mode: str | None = typer.Option(None, help="off | static | adaptive (default: adaptive with a drafter, else off)"),
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
     device: str = typer.Option("cpu"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
 ) -> None:
     """Generate from a checkpoint (optionally with a drafter): token ids in and out (--prompt-ids), or text in
     and out through the checkpoint's tokenizer (--prompt / --prompts-file)."""
@@ -179,7 +181,7 @@ def generate(
         from respec.engine.drafter import load_drafter
 
         draft = load_drafter(drafter, target)
-    out = Engine(target, draft).generate(prompts, params, spec)
+    out = Engine(target, draft, compile=compile).generate(prompts, params, spec)
     for i, seq in enumerate(out.sequences):
         if tokenizer is not None:
             typer.echo(f"{i}: {tokenizer.decode(seq.tokens, skip_special_tokens=True)!r} ({seq.finish_reason})")
@@ -204,6 +206,7 @@ def bench_spec_cmd(
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(2, help="timed runs per cell; the fastest is kept, the median reported beside it"),
     threads: int | None = typer.Option(1, help="torch CPU threads"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
     device: str = typer.Option("cpu"),
     dtype: str | None = typer.Option(None),
     json_path: Path = typer.Option(Path("runs/bench/spec.json"), "--json", help="where the results go"),
@@ -216,8 +219,8 @@ def bench_spec_cmd(
                           task=task, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                           temperatures=_numbers(temperatures, "--temperatures", float), ks=_ints(ks, "--ks"),
                           modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-                          max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, device=device,
-                          dtype=dtype)
+                          max_new_tokens=max_new_tokens, repeats=repeats, threads=threads, compile=compile,
+                          device=device, dtype=dtype)
     with _progress() as log:
         data = bench_spec(cfg, json_path, log=log, command=_command())
     console = Console()
@@ -237,6 +240,7 @@ def bench_rollout_cmd(
     ks: str = typer.Option("1,2,3,4,6,8", help="static draft lengths; the largest is every chooser's k_max"),
     repeats: int = typer.Option(3, help="timed rollouts per mode after a warm-up round; the median is kept"),
     threads: int | None = typer.Option(1, help="torch CPU threads"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
     device: str = typer.Option("cpu"),
     dtype: str | None = typer.Option(None),
     json_path: Path = typer.Option(Path("runs/bench/rollout.json"), "--json", help="where the results go"),
@@ -247,7 +251,7 @@ def bench_rollout_cmd(
     cfg = RolloutBenchConfig(policy=str(policy) if policy else None, drafter=str(drafter) if drafter else None,
                              task=task, prompts=prompts, samples=samples, temperature=temperature,
                              max_new_tokens=max_new_tokens, ks=_ints(ks, "--ks"), repeats=repeats, threads=threads,
-                             device=device, dtype=dtype)
+                             compile=compile, device=device, dtype=dtype)
     with _progress() as log:
         data = bench_rollout(cfg, json_path, log=log, command=_command())
     console = Console()

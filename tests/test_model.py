@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from respec.engine.checkpoint import load_model, save_model
 from respec.engine.kvcache import KVCache
-from respec.engine.model import ModelConfig, grouped_attention, init_model
+from respec.engine.model import Cached, ModelConfig, cache_masks, cached_attention, init_model
 from respec.errors import CheckpointError
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -210,18 +210,26 @@ def test_missing_tensor_and_wrong_shape(ckpt):
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,S", [(3, 8, 2, 5, 20), (2, 4, 4, 1, 9), (16, 4, 2, 2, 30)])
-def test_grouped_attention_equals_sdpa(B, H, Hkv, T, S):
+def test_cached_attention_equals_sdpa_over_cache_and_new_tokens(B, H, Hkv, T, S):
+    """Cached entries (the last 3 of row 0 stale: rolled-back drafts) and the new tokens scored apart under one
+    softmax give SDPA over their concatenation with the causal mask."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, h, n, 16, generator=gen) for h, n in [(H, T), (Hkv, S), (Hkv, S)])
-    mask = torch.zeros(B, 1, T, S)
-    mask[0, :, :, -3:] = float("-inf")  # a row whose last keys are hidden (rolled-back drafts)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert (grouped_attention(q, k, v, mask) - ref).abs().max() <= 1e-5
+    q, k, v = (torch.randn(B, h, n, 16, generator=gen) for h, n in [(H, T), (Hkv, T), (Hkv, T)])
+    kc, vc = (torch.randn(B, Hkv, S, 16, generator=gen) for _ in range(2))
+    lengths = torch.full((B,), S)
+    lengths[0] = S - 3
+    cached = Cached(kc, vc, *cache_masks(lengths, S, T, torch.float32))
+    full = torch.zeros(B, 1, T, S + T)
+    full[0, :, :, S - 3: S] = float("-inf")
+    full[:, :, :, S:] = full[:, :, :, S:].masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2),
+                                                           attn_mask=full, enable_gqa=True)
+    assert (cached_attention(q, k, v, cached) - ref).abs().max() <= 1e-5
 
 
 @torch.no_grad()
-def test_batched_cached_decoding_uses_grouped_path_exactly(pair):
-    """Batch 16 crosses the grouped-attention threshold; logits still match a full forward."""
+def test_batched_cached_decoding_matches_a_full_forward(pair):
+    """A cached forward at batch 16 gives the logits of a full forward."""
     _, ours, _ = pair
     ids = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(6))
     cache = KVCache.for_model(ours.config, 16, 32, torch.float32, "cpu")

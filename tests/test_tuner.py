@@ -33,7 +33,7 @@ def roofline(k_max: int = 8, draft: float = 0.001, knee: int = 64) -> CostModel:
     """Returns costs of a roofline target: flat (memory-bound) until B * n tokens reach `knee`, then linear in
     B * n (compute-bound); the drafter step is flat until B reaches `knee`."""
     target = [[BASE * max(1.0, b * n / knee) for n in range(1, k_max + 2)] for b in GRID]
-    return CostModel(list(GRID), target, [draft * max(1.0, b / knee) for b in GRID])
+    return CostModel.from_parts(list(GRID), target, [draft * max(1.0, b / knee) for b in GRID])
 
 
 def simulate_rows(rng: random.Random, accept: float, k: int, batch: int) -> list[int]:
@@ -74,18 +74,24 @@ def test_expected_emitted_hand_values():
 
 
 def test_cost_model_interpolates_and_extrapolates():
-    costs = CostModel([2, 4], [[1.0, 2.0], [4.0, 6.0]], [0.5, 1.0])
-    assert costs.n_max == 2
-    assert costs.target_s(2, 1) == 1.0 and costs.target_s(4, 2) == 6.0  # on the grid
-    assert costs.target_s(3, 1) == pytest.approx(2.5) and costs.target_s(3, 2) == pytest.approx(4.0)
-    assert costs.target_s(1, 1) == 1.0 and costs.draft_s(1) == 0.5  # below the grid: the smallest batch's
-    assert costs.target_s(8, 1) == pytest.approx(10.0) and costs.draft_s(8) == pytest.approx(2.0)  # linear beyond
-    assert costs.step_s(3, 0) == pytest.approx(2.5)
-    assert costs.step_s(3, 1) == pytest.approx(4.0 + 0.75)
-    single = CostModel([4], [[2.0]], [1.0])
-    assert single.target_s(2, 1) == 2.0 and single.target_s(8, 1) == pytest.approx(4.0)  # proportional beyond
-    falling = CostModel([1, 2], [[2.0], [2.0]], [1.0, 0.5])
-    assert falling.draft_s(10) == 0.5  # a noisy falling last segment never makes larger batches cheaper
+    costs = CostModel.from_parts([2, 4], [[1.0, 2.0], [4.0, 6.0]], [0.5, 1.0])
+    assert costs.k_max == 1 and costs.steps == [[1.0, 2.5], [4.0, 7.0]]  # target + k * draft
+    assert costs.step_s(2, 0) == 1.0 and costs.step_s(4, 1) == 7.0  # on the grid
+    assert costs.step_s(3, 0) == pytest.approx(2.5) and costs.step_s(3, 1) == pytest.approx(4.75)
+    assert costs.step_s(1, 1) == 2.5  # below the grid: the smallest batch's
+    assert costs.step_s(8, 0) == pytest.approx(10.0)  # linear beyond
+    single = CostModel([4], [[2.0]])
+    assert single.step_s(2, 0) == 2.0 and single.step_s(8, 0) == pytest.approx(4.0)  # proportional beyond
+    falling = CostModel([1, 2], [[2.0], [1.0]])
+    assert falling.step_s(10, 0) == 1.0  # a noisy falling last segment never makes larger batches cheaper
+
+
+def test_cost_model_says_which_path_each_cell_runs():
+    costs = CostModel([1, 8, 64], [[1.0, 2.0]] * 3, [[True, False], [False, True], [False, False]])
+    assert costs.runs_compiled(1, 0) and not costs.runs_compiled(1, 1)
+    assert costs.runs_compiled(2, 0) and costs.runs_compiled(16, 1)  # the grid batch nearest in log scale
+    assert not costs.runs_compiled(128, 1) and not costs.runs_compiled(1, 5)  # beyond the profiled k: eager
+    assert not CostModel([1], [[1.0]]).runs_compiled(1, 0)  # no paths recorded: eager
 
 
 # -- the decision ---------------------------------------------------------------------------------------------
@@ -162,7 +168,8 @@ def tied_costs() -> CostModel:
     e2, e3 = expected_emitted(accept, 2), expected_emitted(accept, 3)
     x = (e3 - e2) / (4 * e2 - 3 * e3)  # E3 / (1 + 4x) == E2 / (1 + 3x), x = s * 16
     batches = [1, 64]
-    return CostModel(batches, [[BASE * (1 + x / 16 * b * n) for n in range(1, 6)] for b in batches], [0.0, 0.0])
+    return CostModel.from_parts(batches, [[BASE * (1 + x / 16 * b * n) for n in range(1, 6)] for b in batches],
+                                [0.0, 0.0])
 
 
 def test_hysteresis_holds_k_at_a_break_even_batch():
@@ -350,14 +357,16 @@ def drafter(target):
 
 
 def quick(tmp_path, **kwargs) -> TunerConfig:
-    return TunerConfig(batch_grid=(1, 4), context=8, repeats=1, cache_dir=str(tmp_path), **kwargs)
+    return TunerConfig(**{"batch_grid": (1, 4), "context": 8, "repeats": 1, "cache_dir": str(tmp_path), **kwargs})
 
 
-def test_profile_is_cached_on_disk(target, drafter, tmp_path, monkeypatch):
+def test_profile_times_the_engines_steps_and_is_cached_on_disk(target, drafter, tmp_path, monkeypatch):
     config = quick(tmp_path)
-    costs = load_or_profile(target, drafter, 3, config)
-    assert costs.batches == [1, 4] and costs.n_max == 3 and len(costs.draft) == 2
-    assert all(x > 0 for row in costs.target for x in row) and all(x > 0 for x in costs.draft)
+    engine = Engine(target, drafter, max_running=4)
+    costs = load_or_profile(engine, 3, config)
+    assert costs.batches == [1, 4] and costs.k_max == 3 and costs.compiled == [[False] * 4] * 2
+    assert all(x > 0 for row in costs.steps for x in row) and list(costs.measured) == ["eager"]
+    assert not engine.has_unfinished_requests() and engine._table is None  # scratch slots only
     files = list(tmp_path.glob("costs-*.json"))
     assert len(files) == 1
 
@@ -365,72 +374,83 @@ def test_profile_is_cached_on_disk(target, drafter, tmp_path, monkeypatch):
         raise AssertionError("profiled again despite a cached cost model")
 
     monkeypatch.setattr(respec.engine.tuner, "profile_costs", fail)
-    again = load_or_profile(target, drafter, 3, config)
-    assert (again.batches, again.target, again.draft) == (costs.batches, costs.target, costs.draft)
+    again = load_or_profile(engine, 3, config)
+    assert (again.batches, again.steps, again.compiled) == (costs.batches, costs.steps, costs.compiled)
     assert again.key == json.loads(json.dumps(costs.key))
-    with pytest.raises(AssertionError, match="profiled again"):  # another n_max is another cost model
-        load_or_profile(target, drafter, 4, config)
+    with pytest.raises(AssertionError, match="profiled again"):  # another k_max is another cost model
+        load_or_profile(engine, 4, config)
+
+
+def test_profile_grid_stops_at_the_engines_slots(target, drafter, tmp_path):
+    costs = load_or_profile(Engine(target, drafter, max_running=2), 1, quick(tmp_path, batch_grid=(1, 2, 4)))
+    assert costs.batches == [1, 2]
 
 
 def test_cost_key_tells_setups_apart(target, drafter, tmp_path):
     config = quick(tmp_path)
-    key = cost_key(target, drafter, 3, config)
+
+    def key_of(t, d, k_max=3, cfg=config, **kwargs):
+        return cost_key(Engine(t, d, max_running=4, **kwargs), k_max, cfg)
+
+    key = key_of(target, drafter)
     other_target = init_model(ModelConfig(**{**vars(CFG), "num_hidden_layers": 5}), seed=0)
-    assert cost_key(other_target, init_drafter(other_target), 3, config) != key
+    assert key_of(other_target, init_drafter(other_target)) != key
     other_drafter = init_drafter(target, seed=1, aux_layer_ids=(0, 1, 2))
-    assert cost_key(target, other_drafter, 3, config) != key
+    assert key_of(target, other_drafter) != key
     target64 = init_model(CFG, seed=0, dtype=torch.float64)
-    key64 = cost_key(target64, init_drafter(target64), 3, config)
+    key64 = key_of(target64, init_drafter(target64))
     assert key64 != key and key64["dtype"] == "torch.float64"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        assert cost_key(target, drafter, 3, config) != key
+        assert key_of(target, drafter) != key
     finally:
         torch.set_num_threads(threads)
-    assert cost_key(target, drafter, 3, config) == key
-    assert cost_key(target, drafter, 3, quick(tmp_path, prior_accept=0.5)) == key  # estimates are not costs
-    assert cost_key(target, drafter, 4, config) != key
+    assert key_of(target, drafter) == key
+    assert key_of(target, drafter, cfg=quick(tmp_path, prior_accept=0.5)) == key  # estimates are not costs
+    assert key_of(target, drafter, k_max=4) != key
+    assert key_of(target, drafter, compile="auto") != key
     # Each setup gets its own file.
-    load_or_profile(target, drafter, 2, config)
-    load_or_profile(target64, init_drafter(target64), 2, config)
-    load_or_profile(target, other_drafter, 2, config)
+    for t, d in ((target, drafter), (target64, init_drafter(target64)), (target, other_drafter)):
+        load_or_profile(Engine(t, d, max_running=4), 2, config)
     assert len(list(tmp_path.glob("costs-*.json"))) == 3
 
 
 @pytest.mark.parametrize("garbage", [
     b"\x00\xffnot json", b'{"batches": [1, 4]', b"[1, 2]", b"null",
-    b'{"batches": [1, 4], "target": [[1.0], [2.0]], "draft": [1, 1], "key": {}}',  # n_max 1, not 2
-    b'{"batches": [1, 4], "target": [[1, 1], [1, -1]], "draft": [1, 1], "key": {}}',  # a negative time
-    b'{"batches": [1, 4], "target": [[1, 1], [1, "x"]], "draft": [1, 1], "key": {}}',
-    b'{"batches": [], "target": [], "draft": [], "key": {}}',  # empty: would break Tuner later
-    b'{"batches": [4, 1], "target": [[1, 1], [1, 1]], "draft": [1, 1], "key": {}}',  # not the key's grid
+    b'{"batches": [1, 4], "steps": [[1.0], [2.0]], "compiled": null, "key": {}}',  # k_max 0, not 2
+    b'{"batches": [1, 4], "steps": [[1, 1, 1], [1, 1, -1]], "compiled": null, "key": {}}',  # a negative time
+    b'{"batches": [1, 4], "steps": [[1, 1, 1], [1, 1, "x"]], "compiled": null, "key": {}}',
+    b'{"batches": [], "steps": [], "compiled": null, "key": {}}',  # empty: would break Tuner later
+    b'{"batches": [4, 1], "steps": [[1, 1, 1], [1, 1, 1]], "compiled": null, "key": {}}',  # not the key's grid
+    b'{"batches": [1, 4], "steps": [[1, 1, 1], [1, 1, 1]], "compiled": [[true]], "key": {}}',  # paths misshaped
 ])
 def test_corrupt_cache_is_reprofiled_with_a_warning(target, drafter, tmp_path, garbage, monkeypatch):
     calls = []
 
-    def profile(target, drafter, n_max, config, seed=0):  # a stand-in: real profiling is tested above
-        calls.append(n_max)
+    def profile(engine, k_max, config):  # a stand-in: real profiling is tested above
+        calls.append(k_max)
         grid = list(config.batch_grid)
-        return CostModel(grid, [[0.01 * len(calls)] * n_max for _ in grid], [0.001] * len(grid),
-                         cost_key(target, drafter, n_max, config))
+        return CostModel(grid, [[0.01 * len(calls)] * (k_max + 1) for _ in grid], None,
+                         cost_key(engine, k_max, config))
 
     monkeypatch.setattr(respec.engine.tuner, "profile_costs", profile)
     config = quick(tmp_path)
-    load_or_profile(target, drafter, 2, config)
+    engine = Engine(target, drafter, max_running=4)
+    load_or_profile(engine, 2, config)
     (path,) = tmp_path.glob("costs-*.json")
     path.write_bytes(garbage)
     with pytest.warns(UserWarning, match="unreadable"):
-        costs = load_or_profile(target, drafter, 2, config)
-    assert calls == [2, 2] and costs.target == [[0.02, 0.02]] * 2
+        costs = load_or_profile(engine, 2, config)
+    assert calls == [2, 2] and costs.steps == [[0.02] * 3] * 2
     data = json.loads(path.read_text())  # rewritten
-    assert data["target"] == costs.target and data["batches"] == [1, 4]
-    assert load_or_profile(target, drafter, 2, config).target == costs.target and len(calls) == 2
+    assert data["steps"] == costs.steps and data["batches"] == [1, 4]
+    assert load_or_profile(engine, 2, config).steps == costs.steps and len(calls) == 2
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
 def test_no_disk_cache(target, drafter, tmp_path):
-    load_or_profile(target, drafter, 2, quick(tmp_path, use_disk_cache=False))
+    load_or_profile(Engine(target, drafter, max_running=4), 2, quick(tmp_path, use_disk_cache=False))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -21,9 +21,10 @@ from rich.table import Table
 
 from respec.engine.checkpoint import atomic_write_text, load_model, resolve_dtype, save_model, torch_threads
 from respec.engine.generate import Engine, SpecConfig
+from respec.engine.kvcache import KVCache
 from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
-from respec.engine.tuner import sync_device, target_seconds
+from respec.engine.tuner import sync_device
 from respec.errors import ConfigError
 
 # A Qwen2-shaped decoder of ~27M parameters: big enough that matmuls dominate, small enough for 2 CPU cores.
@@ -31,6 +32,30 @@ BENCH_MODEL = ModelConfig(model_type="qwen2", vocab_size=4096, hidden_size=512, 
                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                           max_position_embeddings=4096, tie_word_embeddings=False)
 
+
+@torch.inference_mode()
+def target_seconds(model: Transformer, batch: int, n: int, context: int, repeats: int,
+                   gen: torch.Generator) -> float:
+    """Returns the fastest seconds of one cached target forward (with lm_head) over n new tokens per row after
+    `context` cached positions: the verification cost t_target(B, n)."""
+    cfg = model.config
+    param = next(model.parameters())
+    device = param.device
+    cache = KVCache.for_model(cfg, batch, context + n, param.dtype, device)
+    model(torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device), cache)
+    lengths, extent = cache.lengths.clone(), cache.extent
+    ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen).to(device)  # [B, n]
+    times = []
+    for i in range(repeats + 1):  # the first forward warms up and is not counted
+        sync_device(device)
+        t0 = time.perf_counter()
+        hidden, _ = model(ids, cache)  # [B, n, H]
+        model.lm_head(hidden)  # [B, n, V]: verification scores every position
+        sync_device(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        cache.set_lengths(lengths, extent=extent)  # roll back: the next repeat sees the same prefix
+    return min(times)  # the least-disturbed run: preemption by other processes only ever adds time
 
 @dataclass(frozen=True)
 class EngineBenchConfig:
@@ -49,6 +74,7 @@ class EngineBenchConfig:
     dtype: str | None = None  # None = fp32 on CPU, bf16 on CUDA
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads; None = torch's default. 1 is steadier on a shared machine
+    compile: str = "off"  # decode steps: "off" (eager) | "on" (torch.compile) | "auto" (the faster per profiled cell)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -191,7 +217,7 @@ def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
         progress("loading models")
         model, path = _load(cfg, Path(tmp))
         hf = _load_hf(path, dtype, cfg.device)
-        engine = Engine(model)
+        engine = Engine(model, compile=cfg.compile)
         mcfg = model.config
         pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
         params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens, ignore_eos=True, seed=cfg.seed)

@@ -59,6 +59,7 @@ class RolloutBenchConfig:
     repeats: int = 3  # timed rollouts per mode (after one untimed round); the median is reported
     seed: int = 0
     threads: int | None = 1
+    compile: str = "off"  # decode steps: "off" (eager) | "on" (torch.compile) | "auto" (the faster per profiled cell)
     device: str = "cpu"
     dtype: str | None = None
 
@@ -153,7 +154,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
     with torch_threads(cfg.threads):
         policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
-        engine = Engine(target, load_drafter(drafter_dir, target))
+        engine = Engine(target, load_drafter(drafter_dir, target), compile=cfg.compile)
         prompts = [p for p in task_prompts(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED) for _ in range(cfg.samples)]
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         engine.default_tuner(cfg.k_max)  # profiles (or loads) the cost model outside the timed runs

@@ -56,6 +56,7 @@ class SpecBenchConfig:
     min_prompts: int = 16  # prompts per cell at least: a batch smaller than this runs in several calls
     seed: int = 0
     threads: int | None = 1  # torch CPU threads; 1 is steadier on a small or shared machine
+    compile: str = "off"  # decode steps: "off" (eager) | "on" (torch.compile) | "auto" (the faster per profiled cell)
     device: str = "cpu"
     dtype: str | None = None
 
@@ -125,7 +126,7 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         drafter = load_drafter(drafter_dir, target)
-        engine = Engine(target, drafter)
+        engine = Engine(target, drafter, compile=cfg.compile)
         # Small batches run several generate calls in turn (batch 1: 16 prompts one by one), so every cell
         # averages over at least `min_prompts` prompts instead of timing one short answer.
         n_prompts = max(max(cfg.batch_sizes), cfg.min_prompts)

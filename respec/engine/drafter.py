@@ -57,13 +57,16 @@ from respec.engine.checkpoint import (
     read_safetensors,
     resolve_dtype,
 )
+from respec.engine.compile import run_layer
 from respec.engine.kvcache import KVCache
 from respec.engine.model import (
     MLP,
     Attention,
+    Cached,
     ModelConfig,
     RMSNorm,
     Transformer,
+    cache_masks,
     fused_state,
     hf_state,
     rope_cos_sin,
@@ -251,10 +254,12 @@ class Eagle3Layer(nn.Module):
         self.mlp = MLP(layer_cfg)
 
     def forward(self, embeds: torch.Tensor, feature: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+                cached: Cached | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (the layer's output [B, T, H], its new keys and values for the caller to cache)."""
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(feature)], dim=-1)  # [B, T, 2H]
-        x = feature + self.self_attn(x, cos, sin, cache, 0, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, H]
+        out, k, v = self.self_attn(x, cos, sin, cached)
+        x = feature + out
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v  # [B, T, H]
 
 
 class Eagle3Drafter(nn.Module):
@@ -340,15 +345,17 @@ class Eagle3Drafter(nn.Module):
         B, T = input_ids.shape
         embeds = self.embed(input_ids)  # [B, T, H]
         feature = self.project(features)  # [B, T, H]
-        if cache is None:
+        cached = None
+        if cache is None or cache.is_empty():
             positions = torch.arange(T, device=embeds.device).expand(B, T)
-            mask = None
         else:
             positions = cache.positions(T)
-            mask = cache.mask(T, embeds.dtype)
+            cached = Cached(*cache.read(0), *cache_masks(cache.lengths, cache.span, T, embeds.dtype))
         cos, sin = self.rope(positions, embeds.dtype)
-        hidden = self.midlayer(embeds, feature, cos, sin, cache, mask)  # [B, T, H]
+        compiled = cache is not None and cache.compiled
+        hidden, k, v = run_layer(self.midlayer, (embeds, feature, cos, sin, cached), compiled)  # [B, T, H]
         if cache is not None:
+            cache.write(0, k, v)
             cache.advance(T)
         return hidden, self.compute_logits(hidden)
 

@@ -34,10 +34,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from respec.engine.checkpoint import check_finite, check_tensors
+from respec.engine.compile import check_compile_mode
 from respec.engine.drafter import Eagle3Drafter, check_fits
 from respec.engine.model import Transformer, fused_state
 from respec.engine.outputs import (
@@ -61,7 +63,7 @@ from respec.engine.sampling import (
     token_logprobs,
     uniforms,
 )
-from respec.engine.slots import Batch, SlotKV, SlotTable, attention_span
+from respec.engine.slots import DYNAMIC, Batch, SlotKV, SlotTable, attention_span
 from respec.errors import (
     CheckpointError,
     ConfigError,
@@ -70,6 +72,9 @@ from respec.errors import (
     PromptError,
     UnknownRequestError,
 )
+
+if TYPE_CHECKING:
+    from respec.engine.tuner import CostModel
 
 __all__ = ["BACKLOG_FLUSH", "K_LIMIT", "Engine", "GenerationResult", "KChooser", "RequestOutput", "SequenceOutput",
            "SpecConfig", "StepStats"]
@@ -139,16 +144,22 @@ class Engine:
     `spec` is the speculative setting of requests added with `add_request` (default: static k = 4 with a
     drafter, plain without); `max_running` bounds the requests decoding at once (the slots; more wait in a queue);
     `max_model_len` bounds a request's prompt plus generated tokens (default: the model's context), past which it
-    finishes with reason "length". `add_request`, `abort_request`, `step` and `generate` are called from one
+    finishes with reason "length". `compile` runs decode steps through `torch.compile` ("on"), eagerly ("off"), or
+    each (batch bucket, k) the way a start-up profile measured faster ("auto"; the profile is cached on disk per
+    machine, see `tuner.py`); prefills run eagerly. Every path samples the same distribution. `add_request`, `abort_request`, `step` and `generate` are called from one
     thread; `set_drafter` and `load_weights` may come from another: they wait for the current decode step to end
     and take effect from the next one.
     """
 
     def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, tuner: KChooser | None = None, *,
-                 spec: SpecConfig | None = None, max_running: int = MAX_RUNNING, max_model_len: int | None = None):
+                 spec: SpecConfig | None = None, max_running: int = MAX_RUNNING, max_model_len: int | None = None,
+                 compile: str = "off"):
         self.target = target.eval()
         param = next(target.parameters())
         self.device, self.dtype = param.device, param.dtype
+        check_compile_mode(compile, self.device)
+        self.compile = compile
+        self._costs: CostModel | None = None  # profiled step costs (and, under "auto", each cell's path)
         if not isinstance(max_running, int) or max_running < 1:
             raise ConfigError(f"max_running must be an integer >= 1 (the requests decoding at once), got {max_running}")
         context = target.config.max_position_embeddings
@@ -233,6 +244,71 @@ class Engine:
             self.tuner.drafter_version = self.drafter_version
         return self.tuner
 
+    def step_costs(self, k_max: int, config=None) -> CostModel:
+        """Returns the profiled costs of this engine's decode steps with up to k_max drafts (measured on first
+        use, or loaded from the per-machine cache; see `tuner.load_or_profile`)."""
+        from respec.engine.tuner import TunerConfig, load_or_profile
+
+        if self._costs is None or self._costs.k_max < k_max:
+            self._costs = load_or_profile(self, k_max, config or TunerConfig())
+        return self._costs
+
+    @torch.inference_mode()
+    def profile_steps(self, batches: list[int], k_max: int, paths: tuple[str, ...], context: int,
+                      repeats: int) -> dict[str, list[list[float]]]:
+        """Returns {path: seconds[batch][k]}: the fastest of `repeats` decode steps with k = 0..k_max drafts over
+        `batch` rows of `context` cached tokens each, run eagerly ("eager") or compiled ("compiled") on scratch
+        slots (the engine's requests are untouched). Each cell is run once untimed first (compiling there)."""
+        from respec.engine.tuner import sync_device
+
+        if self._requests:
+            raise ConfigError("profile_steps needs an idle engine")
+        speculative = k_max > 0
+        if speculative and self.drafter is None:
+            raise ConfigError("profiling speculative steps needs a drafter")
+        drafter = self.drafter if speculative else None
+        cfg = self.target.config
+        S = max(batches)
+        # Compiled layers are specialised on the cache's strides: profile them on the engine's own table layout.
+        context = max(1, min(context, self.max_model_len - K_LIMIT - 2))
+        max_tokens = self.max_model_len if self.compile != "off" else context + K_LIMIT + 2
+        tab = self._new_table(S, max_tokens, speculative)
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, cfg.vocab_size, (S, context), generator=gen).tolist()
+        params = SamplingParams(temperature=1.0, max_new_tokens=tab.max_tokens - context, ignore_eos=True)
+        slots = tab.take(S)
+        for s in slots:
+            tab.owner[s] = s
+        tab.prefill(self.target, slots, prompts, [params] * S, list(range(S)), [[]] * S,
+                    tuple(drafter.aux_layer_ids) if drafter is not None else ())
+        if drafter is not None:  # the drafter consumes the prompts once, as in a running engine
+            drafter_prefill(drafter, tab, tab.batch_for(slots), list(range(S)))
+        tab.flush()
+        out = {path: [[0.0] * (k_max + 1) for _ in batches] for path in paths}
+        for i, B in enumerate(batches):
+            b = tab.batch_for(list(range(B)))
+            state = {name: getattr(b, name) for name in DYNAMIC}
+            for k in range(k_max + 1):
+                for path in paths:
+                    times = []
+                    for r in range(repeats + 1):
+                        for name, value in state.items():
+                            setattr(b, name, value)
+                        sync_device(self.device)
+                        t0 = time.perf_counter()
+                        self._decode(tab, b, k, path == "compiled")
+                        if r:
+                            times.append(time.perf_counter() - t0)
+                    out[path][i][k] = min(times)  # preemption by other processes only ever adds time
+            for name, value in state.items():
+                setattr(b, name, value)
+        return out
+
+    def _runs_compiled(self, bucket: int, k: int) -> bool:
+        if self.compile == "auto":
+            return self.step_costs(k).runs_compiled(bucket, k)
+        return self.compile == "on"
+
     # -- requests (vLLM's LLMEngine names) --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         """Queues a request; it is prefilled into a free slot at a coming `step` and decodes from then on.
@@ -305,7 +381,10 @@ class Engine:
         if spec.mode == "adaptive" and chooser is None:
             chooser = self.default_tuner(spec.k_max)
         run = _Run(spec, chooser, on_step, keep_stats=True)
-        self._table_for(min(len(prompts), self.max_running), max(map(len, prompts)) + params.max_new_tokens, spec)
+        # Compiled layers are specialised on the cache's strides: one table shape per engine keeps them.
+        slots, max_tokens = (self.max_running, self.max_model_len) if self.compile != "off" else \
+            (min(len(prompts), self.max_running), max(map(len, prompts)) + params.max_new_tokens)
+        self._table_for(slots, max_tokens, spec)
         requests = [self._queue(i, list(p), params, request_key(params.seed, i)) for i, p in enumerate(prompts)]
         try:
             while self._requests:
@@ -345,18 +424,25 @@ class Engine:
     def _table_for(self, num_slots: int, max_tokens: int, spec: SpecConfig) -> SlotTable:
         """Returns the slot table for this shape and spec, built anew if the current one differs (and is idle)."""
         speculative = spec.mode != "off"
-        shape = (num_slots, max_tokens, spec.largest_k, speculative)
+        shape = (num_slots, max_tokens, speculative)
         tab = self._table
         if tab is not None and (tab.shape == shape or tab.num_active()):
             return tab  # a table with requests running is kept until they end
+        self._table = tab = self._new_table(num_slots, max_tokens, speculative)
+        tab.shape = shape
+        return tab
+
+    def _new_table(self, num_slots: int, max_tokens: int, speculative: bool) -> SlotTable:
+        """Returns empty slots, with room for drafts of any k <= K_LIMIT: a table's strides then depend on its
+        tokens only, so a replay runs on the very layout of the run it replays (matmul rounding can depend on
+        strides) and compiled layers, specialised on strides, serve every k."""
         drafter = self.drafter if speculative else None
         cfg = self.target.config
-        self._table = tab = SlotTable(
-            cfg, num_slots, max_tokens, spec.largest_k, self.dtype, self.device,
-            draft_layer=drafter.layer_config if drafter is not None else None,
-            feature_size=len(drafter.aux_layer_ids) * cfg.hidden_size if drafter is not None else 0,
-            backlog=BACKLOG_FLUSH)
-        tab.shape, tab.drafter_epoch = shape, self.drafter_epoch
+        tab = SlotTable(cfg, num_slots, max_tokens, K_LIMIT, self.dtype, self.device,
+                        draft_layer=drafter.layer_config if drafter is not None else None,
+                        feature_size=len(drafter.aux_layer_ids) * cfg.hidden_size if drafter is not None else 0,
+                        backlog=BACKLOG_FLUSH)
+        tab.drafter_epoch = self.drafter_epoch
         return tab
 
     def _serving_run(self) -> _Run:
@@ -389,7 +475,7 @@ class Engine:
         with self._step_lock:
             self._sync_drafter(tab)
             b = tab.batch_for(tab.active())
-            host, flushed = self._decode(tab, b, k)
+            host, flushed = self._decode(tab, b, k, self._runs_compiled(b.size, k))
             version = self.drafter_version if k else None  # read before a waiting swap can land
         t3 = time.perf_counter()
         accepted, advanced = self._book(tab, b, k, host, flushed)
@@ -427,9 +513,9 @@ class Engine:
             tab.host_pend[s] = tab.host_len[s]
             tab.needs_prefill.add(s)
 
-    def _decode(self, tab: SlotTable, b: Batch, k: int) -> tuple[list[float], bool]:
-        """Runs one decode step with k drafts over batch `b`; returns (its outcome read back in one sync, whether
-        a plain step flushed the drafter's backlog)."""
+    def _decode(self, tab: SlotTable, b: Batch, k: int, compiled: bool) -> tuple[list[float], bool]:
+        """Runs one decode step with k drafts over batch `b` (its forwards compiled or eager); returns (its outcome
+        read back in one sync, whether a plain step flushed the drafter's backlog)."""
         drafter = self.drafter if tab.speculative else None
         aux_layers = tuple(drafter.aux_layer_ids) if drafter is not None else ()
         live = [b.slots[i] for i in b.live]
@@ -444,10 +530,11 @@ class Engine:
         if k == 0:
             flushed = drafter is not None and width >= BACKLOG_FLUSH
             emitted, logprobs, count, accepted = plain_step(self.target, drafter, tab, b, span, aux_layers,
-                                                            flush=(width, dspan) if flushed else None)
+                                                            flush=(width, dspan) if flushed else None,
+                                                            compiled=compiled)
         else:
             emitted, logprobs, count, accepted = spec_step(self.target, drafter, tab, b, k, span, width, dspan,
-                                                           aux_layers)
+                                                           aux_layers, compiled)
         count, done, stopped = finish(b, emitted, count)
         # One float32 tensor for the one sync (token ids below 2^24 are exact in float32, logprobs are float32).
         out = [torch.cat([accepted[:, None], count[:, None], done[:, None], stopped[:, None], emitted, logprobs],
@@ -520,24 +607,24 @@ def drafter_prefill(drafter: Eagle3Drafter, tab: SlotTable, b: Batch, rows: list
         b.dlengths, b.pend = b.dlengths.index_copy(0, sel, consumed), b.pend.index_copy(0, sel, one)
 
 
-def catch_up(drafter: Eagle3Drafter, tab: SlotTable, b: Batch, width: int,
-             span: int) -> tuple[torch.Tensor, torch.Tensor]:
+def catch_up(drafter: Eagle3Drafter, tab: SlotTable, b: Batch, width: int, span: int,
+             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the drafter over each row's backlog (padded to `width` pairs) and empties it; returns (hidden
     [B, 1, H], draft logits [B, Vd]) at each row's last backlog pair: the start of the next chain of drafts."""
     start = b.dlengths
     tokens, features = tab.read_history(b.index, b.contiguous, start, width)  # [B, P], [B, P, 3H]
-    hidden, dlogits = drafter(tokens, features, tab.drafter_view(b.index, b.contiguous, start, span))
+    hidden, dlogits = drafter(tokens, features, tab.drafter_view(b.index, b.contiguous, start, span, compiled))
     rows, at = torch.arange(b.size, device=start.device), b.pend - 1
     b.dlengths, b.pend = start + b.pend, torch.zeros_like(b.pend)  # rows with a shorter backlog drop the padding
     return hidden[rows, at][:, None], dlogits[rows, at]
 
 
 def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTable, b: Batch, span: int,
-               aux_layers: tuple[int, ...], flush: tuple[int, int] | None):
+               aux_layers: tuple[int, ...], flush: tuple[int, int] | None, compiled: bool = False):
     """One target forward over each row's last token; the sampled token and its feature join the backlog (after
     a catch-up of width flush[0] when the backlog has grown BACKLOG_FLUSH wide)."""
     n = b.lengths
-    hidden, aux = target(b.last[:, None], tab.target_view(b, span), aux_layers)  # [B, 1, H], [B, 1, 3H]
+    hidden, aux = target(b.last[:, None], tab.target_view(b, span, compiled), aux_layers)  # [B, 1, H], [B, 1, 3H]
     logits = target.lm_head(hidden[:, 0])  # [B, V]
     if b.params.all_greedy:
         token = logits.argmax(-1)
@@ -546,7 +633,7 @@ def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTabl
     b.lengths = n + 1
     if drafter is not None:
         if flush is not None:
-            catch_up(drafter, tab, b, *flush)
+            catch_up(drafter, tab, b, *flush, compiled)
         tab.write_history(b.index, b.contiguous, b.dlengths + b.pend, token[:, None], aux)
         b.pend = b.pend + 1
     b.last = token
@@ -555,14 +642,14 @@ def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTabl
 
 
 def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Batch, k: int, span: int,
-              width: int, dspan: int, aux_layers: tuple[int, ...]):
+              width: int, dspan: int, aux_layers: tuple[int, ...], compiled: bool = False):
     """Drafts k tokens per row, verifies them in one target forward over k + 1 positions, keeps the accepted
     prefix plus a correction or bonus token; returns (emitted [B, k+1], their logprobs, valid count, accepted)."""
-    h, dlogits = catch_up(drafter, tab, b, width, dspan)  # [B, 1, H], [B, Vd]
+    h, dlogits = catch_up(drafter, tab, b, width, dspan, compiled)  # [B, 1, H], [B, Vd]
     n = b.lengths  # the last token sits at position n; draft i at n + i, the bonus at n + k + 1
     pos = n[:, None] + 1 + torch.arange(k + 1, device=n.device)  # [B, k+1]
     u = uniforms(b.key, pos[..., None], tab.draws)  # [B, k+1, 3]: every draw of the step, one hash
-    dview = tab.drafter_view(b.index, b.contiguous, b.dlengths, dspan)
+    dview = tab.drafter_view(b.index, b.contiguous, b.dlengths, dspan, compiled)
     drafts, qs = [], []
     for i in range(k):
         q_draft = target_probs(dlogits, b.params)  # [B, Vd]
@@ -577,7 +664,7 @@ def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Ba
     # target's true features.
     drafts, q = torch.stack(drafts, 1), torch.stack(qs, 1)  # [B, k], [B, k, V]
     tokens = torch.cat([b.last[:, None], drafts], 1)  # [B, k+1]
-    hidden, aux = target(tokens, tab.target_view(b, span), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
+    hidden, aux = target(tokens, tab.target_view(b, span, compiled), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
     logits = target.lm_head(hidden)  # [B, k+1, V]
     accepted, nxt = rejection_sample(target_probs(logits, b.params), q, drafts, u[:, :k, ACCEPT], u[:, :, SAMPLE])
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]

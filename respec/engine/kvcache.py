@@ -4,8 +4,8 @@ its requests in the slot table of `slots.py`, whose views offer the same interfa
 
 Invariant: row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
 rolling back rejected draft tokens is lowering lengths[b] (no copy). `extent` is a host-side integer with
-extent >= lengths.max(): attention reads positions [0, extent + T) only, and knowing it on the host avoids a
-device sync per forward.
+extent >= lengths.max(): attention reads cached positions [0, extent) only (and the new tokens apart), and
+knowing it on the host avoids a device sync per forward.
 """
 
 from __future__ import annotations
@@ -40,30 +40,30 @@ class KVCache:
         """Returns whether no row holds an entry (host-side: no sync)."""
         return self.extent == 0
 
+    compiled = False  # forwards over a KVCache run eager
+
+    @property
+    def span(self) -> int:
+        """Returns the cached positions a forward reads: [0, extent)."""
+        return self.extent
+
     def positions(self, T: int) -> torch.Tensor:
         """Returns the positions [B, T] that T new tokens per row take: lengths[b] .. lengths[b] + T - 1."""
+        if self.extent + T > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.extent + T} positions needed, capacity {self.capacity}")
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
 
-    def mask(self, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Returns the additive mask [B, 1, T, S] (0 where visible, -inf elsewhere), S = extent + T, letting new
-        token t of row b see cache positions <= lengths[b] + t. Built once per forward in the compute dtype."""
-        S = self.extent + T
-        if S > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {S} positions needed, capacity {self.capacity}")
-        pos = self.positions(T)  # [B, T]
-        keys = torch.arange(S, device=pos.device)
-        hidden = keys[None, None, :] > pos[:, :, None]  # [B, T, S]
-        return torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))[:, None]
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the layer's keys and values over [0, extent) [B, Hkv, S, D] (views)."""
+        return self.k[layer, :, :, : self.extent], self.v[layer, :, :, : self.extent]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v [B, Hkv, T, D] of `layer` at each row's positions lengths[b] + t; returns the layer's keys and
-        values over [0, extent + T) [B, Hkv, S, D] (lengths move only in `advance`, after the last layer)."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v [B, Hkv, T, D] of `layer` at each row's positions lengths[b] + t (lengths move only in
+        `advance`, after the last layer)."""
         B, H, T, D = k.shape
         idx = self.positions(T)[:, None, :, None].expand(B, H, T, D)
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
-        S = self.extent + T
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
 
     def advance(self, T: int) -> None:
         """Records that a forward appended T entries to every row."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from respec.engine.compile import run_layer
 from respec.engine.kvcache import KVCache
 from respec.errors import ConfigError
 
@@ -208,19 +210,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Returns softmax(q k^T / sqrt(D) + mask) v [B, H, T, D] for q [B, H, T, D], k/v [B, Hkv, S, D].
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: Cached) -> torch.Tensor:
+    """Returns attention [B, H, T, D] of q [B, H, T, D] over a row's cached entries and its T new ones (k, v
+    [B, Hkv, T, D], causal among themselves).
 
-    The G = H / Hkv query heads sharing a key head are stacked into one matmul instead of repeating k and v:
-    on CPU this beats SDPA's kernel from about 16 query rows per batch (decode and verify at batch >= 4-16).
+    The two parts are scored apart and share one softmax, so the cache is only read: its write happens outside
+    (after the layer), which keeps this function pure for `torch.compile` (an in-place write into a graph input
+    makes inductor copy the whole cache every call). The G = H / Hkv query heads sharing a key head are stacked
+    into one matmul instead of repeating k and v.
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S = cached.keys.shape[1], cached.keys.shape[2]
     G = H // Hkv
-    scores = torch.matmul(q.reshape(B, Hkv, G * T, D), k.transpose(-1, -2))  # [B, Hkv, G*T, S]
-    scores = scores.view(B, Hkv, G, T, S).mul_(D ** -0.5).add_(mask[:, :, None])  # mask [B, 1, 1, T, S]
-    probs = torch.softmax(scores, dim=-1).view(B, Hkv, G * T, S)
-    return torch.matmul(probs, v).view(B, H, T, D)
+    q = q.reshape(B, Hkv, G * T, D) * D ** -0.5
+    old = torch.matmul(q, cached.keys.transpose(-1, -2)) + cached.mask  # [B, Hkv, G*T, S]; mask [B, 1, 1, S]
+    new = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv, G, T, T)  # [B, Hkv, G, T, T]
+    if cached.causal is not None:
+        new = new + cached.causal  # [T, T]
+    probs = torch.softmax(torch.cat([old.view(B, Hkv, G, T, S), new], dim=-1), dim=-1)  # [B, Hkv, G, T, S + T]
+    out = torch.matmul(probs[..., :S].reshape(B, Hkv, G * T, S), cached.values) + \
+        torch.matmul(probs[..., S:].reshape(B, Hkv, G * T, T), v)
+    return out.view(B, H, T, D)
+
+
+class Cached(NamedTuple):
+    """What one layer's attention reads of the cache in a cached forward."""
+
+    keys: torch.Tensor  # [B, Hkv, S, D] entries before this forward (positions >= a row's length are stale)
+    values: torch.Tensor  # [B, Hkv, S, D]
+    mask: torch.Tensor  # [B, 1, 1, S] additive: 0 at a row's valid positions, -inf at stale ones
+    causal: torch.Tensor | None  # [T, T] additive causal mask among the new tokens (None for T = 1)
+
+
+def cache_masks(lengths: torch.Tensor, span: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (the mask [B, 1, 1, span] of cached positions < lengths[b], the causal mask [T, T] or None)."""
+    stale = torch.arange(span, device=lengths.device)[None, :] >= lengths[:, None]  # [B, span]
+    mask = torch.zeros(stale.shape, dtype=dtype, device=lengths.device).masked_fill_(stale, float("-inf"))
+    causal = None
+    if T > 1:
+        later = torch.ones(T, T, dtype=torch.bool, device=lengths.device).triu(1)
+        causal = torch.zeros(T, T, dtype=dtype, device=lengths.device).masked_fill_(later, float("-inf"))
+    return mask[:, None, None], causal
 
 
 class Attention(nn.Module):
@@ -252,29 +282,23 @@ class Attention(nn.Module):
         q, k = qk.transpose(1, 2).split([self.n_heads, self.n_kv], dim=1)
         return q, k, v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        """Returns the attention output [B, T, H] of x [B, T, in], or [N, H] of packed x [N, in] (no cache)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: Cached | None = None,
+                packing: Packing | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (the attention output [B, T, H] of x [B, T, in], or [N, H] of packed x [N, in]; this
+        forward's keys and values [B, Hkv, T, D], for the caller to cache). Without `cached` the attention is
+        causal over the new tokens (no cache, or the prefill of an empty one)."""
         qk, v = self.qkv(x, cos, sin)
         if packing is not None:  # attention needs rows: the padding gets zero q/k/v, after every real token
             qk, v = packing.pad(qk), packing.pad(v)
         q, k, v = self.heads_first(qk, v)
-        B, _, T, _ = q.shape
-        if mask is None:  # no cache, or an empty one: plain causal attention over the new tokens
-            if cache is not None:
-                cache.write(layer, k, v)
+        if cached is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
-            keys, values = cache.write(layer, k, v)  # [B, Hkv, S, D]
-            if x.device.type == "cpu" and B * T >= 16:
-                out = grouped_attention(q, keys, values, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                     enable_gqa=self.n_kv != self.n_heads)
+            out = cached_attention(q, k, v, cached)
         out = out.transpose(1, 2)  # [B, T, H, D]
         if packing is not None:
             out = packing.pack(out)  # [N, H, D]
-        return self.o_proj(out.flatten(-2))
+        return self.o_proj(out.flatten(-2)), k, v
 
 
 class MLP(nn.Module):
@@ -331,9 +355,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, mask, packing=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, packing)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cached=None, packing=None):
+        """Returns (x after the layer, the layer's new keys and values); see Attention.forward."""
+        out, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cached, packing)
+        x = x + out
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class Transformer(nn.Module):
@@ -369,7 +395,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         packing = None
-        mask = None
+        masks = None
         if seq_lens is not None:
             if cache is not None:
                 raise ValueError("seq_lens packs a forward without cache; a cached forward pads")
@@ -382,14 +408,18 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             positions = cache.positions(T)
-            mask = cache.mask(T, self.embed_tokens.weight.dtype)
+            masks = cache_masks(cache.lengths, cache.span, T, self.embed_tokens.weight.dtype)
         x = self.embed_tokens(input_ids)  # [B, T, H] or packed [N, H]
         cos, sin = self.rope(positions, x.dtype)
+        compiled = cache is not None and cache.compiled
         aux = []
         for i, layer in enumerate(self.layers):
             if i in aux_layers:
                 aux.append(x)
-            x = layer(x, cos, sin, cache, i, mask, packing)
+            cached = None if masks is None else Cached(*cache.read(i), *masks)
+            x, k, v = run_layer(layer, (x, cos, sin, cached, packing), compiled)
+            if cache is not None:
+                cache.write(i, k, v)
         if len(self.layers) in aux_layers:
             aux.append(x)
         if cache is not None:

@@ -74,14 +74,16 @@ class SlotKV:
 
 class SlotView:
     """The KV cache a forward over some slots sees (the interface of `KVCache` that the models call): row b is
-    slot index[b], its new tokens take positions lengths[b] .., and attention reads positions [0, span).
+    slot index[b], its new tokens take positions lengths[b] .., and attention reads cached positions [0, span).
 
     `empty` marks a prefill (every length 0): the model then runs plain causal attention and only writes.
+    `compiled` runs the forward's layers through the shared compiled graph (`compile.py`).
     """
 
     def __init__(self, kv: SlotKV, index: torch.Tensor, contiguous: bool, lengths: torch.Tensor, span: int,
-                 empty: bool = False):
+                 empty: bool = False, compiled: bool = False):
         self.kv, self.index, self.contiguous, self.span, self.empty = kv, index, contiguous, span, empty
+        self.compiled = compiled
         self.lengths = lengths  # [B]
 
     def is_empty(self) -> bool:
@@ -91,14 +93,16 @@ class SlotView:
         """Returns the positions [B, T] that T new tokens per row take."""
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
 
-    def mask(self, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Returns the additive mask [B, 1, T, span]: new token t of row b sees positions <= lengths[b] + t."""
-        pos = self.positions(T)  # [B, T]
-        hidden = torch.arange(self.span, device=pos.device)[None, None, :] > pos[:, :, None]  # [B, T, span]
-        return torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))[:, None]
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the rows' keys and values [B, Hkv, span, D] of `layer` (views when the slots are 0..B-1)."""
+        keys, values = self.kv.k[layer], self.kv.v[layer]  # [S, Hkv, capacity, D]
+        if self.contiguous:
+            B = len(self.index)
+            return keys[:B, :, : self.span], values[:B, :, : self.span]
+        return keys[:, :, : self.span].index_select(0, self.index), values[:, :, : self.span].index_select(0, self.index)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v [B, Hkv, T, D] at each row's positions; returns the rows' keys and values [B, Hkv, span, D]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v [B, Hkv, T, D] at each row's positions."""
         B, H, T, D = k.shape
         pos = self.positions(T)  # [B, T]
         keys, values = self.kv.k[layer], self.kv.v[layer]  # [S, Hkv, capacity, D]
@@ -106,13 +110,10 @@ class SlotView:
             idx = pos[:, None, :, None].expand(B, H, T, D)
             keys[:B].scatter_(2, idx, k)
             values[:B].scatter_(2, idx, v)
-            return keys[:B, :, : self.span], values[:B, :, : self.span]
+            return
         where = (self.index[:, None, None], torch.arange(H, device=k.device)[None, :, None], pos[:, None, :])
         keys.index_put_(where, k)
         values.index_put_(where, v)
-        if self.empty:  # a prefill attends over its own new tokens only
-            return k, v
-        return keys[:, :, : self.span].index_select(0, self.index), values[:, :, : self.span].index_select(0, self.index)
 
     def advance(self, T: int) -> None:
         self.lengths = self.lengths + T
@@ -337,11 +338,12 @@ class SlotTable:
             b.dlengths = b.dlengths.masked_fill(~b.active, 0)
             b.pend = b.pend.masked_fill(~b.active, 1)
 
-    def target_view(self, b: Batch, span: int) -> SlotView:
-        return SlotView(self.kv, b.index, b.contiguous, b.lengths, span)
+    def target_view(self, b: Batch, span: int, compiled: bool = False) -> SlotView:
+        return SlotView(self.kv, b.index, b.contiguous, b.lengths, span, compiled=compiled)
 
-    def drafter_view(self, index: torch.Tensor, contiguous: bool, lengths: torch.Tensor, span: int) -> SlotView:
-        return SlotView(self.dkv, index, contiguous, lengths, span)
+    def drafter_view(self, index: torch.Tensor, contiguous: bool, lengths: torch.Tensor, span: int,
+                     compiled: bool = False) -> SlotView:
+        return SlotView(self.dkv, index, contiguous, lengths, span, compiled=compiled)
 
     # -- the drafter's history -------------------------------------------------------------------------------------
     def read_history(self, index: torch.Tensor, contiguous: bool, start: torch.Tensor,

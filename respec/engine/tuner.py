@@ -2,12 +2,15 @@
 emitted tokens per second for the live batch, from a profiled cost model and a live acceptance estimate.
 
     rate(B, k) = B * E(k) / t(B, k),   E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i,
-    t(B, 0) = t_target(B, 1) * c_plain(B),   t(B, k) = (t_target(B, k+1) + k * t_draft(B)) * c_spec(B)
+    t(B, 0) = s(B, 0) * c_plain(B),   t(B, k) = s(B, k) * c_spec(B)
 
-- t_target(B, n), t_draft(B): profiled once per (target, drafter architecture, dtype, device, threads) on a small
-  grid of batch sizes, interpolated in B, cached on disk (a corrupt cache file is rebuilt with a warning).
-- c_plain(B), c_spec(B): what the raw forwards miss (sampling, acceptance, bookkeeping, the host sync, other
-  processes on the machine), learnt online as the median measured / profiled ratio of recent steps in each
+- s(B, k): the seconds of the engine's own decode step with k drafts at batch B (drafter catch-up and chain,
+  verify, acceptance, bookkeeping, the host sync), profiled once per (target, drafter architecture, dtype,
+  device, threads, compile mode) on the grid of batch buckets by running real steps on scratch slots,
+  interpolated in B, cached on disk (a corrupt cache file is rebuilt with a warning). Under compile="auto" both
+  the eager and the compiled path are timed per cell and the faster one is kept: the engine runs that cell so.
+- c_plain(B), c_spec(B): what the profile misses (longer contexts than profiled, other processes on the
+  machine), learnt online as the median measured / profiled ratio of recent steps in each
   power-of-two batch bucket (robust to a preempted step); an unvisited bucket borrows its nearest neighbour's.
 - a_j: the probability that draft j is accepted given drafts 1..j-1 were, from the per-row accepted counts of
   each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
@@ -29,7 +32,6 @@ import hashlib
 import json
 import math
 import statistics
-import time
 import warnings
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
@@ -39,16 +41,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from respec.engine.checkpoint import atomic_write_text, cache_root
-from respec.engine.kvcache import KVCache
-from respec.engine.sampling import DRAFT, RowParams, SamplingParams, sample, target_probs, uniforms
 from respec.errors import ConfigError
 
 if TYPE_CHECKING:
-    from respec.engine.drafter import Eagle3Drafter
     from respec.engine.generate import Engine, StepStats
-    from respec.engine.model import Transformer
 
-COST_FORMAT = 3  # bump when profiling changes, so cached cost models are re-measured (3: per-row sampling)
+COST_FORMAT = 4  # bump when profiling changes, so cached cost models are re-measured (4: whole engine steps)
 
 
 @dataclass(frozen=True)
@@ -87,16 +85,26 @@ class TunerConfig:
 
 @dataclass
 class CostModel:
-    """Profiled seconds: target forward over n tokens per row, one drafter step, at each grid batch size."""
+    """Profiled seconds of whole decode steps (the engine's own step: drafts, verify, acceptance, bookkeeping, the
+    host sync) with k = 0..k_max drafts at each grid batch size, on the faster of the eager and compiled paths
+    where both were measured."""
 
-    batches: list[int]  # increasing grid of live batch sizes
-    target: list[list[float]]  # [len(batches)][n - 1] seconds of a cached target forward (+ head) over n tokens
-    draft: list[float]  # [len(batches)] seconds of one chained drafter step (forward, head, sample)
+    batches: list[int]  # increasing grid of batch sizes (batch buckets)
+    steps: list[list[float]]  # [len(batches)][k_max + 1] seconds of a decode step with k drafts (k = 0: plain)
+    compiled: list[list[bool]] | None = None  # [len(batches)][k_max + 1] whether that step runs compiled
     key: dict = field(default_factory=dict)  # what it was measured on
+    measured: dict = field(default_factory=dict)  # path ("eager", "compiled") -> raw seconds, as `steps`
+
+    @classmethod
+    def from_parts(cls, batches: list[int], target: list[list[float]], draft: list[float], key: dict | None = None
+                   ) -> CostModel:
+        """Returns the model of steps costing target[b][k] (a verify forward over k + 1 tokens) + k * draft[b]."""
+        steps = [[row[k] + k * d for k in range(len(row))] for row, d in zip(target, draft, strict=True)]
+        return cls(list(batches), steps, key=key or {})
 
     @property
-    def n_max(self) -> int:
-        return len(self.target[0])
+    def k_max(self) -> int:
+        return len(self.steps[0]) - 1
 
     def _interp(self, values: list[float], batch: int) -> float:
         """Returns values at `batch`, linear between grid points and linear extrapolation beyond the ends."""
@@ -111,15 +119,17 @@ class CostModel:
         # Beyond the grid a noisy last segment must not make larger batches cheaper than the largest profiled.
         return max(value, v1, 1e-9) if batch > b1 else max(value, 1e-9)
 
-    def target_s(self, batch: int, n: int) -> float:
-        return self._interp([row[n - 1] for row in self.target], batch)
-
-    def draft_s(self, batch: int) -> float:
-        return self._interp(self.draft, batch)
-
     def step_s(self, batch: int, k: int) -> float:
-        """Returns the raw seconds of one decode step with k drafts (no sampling/bookkeeping overhead)."""
-        return self.target_s(batch, k + 1) + k * self.draft_s(batch)
+        """Returns the profiled seconds of one decode step with k drafts at live batch `batch`."""
+        return self._interp([row[k] for row in self.steps], batch)
+
+    def runs_compiled(self, batch: int, k: int) -> bool:
+        """Returns whether a step at batch bucket `batch` with k drafts runs compiled (the grid batch nearest in
+        log scale decides for buckets between grid points)."""
+        if self.compiled is None or k > self.k_max:
+            return False
+        i = min(range(len(self.batches)), key=lambda j: (abs(math.log(self.batches[j] / batch)), -self.batches[j]))
+        return self.compiled[i][k]
 
 
 def expected_emitted(accept: list[float], k: int) -> float:
@@ -177,8 +187,8 @@ class Tuner:
     """Chooses each decode step's k from costs and acceptance; fed by the engine with every step's stats."""
 
     def __init__(self, costs: CostModel, k_max: int, config: TunerConfig | None = None):
-        if not 1 <= k_max <= costs.n_max - 1:
-            raise ConfigError(f"k_max must be in [1, {costs.n_max - 1}] for this cost model, got {k_max}")
+        if not 1 <= k_max <= costs.k_max:
+            raise ConfigError(f"k_max must be in [1, {costs.k_max}] for this cost model, got {k_max}")
         self.costs, self.k_max, self.config = costs, k_max, config or TunerConfig()
         self.accepted = [0.0] * k_max  # decayed count of rows that accepted draft j (given j - 1 accepted)
         self.tried = [0.0] * k_max  # decayed count of rows that tried draft j
@@ -193,8 +203,7 @@ class Tuner:
         config = config or TunerConfig()
         if engine.drafter is None:
             raise ConfigError("adaptive speculative decoding needs a drafter: pass one to Engine")
-        costs = load_or_profile(engine.target, engine.drafter, k_max + 1, config)
-        return cls(costs, k_max, config)
+        return cls(engine.step_costs(k_max, config), k_max, config)
 
     # -- estimates ---------------------------------------------------------------------------------------------
     def acceptance(self) -> list[float]:
@@ -298,103 +307,72 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def target_seconds(model: Transformer, batch: int, n: int, context: int, repeats: int,
-                   gen: torch.Generator) -> float:
-    """Returns the fastest seconds of one cached target forward (with lm_head) over n new tokens per row after
-    `context` cached positions: the verification cost t_target(B, n)."""
-    cfg = model.config
-    param = next(model.parameters())
-    device = param.device
-    cache = KVCache.for_model(cfg, batch, context + n, param.dtype, device)
-    model(torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device), cache)
-    lengths, extent = cache.lengths.clone(), cache.extent
-    ids = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen).to(device)  # [B, n]
-    times = []
-    for i in range(repeats + 1):  # the first forward warms up and is not counted
-        sync_device(device)
-        t0 = time.perf_counter()
-        hidden, _ = model(ids, cache)  # [B, n, H]
-        model.lm_head(hidden)  # [B, n, V]: verification scores every position
-        sync_device(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-        cache.set_lengths(lengths, extent=extent)  # roll back: the next repeat sees the same prefix
-    return min(times)  # the least-disturbed run: preemption by other processes only ever adds time
-
-
-@torch.inference_mode()
-def draft_seconds(drafter: Eagle3Drafter, batch: int, context: int, repeats: int, gen: torch.Generator) -> float:
-    """Returns the fastest seconds of one chained drafter step at batch `batch`: forward over one token with
-    `context` cached positions, draft distribution, its uniforms, sample, and scatter into the target vocabulary."""
-    w = drafter.fc.weight
-    device, H = w.device, drafter.config.hidden_size
-    cache = drafter.new_cache(batch, context + 1)
-    feats = torch.randn(batch, context, 3 * H, generator=gen).to(device, w.dtype)
-    drafter(torch.randint(0, drafter.config.vocab_size, (batch, context), generator=gen).to(device), feats, cache)
-    lengths, extent = cache.lengths.clone(), cache.extent
-    token = torch.randint(0, drafter.config.vocab_size, (batch, 1), generator=gen).to(device)
-    h = torch.randn(batch, 1, H, generator=gen).to(device, w.dtype)
-    params = RowParams.of([SamplingParams(temperature=1.0)] * batch, device)
-    keys = torch.arange(batch, device=device)
-    times = []
-    for i in range(repeats + 1):
-        sync_device(device)
-        t0 = time.perf_counter()
-        _, logits = drafter(token, h, cache)  # [B, 1, Vd]
-        q = target_probs(logits[:, 0], params)
-        drafter.expand_probs(q)
-        drafter.draft_to_target(sample(q, uniforms(keys, cache.lengths, DRAFT)))
-        sync_device(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-        cache.set_lengths(lengths, extent=extent)
-    return min(times)  # the least-disturbed run: preemption by other processes only ever adds time
-
-
-def cost_key(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig) -> dict:
-    """Returns what a cost model depends on: both architectures, dtype, device, threads, grid, torch."""
+def cost_key(engine: Engine, k_max: int, config: TunerConfig) -> dict:
+    """Returns what a cost model depends on: both architectures, dtype, device, threads, grid, compile mode,
+    torch."""
+    target, drafter = engine.target, engine.drafter
     param = next(target.parameters())
     device = param.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"format": COST_FORMAT, "target": target.config.to_hf(), "drafter": asdict(drafter.config),
+    return {"format": COST_FORMAT, "target": target.config.to_hf(),
+            "drafter": asdict(drafter.config) if drafter is not None and k_max else None,
             "dtype": str(param.dtype), "device": f"{device.type}:{name}", "threads": torch.get_num_threads(),
-            "batches": list(config.batch_grid), "n_max": n_max, "context": config.context,
-            "torch": torch.__version__}
+            "batches": profile_grid(engine, config), "k_max": k_max, "context": config.context,
+            "compile": engine.compile, "torch": torch.__version__}
 
 
-def profile_costs(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig,
-                  seed: int = 0) -> CostModel:
-    """Returns a CostModel measured now on the target's device (a few seconds for the embedded policy)."""
-    gen = torch.Generator().manual_seed(seed)
-    rows, draft = [], []
-    for batch in config.batch_grid:
-        measured = [target_seconds(target, batch, n, config.context, config.repeats, gen)
-                    for n in range(1, n_max + 1)]
-        rows.append(smooth_verify_costs(measured))
-        draft.append(draft_seconds(drafter, batch, config.context, config.repeats, gen))
-    return CostModel(list(config.batch_grid), rows, draft, cost_key(target, drafter, n_max, config))
+def profile_grid(engine: Engine, config: TunerConfig) -> list[int]:
+    """Returns the batch sizes profiled: the config's grid up to the engine's slots (at least the smallest)."""
+    grid = [b for b in config.batch_grid if b <= engine.max_running]
+    return grid or [min(config.batch_grid[0], engine.max_running)]
+
+
+def profile_costs(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
+    """Returns a CostModel measured now by running the engine's own decode steps on scratch slots (k = 0..k_max
+    at every grid batch; both paths under compile="auto", the faster kept per cell)."""
+    from respec.engine.compile import compile_unavailable
+
+    batches = profile_grid(engine, config)
+    paths = {"auto": ("eager", "compiled"), "on": ("compiled",), "off": ("eager",)}[engine.compile]
+    if engine.compile == "auto" and compile_unavailable(engine.device) is not None:
+        paths = ("eager",)
+    measured = {}
+    for path in paths:
+        try:
+            measured.update(engine.profile_steps(batches, k_max, (path,), config.context, config.repeats))
+        except Exception as e:  # noqa: BLE001 - a compiler failure under "auto" leaves the eager path
+            if path != "compiled" or engine.compile != "auto":
+                raise
+            warnings.warn(f"compiled decode steps failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2)
+    paths = tuple(measured)
+    smoothed = {path: [smooth_verify_costs(row) for row in rows] for path, rows in measured.items()}
+    steps, compiled = [], []
+    for i in range(len(batches)):
+        best = [min(paths, key=lambda p, k=k: smoothed[p][i][k]) for k in range(k_max + 1)]
+        steps.append([smoothed[p][i][k] for k, p in enumerate(best)])
+        compiled.append([p == "compiled" for p in best])
+    return CostModel(batches, steps, compiled, cost_key(engine, k_max, config), measured)
 
 
 def smooth_verify_costs(seconds: list[float]) -> list[float]:
-    """Returns the verify costs t(n), n = 1..n_max, of one batch size with noise removed: n = 1 as measured
-    (plain decoding, the alternative to every k), n >= 2 on the least-squares line through n >= 2, and never
-    below t(1). A forward over n tokens costs a fixed part plus a part linear in n; one cell of the profile
+    """Returns the step costs t(k), k = 0..k_max, of one batch size with noise removed: k = 0 as measured
+    (plain decoding, the alternative to every k), k >= 1 on the least-squares line through k >= 1, and never
+    below t(0). A speculative step costs a fixed part plus a part linear in k; one cell of the profile
     disturbed by another process would otherwise rank two draft lengths the wrong way round."""
     if len(seconds) < 3:
         return [max(seconds[0], s) if i else s for i, s in enumerate(seconds)]
-    pts = list(enumerate(seconds[1:], start=2))
+    pts = list(enumerate(seconds[1:], start=1))
     mx, my = sum(n for n, _ in pts) / len(pts), sum(t for _, t in pts) / len(pts)
     slope = max(sum((n - mx) * (t - my) for n, t in pts) / sum((n - mx) ** 2 for n, _ in pts), 0.0)
     return [seconds[0]] + [max(my + slope * (n - mx), seconds[0]) for n, _ in pts]
 
 
-def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, config: TunerConfig) -> CostModel:
-    """Returns the cached cost model for this (target, drafter, dtype, device, threads), profiling on a miss.
+def load_or_profile(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
+    """Returns the cached cost model of this engine's setup (see `cost_key`), profiling on a miss.
 
     A cache file that cannot be read is re-measured and rewritten, with a warning.
     """
-    key = cost_key(target, drafter, n_max, config)
+    key = cost_key(engine, k_max, config)
     path = None
     if config.use_disk_cache:
         root = Path(config.cache_dir) if config.cache_dir else cache_root() / "tuner"
@@ -403,17 +381,18 @@ def load_or_profile(target: Transformer, drafter: Eagle3Drafter, n_max: int, con
         if path.exists():
             try:
                 data = json.loads(path.read_text())
-                costs = CostModel(data["batches"], data["target"], data["draft"], data["key"])
-                if costs.batches != list(config.batch_grid) or len(costs.target) != len(costs.batches) or \
-                        len(costs.draft) != len(costs.batches) or \
-                        any(len(r) != n_max for r in costs.target) or \
-                        not all(math.isfinite(x) and x > 0 for r in costs.target for x in [*r]) or \
-                        not all(math.isfinite(x) and x > 0 for x in costs.draft):
+                costs = CostModel(data["batches"], data["steps"], data["compiled"], data["key"],
+                                  data.get("measured", {}))
+                if costs.batches != key["batches"] or len(costs.steps) != len(costs.batches) or \
+                        any(len(r) != k_max + 1 for r in costs.steps) or \
+                        (costs.compiled is not None and [len(r) for r in costs.compiled] !=
+                         [len(r) for r in costs.steps]) or \
+                        not all(math.isfinite(x) and x > 0 for r in costs.steps for x in r):
                     raise ValueError("shape or values do not match the key")
                 return costs
             except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
                 warnings.warn(f"tuner cost cache {path} is unreadable ({e}); re-profiling", stacklevel=2)
-    costs = profile_costs(target, drafter, n_max, config)
+    costs = profile_costs(engine, k_max, config)
     if path is not None:
         atomic_write_text(path, json.dumps(asdict(costs), default=str) + "\n")
     return costs

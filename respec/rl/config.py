@@ -13,6 +13,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from respec.engine.compile import COMPILE_MODES
 from respec.errors import ConfigError
 from respec.rl.grpo import ADV_SCALES, KL_KINDS, LOSS_AGGS
 
@@ -119,6 +120,7 @@ class RolloutConfig:
     spec: str = "adaptive"  # speculative decoding: "off" | "static" (k drafts every step) | "adaptive" (the tuner)
     k: int = 4  # draft tokens per step in static mode
     k_max: int = 8  # the largest k the tuner may pick in adaptive mode
+    compile: str = "off"  # decode steps: "off" (eager) | "on" (torch.compile) | "auto" (the faster per profiled cell)
     drafter: str | None = None  # EAGLE-3 drafter directory (the learner's start when it runs); None = the default's
     # when trainer.model is None, else none (then spec must be "off")
 
@@ -133,6 +135,8 @@ class RolloutConfig:
         if self.spec not in SPEC_MODES:
             raise ConfigError(f"rollout.spec must be one of {', '.join(SPEC_MODES)}, got {self.spec!r}")
         self.spec_config()  # k and k_max in the engine's range
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"rollout.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
     def spec_config(self):
         """Returns the engine's SpecConfig for this rollout setting."""

@@ -208,7 +208,7 @@ class Trainer:
             ref_dir = saved if saved is not None and saved.is_dir() else Path(t.model)  # the starting policy
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
-        return cls(config, run_dir, actor, Engine(rollout_model, drafter), tokenizer, task, eval_problems,
+        return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile), tokenizer, task, eval_problems,
                    reward_fn, reference, policy_dir)
 
     # -- the loop ------------------------------------------------------------------------------------------------

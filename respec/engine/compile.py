@@ -1,0 +1,90 @@
+"""Compiled decode steps: `torch.compile` of one decoder layer, shared by every layer of a model.
+
+What is compiled is the pure part of a cached forward, one layer at a time: norms, q/k/v with RoPE, attention
+over the cache (read only) and the new tokens, the output projection and the MLP. The cache write stays outside,
+in eager code between layers, because an in-place write into a graph input makes inductor copy the whole cache
+on every call. All layers of a model share one compiled graph (they have one shape), so compiling costs seconds,
+not one graph per layer.
+
+Sizes are compiled symbolically (`dynamic=True`), so batch buckets, draft widths and attention spans share a
+graph; torch still specialises sizes 0 and 1 and the cache's strides, so a model gets a few graphs (one token or
+several, one row or several, the cache read through views or gathered), each compiled once.
+`RESPEC_COMPILE_BACKEND` names another `torch.compile` backend (default inductor; "aot_eager" traces without
+generating code, for debugging).
+
+Compiled artifacts are cached on disk by inductor; respec points its cache at $RESPEC_CACHE/inductor (unless
+TORCHINDUCTOR_CACHE_DIR is set), so a later run on the same machine loads instead of compiling.
+Whether compiling pays is a property of the machine and the batch: the engine's `compile="auto"` measures it
+per batch bucket and draft width at start-up (`Engine.profile_steps`, cached by `tuner.load_or_profile`) and
+keeps the faster path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import torch
+
+from respec.errors import ConfigError
+
+COMPILE_MODES = ("auto", "off", "on")
+
+_compiled: dict[str, Callable] = {}  # backend -> the compiled `_call`
+
+
+def _call(layer, args):
+    return layer(*args)
+
+
+def run_layer(layer: torch.nn.Module, args: tuple, compiled: bool):
+    """Returns layer(*args), through the shared compiled graph when `compiled`."""
+    if not compiled:
+        return layer(*args)
+    backend = os.environ.get("RESPEC_COMPILE_BACKEND", "inductor")
+    fn = _compiled.get(backend)
+    if fn is None:
+        use_disk_cache()
+        # Every layer kind and shape class goes through this one function: the default recompile limit (8)
+        # would fall back to eager after a few classes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 512)
+        fn = _compiled[backend] = torch.compile(_call, dynamic=True, backend=backend)
+    return fn(layer, args)
+
+
+def use_disk_cache() -> None:
+    """Points inductor's on-disk cache at $RESPEC_CACHE/inductor unless the user chose a directory."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from respec.engine.checkpoint import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Returns why `torch.compile` cannot run on `device` here, or None if it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if device.type == "cpu":
+        if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+            return "inductor's CPU backend needs a C++ compiler (g++ or c++ on PATH)"
+        return None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "inductor's CUDA backend needs triton"
+        return None
+    return f"compiled steps support cpu and cuda devices, not {device.type}"
+
+
+def check_compile_mode(mode: str, device: torch.device) -> None:
+    """Raises ConfigError for an unknown mode, or for "on" where this machine cannot compile."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "on":
+        why = compile_unavailable(device)
+        if why is not None:
+            raise ConfigError(f"compile='on' cannot work here: {why}; use compile='auto' or 'off'")

@@ -1,0 +1,180 @@
+"""Tests of respec/engine/compile.py and the engine's compiled path: compiled decode steps sample exactly the
+target's distribution, give the eager path's greedy tokens (with requests joining a running batch and drafter
+swaps), logprobs and transformers' tokens; `compile="auto"` runs each cell the way its profile says; bad modes
+are one clear error.
+
+Most tests compile with the "aot_eager" backend: it runs what the engine's compiled path adds (dynamo's capture
+and guards over the shared layer function, functionalisation of the pure layer, the cache written outside it)
+without generating C++ for every graph, which costs tens of seconds per graph on a small CPU. Inductor's own
+code is checked against eager and transformers by the `inductor` tests."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_generate import (
+    CHI_PARAMS,
+    GREEDY_PROMPTS,
+    N,
+    ScriptedChooser,
+    assert_follows_target,
+    first3_counts,
+    tokens,
+)
+from transformers import AutoModelForCausalLM
+
+import respec.engine.compile
+from respec.engine.checkpoint import save_model
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.sampling import SamplingParams
+from respec.engine.tuner import CostModel, TunerConfig, load_or_profile
+from respec.errors import ConfigError
+
+V = 8
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+
+needs_compiler = pytest.mark.skipif(respec.engine.compile.compile_unavailable(torch.device("cpu")) is not None,
+                                    reason="torch.compile cannot run on this machine")
+
+
+@pytest.fixture(autouse=True)
+def aot_eager(monkeypatch, request):
+    if "inductor" not in request.node.name:
+        monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")
+
+
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    return sharp_target(V, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return init_drafter(target, seed=1)
+
+
+@pytest.fixture(scope="module")
+def drafter2(target):
+    return init_drafter(target, seed=2)
+
+
+class CountCompiled:
+    """Counts layer calls that go through the compiled graph."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        run = respec.engine.compile.run_layer
+
+        def counting(layer, args, compiled):
+            self.calls += compiled
+            return run(layer, args, compiled)
+
+        for module in (respec.engine.model, respec.engine.drafter):
+            monkeypatch.setattr(module, "run_layer", counting)
+
+
+def test_compiled_speculative_and_plain_sampling_match_the_target(target, drafter, monkeypatch):
+    counter = CountCompiled(monkeypatch)
+    engine = Engine(target, drafter, compile="on")
+    assert_follows_target(target, first3_counts(engine, CHI_PARAMS, SpecConfig(mode="static", k=2), N), CHI_PARAMS)
+    assert_follows_target(target, first3_counts(engine, CHI_PARAMS, SpecConfig(mode="off"), N), CHI_PARAMS)
+    assert counter.calls > 0
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])
+def test_compiled_greedy_equals_eager_for_requests_joining_a_running_batch(target, drafter, spec):
+    """Requests added while others decode (at different steps) get the eager engine's tokens and logprobs."""
+
+    def serve(engine):
+        out, pending, step = {}, list(enumerate(GREEDY_PROMPTS)), 0
+        while pending or engine.has_unfinished_requests():
+            if pending and step % 3 == 0:
+                i, p = pending.pop(0)
+                engine.add_request(i, p, GREEDY)
+            for o in engine.step():
+                out[o.request_id] = o
+            step += 1
+        return out
+
+    eager = serve(Engine(target, drafter, spec=spec, max_running=4))
+    compiled = serve(Engine(target, drafter, spec=spec, max_running=4, compile="on"))
+    assert {i: o.token_ids for i, o in compiled.items()} == {i: o.token_ids for i, o in eager.items()}
+    for i, o in compiled.items():
+        assert max(abs(a - b) for a, b in zip(o.logprobs, eager[i].logprobs, strict=True)) <= 1e-4
+
+
+def test_compiled_greedy_with_drafter_swaps_equals_plain(target, drafter, drafter2):
+    plain = Engine(target).generate(GREEDY_PROMPTS, GREEDY, SpecConfig(mode="off"))
+    engine = Engine(target, drafter, compile="on")
+    swaps = iter([drafter2, drafter, drafter2])
+
+    def on_step(stats):
+        nxt = next(swaps, None)
+        if nxt is not None:
+            engine.set_drafter(nxt)
+
+    out = engine.generate(GREEDY_PROMPTS, GREEDY, SpecConfig(mode="adaptive", k_max=4),
+                          chooser=ScriptedChooser([3, 0, 2, 4, 1]), on_step=on_step)
+    assert tokens(out) == tokens(plain)
+
+
+@needs_compiler
+def test_inductor_greedy_equals_transformers_generate(target, tmp_path):
+    save_model(target, tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    prompt = [1, 2, 3, 4]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    out = Engine(target, compile="on").generate([prompt], replace(GREEDY, max_new_tokens=20), SpecConfig(mode="off"))
+    assert out.sequences[0].tokens == ref
+
+
+def test_auto_runs_each_cell_the_way_its_profile_says(target, drafter, monkeypatch):
+    engine = Engine(target, drafter, compile="auto", max_running=8)
+    # Compiled at batch 1 and eager at batch 8, for every k.
+    engine._costs = CostModel([1, 8], [[1.0] * 4] * 2, [[True] * 4, [False] * 4])
+    counter = CountCompiled(monkeypatch)
+    engine.generate([[1, 2]] * 8, GREEDY, SpecConfig(mode="static", k=3))  # all rows finish together: batch 8
+    assert counter.calls == 0
+    engine.generate([[1, 2]], GREEDY, SpecConfig(mode="static", k=3))
+    assert counter.calls > 0
+
+
+def test_auto_profile_times_both_paths_and_keeps_the_faster(target, drafter, tmp_path, monkeypatch):
+    engine = Engine(target, drafter, compile="auto", max_running=4)
+    timed = {"eager": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "compiled": [[0.5, 2.5, 3.5], [4.5, 4.0, 5.0]]}
+    calls = []
+
+    def profile_steps(batches, k_max, paths, context, repeats):
+        calls.append(paths)
+        return {p: timed[p] for p in paths}
+
+    monkeypatch.setattr(engine, "profile_steps", profile_steps)
+    costs = load_or_profile(engine, 2, TunerConfig(batch_grid=(1, 4), context=8, repeats=1, cache_dir=str(tmp_path)))
+    assert calls == [("eager",), ("compiled",)] and costs.key["compile"] == "auto"
+    assert costs.compiled == [[True, False, False], [False, True, True]]
+    assert costs.steps == [[0.5, 2.0, 3.0], [4.0, 4.5, 5.0]]  # smoothed per path: never below its own k = 0
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(target, drafter, tmp_path, monkeypatch):
+    engine = Engine(target, drafter, compile="auto", max_running=4)
+
+    def profile_steps(batches, k_max, paths, context, repeats):
+        if paths == ("compiled",):
+            raise RuntimeError("inductor: C++ compile failed")
+        return {"eager": [[1.0, 2.0]]}
+
+    monkeypatch.setattr(engine, "profile_steps", profile_steps)
+    with pytest.warns(UserWarning, match="C\\+\\+ compile failed.*running eagerly"):
+        costs = load_or_profile(engine, 1, TunerConfig(batch_grid=(1,), context=8, repeats=1, cache_dir=str(tmp_path)))
+    assert costs.compiled == [[False, False]]
+
+
+def test_bad_compile_modes_are_one_clear_error(target, monkeypatch):
+    with pytest.raises(ConfigError, match="compile must be one of auto, off, on"):
+        Engine(target, compile="fast")
+    monkeypatch.setattr(respec.engine.compile, "compile_unavailable", lambda device: "no C++ compiler here")
+    with pytest.raises(ConfigError, match="no C\\+\\+ compiler here; use compile='auto' or 'off'"):
+        Engine(target, compile="on")
+    Engine(target, compile="auto")  # auto measures instead of failing
