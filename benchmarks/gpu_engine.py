@@ -61,8 +61,8 @@ def step_times(engine: Engine, batch: int, prompt_len: int, new_tokens: int, spe
     params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     engine.generate(prompts, params, spec)  # warm-up: compiles, profiles, fills caches
     out = engine.generate(prompts, params, spec)
-    return {"step_s": statistics.median(s.seconds for s in out.steps), "tokens_per_s": out.tokens_per_s,
-            "tokens_per_step": out.mean_emitted_per_step, "steps": len(out.steps)}
+    return {"step_s": statistics.median(s.seconds for s in out.stats), "tokens_per_s": out.tokens_per_s,
+            "tokens_per_step": out.mean_emitted_per_step, "steps": len(out.stats)}
 
 
 def main() -> None:

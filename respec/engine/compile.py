@@ -51,6 +51,9 @@ def run_layer(layer: torch.nn.Module, args: tuple, compiled: bool):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 512)
+        # Duck shaping gives equal sizes one symbol: a draft width of 2 would share the (static) KV-head count's
+        # and be specialised, recompiling for every other width.
+        torch.fx.experimental._config.use_duck_shape = False
         fn = _compiled[backend] = torch.compile(_call, dynamic=True, backend=backend)
     return fn(layer, args)
 
