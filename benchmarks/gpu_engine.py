@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_train import SHAPES  # the Qwen2-0.5B and tiny shapes of the GPU training benchmark
 
 from respec.bench.engine import machine_info
 from respec.engine.checkpoint import atomic_write_text, load_model
@@ -31,14 +32,6 @@ from respec.engine.generate import Engine, SpecConfig
 from respec.engine.model import ModelConfig, init_model
 from respec.engine.sampling import SamplingParams
 
-SHAPES = {
-    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                       rope_theta=1_000_000.0, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 tie_word_embeddings=True),
-}
 HBM_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}  # GB/s, SXM parts
 
 

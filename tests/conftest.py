@@ -44,6 +44,28 @@ def sharp_target():
     return _sharp_target
 
 
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    """A tiny peaky target over 8 tokens (the engine tests' exact joints of 3 tokens have 512 cells); modules
+    with a target of their own define this fixture themselves."""
+    return sharp_target(8, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    """A random drafter for `target`: a deliberately poor one."""
+    from respec.engine.drafter import init_drafter
+
+    return init_drafter(target, seed=1)
+
+
+@pytest.fixture(scope="module")
+def drafter2(target):
+    from respec.engine.drafter import init_drafter
+
+    return init_drafter(target, seed=2)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """Points $RESPEC_CACHE at a session directory: tests never read or write the user's artifact cache."""

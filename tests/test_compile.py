@@ -25,13 +25,11 @@ from transformers import AutoModelForCausalLM
 
 import respec.engine.compile
 from respec.engine.checkpoint import save_model
-from respec.engine.drafter import init_drafter
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.engine.tuner import CostModel, TunerConfig, load_or_profile
 from respec.errors import ConfigError
 
-V = 8
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
 
 needs_compiler = pytest.mark.skipif(respec.engine.compile.compile_unavailable(torch.device("cpu")) is not None,
@@ -42,21 +40,6 @@ needs_compiler = pytest.mark.skipif(respec.engine.compile.compile_unavailable(to
 def aot_eager(monkeypatch, request):
     if "inductor" not in request.node.name:
         monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")
-
-
-@pytest.fixture(scope="module")
-def target(sharp_target):
-    return sharp_target(V, max_positions=128)
-
-
-@pytest.fixture(scope="module")
-def drafter(target):
-    return init_drafter(target, seed=1)
-
-
-@pytest.fixture(scope="module")
-def drafter2(target):
-    return init_drafter(target, seed=2)
 
 
 class CountCompiled:

@@ -23,21 +23,6 @@ from respec.errors import CheckpointError, ConfigError, DrafterMismatchError, Pr
 V = 8  # small vocabulary: the joint of 3 tokens has 512 cells, few enough to test exactly
 
 
-@pytest.fixture(scope="module")
-def target(sharp_target):
-    return sharp_target(V, max_positions=128)
-
-
-@pytest.fixture(scope="module")
-def drafter(target):
-    return init_drafter(target, seed=1)  # random: a deliberately poor drafter
-
-
-@pytest.fixture(scope="module")
-def drafter2(target):
-    return init_drafter(target, seed=2)
-
-
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7]]
 GREEDY_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 1, 2], [3], [7, 7, 7, 2]]
 

@@ -14,26 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import respec.engine.generate
 from respec.engine.checkpoint import save_model
-from respec.engine.drafter import init_drafter
 from respec.engine.generate import BACKLOG_FLUSH, Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.engine.slots import SPAN_BLOCK
 from respec.errors import ConfigError, DuplicateRequestError, PromptError, UnknownRequestError
-
-
-@pytest.fixture(scope="module")
-def target(sharp_target):
-    return sharp_target(V, max_positions=128)
-
-
-@pytest.fixture(scope="module")
-def drafter(target):
-    return init_drafter(target, seed=1)
-
-
-@pytest.fixture(scope="module")
-def drafter2(target):
-    return init_drafter(target, seed=2)
 
 
 def serve(engine, requests, arrive, between=None):
