@@ -24,6 +24,7 @@ from test_generate import (
 from transformers import AutoModelForCausalLM
 
 import respec.engine.compile
+import respec.engine.tuner
 from respec.engine.checkpoint import save_model
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
@@ -129,11 +130,11 @@ def test_auto_profile_times_both_paths_and_keeps_the_faster(target, drafter, tmp
     timed = {"eager": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "compiled": [[0.5, 2.5, 3.5], [4.5, 4.0, 5.0]]}
     calls = []
 
-    def profile_steps(batches, k_max, paths, context, repeats):
+    def profile_steps(engine, batches, k_max, paths, context, repeats):
         calls.append(paths)
         return {p: timed[p] for p in paths}
 
-    monkeypatch.setattr(engine, "profile_steps", profile_steps)
+    monkeypatch.setattr(respec.engine.tuner, "profile_steps", profile_steps)
     costs = load_or_profile(engine, 2, TunerConfig(batch_grid=(1, 4), context=8, repeats=1, cache_dir=str(tmp_path)))
     assert calls == [("eager",), ("compiled",)] and costs.key["compile"] == "auto"
     assert costs.compiled == [[True, False, False], [False, True, True]]
@@ -143,12 +144,12 @@ def test_auto_profile_times_both_paths_and_keeps_the_faster(target, drafter, tmp
 def test_auto_falls_back_to_eager_when_compiling_fails(target, drafter, tmp_path, monkeypatch):
     engine = Engine(target, drafter, compile="auto", max_running=4)
 
-    def profile_steps(batches, k_max, paths, context, repeats):
+    def profile_steps(engine, batches, k_max, paths, context, repeats):
         if paths == ("compiled",):
             raise RuntimeError("inductor: C++ compile failed")
         return {"eager": [[1.0, 2.0]]}
 
-    monkeypatch.setattr(engine, "profile_steps", profile_steps)
+    monkeypatch.setattr(respec.engine.tuner, "profile_steps", profile_steps)
     with pytest.warns(UserWarning, match="C\\+\\+ compile failed.*running eagerly"):
         costs = load_or_profile(engine, 1, TunerConfig(batch_grid=(1,), context=8, repeats=1, cache_dir=str(tmp_path)))
     assert costs.compiled == [[False, False]]
@@ -161,3 +162,25 @@ def test_bad_compile_modes_are_one_clear_error(target, monkeypatch):
     with pytest.raises(ConfigError, match="no C\\+\\+ compiler here; use compile='auto' or 'off'"):
         Engine(target, compile="on")
     Engine(target, compile="auto")  # auto measures instead of failing
+
+
+def test_auto_profiles_while_requests_wait_and_serves_them(target, drafter, monkeypatch):
+    """Under add_request/step the profile runs at the first step, beside the queued requests, on slots of its
+    own; the requests then run to the end with the eager engine's tokens."""
+    calls = []
+
+    def profile_steps(engine, batches, k_max, paths, context, repeats):
+        calls.append(paths)
+        return {p: [[1.0 if p == "compiled" else 2.0] * (k_max + 1) for _ in batches] for p in paths}
+
+    monkeypatch.setattr(respec.engine.tuner, "profile_steps", profile_steps)
+    spec = SpecConfig(mode="static", k=2)
+    eager = Engine(target, drafter, spec=spec, max_running=4).generate(GREEDY_PROMPTS, GREEDY)
+    engine = Engine(target, drafter, spec=spec, max_running=4, compile="auto")
+    for i, p in enumerate(GREEDY_PROMPTS):
+        engine.add_request(i, p, GREEDY)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert calls == [("eager",), ("compiled",)]
+    assert [done[i] for i in range(len(GREEDY_PROMPTS))] == tokens(eager)

@@ -15,7 +15,7 @@ generating code, for debugging).
 Compiled artifacts are cached on disk by inductor; respec points its cache at $RESPEC_CACHE/inductor (unless
 TORCHINDUCTOR_CACHE_DIR is set), so a later run on the same machine loads instead of compiling.
 Whether compiling pays is a property of the machine and the batch: the engine's `compile="auto"` measures it
-per batch bucket and draft width at start-up (`Engine.profile_steps`, cached by `tuner.load_or_profile`) and
+per batch bucket and draft width at start-up (`tuner.profile_steps`, cached by `tuner.load_or_profile`) and
 keeps the faster path.
 """
 

@@ -63,7 +63,7 @@ from respec.engine.sampling import (
     token_logprobs,
     uniforms,
 )
-from respec.engine.slots import DYNAMIC, Batch, SlotKV, SlotTable, attention_span
+from respec.engine.slots import Batch, SlotKV, SlotTable, attention_span
 from respec.errors import (
     CheckpointError,
     ConfigError,
@@ -144,10 +144,10 @@ class Engine:
     `spec` is the speculative setting of requests added with `add_request` (default: static k = 4 with a
     drafter, plain without); `max_running` bounds the requests decoding at once (the slots; more wait in a queue);
     `max_model_len` bounds a request's prompt plus generated tokens (default: the model's context), past which it
-    finishes with reason "length". `compile` runs decode steps through `torch.compile` ("on"), eagerly ("off"), or
-    each (batch bucket, k) the way a start-up profile measured faster ("auto"; the profile is cached on disk per
-    machine, see `tuner.py`); prefills run eagerly. Every path samples the same distribution. `add_request`, `abort_request`, `step` and `generate` are called from one
-    thread; `set_drafter` and `load_weights` may come from another: they wait for the current decode step to end
+    finishes with reason "length". `compile` runs decode steps through `torch.compile` ("on"), eagerly ("off"),
+    or each (batch bucket, k) the way a start-up profile measured faster ("auto"; the profile is cached on disk
+    per machine, see `tuner.py`); prefills run eagerly. Every path samples the same distribution.
+    `add_request`, `abort_request`, `step` and `generate` are called from one thread; `set_drafter` and `load_weights` may come from another: they wait for the current decode step to end
     and take effect from the next one.
     """
 
@@ -253,57 +253,6 @@ class Engine:
             self._costs = load_or_profile(self, k_max, config or TunerConfig())
         return self._costs
 
-    @torch.inference_mode()
-    def profile_steps(self, batches: list[int], k_max: int, paths: tuple[str, ...], context: int,
-                      repeats: int) -> dict[str, list[list[float]]]:
-        """Returns {path: seconds[batch][k]}: the fastest of `repeats` decode steps with k = 0..k_max drafts over
-        `batch` rows of `context` cached tokens each, run eagerly ("eager") or compiled ("compiled") on scratch
-        slots (the engine's requests are untouched). Each cell is run once untimed first (compiling there)."""
-        from respec.engine.tuner import sync_device
-
-        if self._requests:
-            raise ConfigError("profile_steps needs an idle engine")
-        speculative = k_max > 0
-        if speculative and self.drafter is None:
-            raise ConfigError("profiling speculative steps needs a drafter")
-        drafter = self.drafter if speculative else None
-        cfg = self.target.config
-        S = max(batches)
-        # Compiled layers are specialised on the cache's strides: profile them on the engine's own table layout.
-        context = max(1, min(context, self.max_model_len - K_LIMIT - 2))
-        max_tokens = self.max_model_len if self.compile != "off" else context + K_LIMIT + 2
-        tab = self._new_table(S, max_tokens, speculative)
-        gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, cfg.vocab_size, (S, context), generator=gen).tolist()
-        params = SamplingParams(temperature=1.0, max_new_tokens=tab.max_tokens - context, ignore_eos=True)
-        slots = tab.take(S)
-        for s in slots:
-            tab.owner[s] = s
-        tab.prefill(self.target, slots, prompts, [params] * S, list(range(S)), [[]] * S,
-                    tuple(drafter.aux_layer_ids) if drafter is not None else ())
-        if drafter is not None:  # the drafter consumes the prompts once, as in a running engine
-            drafter_prefill(drafter, tab, tab.batch_for(slots), list(range(S)))
-        tab.flush()
-        out = {path: [[0.0] * (k_max + 1) for _ in batches] for path in paths}
-        for i, B in enumerate(batches):
-            b = tab.batch_for(list(range(B)))
-            state = {name: getattr(b, name) for name in DYNAMIC}
-            for k in range(k_max + 1):
-                for path in paths:
-                    times = []
-                    for r in range(repeats + 1):
-                        for name, value in state.items():
-                            setattr(b, name, value)
-                        sync_device(self.device)
-                        t0 = time.perf_counter()
-                        self._decode(tab, b, k, path == "compiled")
-                        if r:
-                            times.append(time.perf_counter() - t0)
-                    out[path][i][k] = min(times)  # preemption by other processes only ever adds time
-            for name, value in state.items():
-                setattr(b, name, value)
-        return out
-
     def _runs_compiled(self, bucket: int, k: int) -> bool:
         if self.compile == "auto":
             return self.step_costs(k).runs_compiled(bucket, k)
@@ -380,6 +329,8 @@ class Engine:
                               "add_request are unfinished: step them to the end or abort them first")
         if spec.mode == "adaptive" and chooser is None:
             chooser = self.default_tuner(spec.k_max)
+        if self.compile == "auto":
+            self.step_costs(spec.largest_k)  # profiled before the run, not inside its first step
         run = _Run(spec, chooser, on_step, keep_stats=True)
         # Compiled layers are specialised on the cache's strides: one table shape per engine keeps them.
         slots, max_tokens = (self.max_running, self.max_model_len) if self.compile != "off" else \
@@ -453,6 +404,8 @@ class Engine:
         if run is None or (run.spec != self.spec and not busy):
             self._check_spec(self.spec)
             chooser = self.default_tuner(self.spec.k_max) if self.spec.mode == "adaptive" else None
+            if self.compile == "auto":
+                self.step_costs(self.spec.largest_k)
             run = self._serving = _Run(self.spec, chooser, None, keep_stats=False)
         self._table_for(self.max_running, self.max_model_len, run.spec)
         return run

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import statistics
+import time
 import warnings
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from respec.engine.checkpoint import atomic_write_text, cache_root
+from respec.engine.outputs import K_LIMIT
+from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -321,6 +324,60 @@ def cost_key(engine: Engine, k_max: int, config: TunerConfig) -> dict:
             "compile": engine.compile, "torch": torch.__version__}
 
 
+@torch.inference_mode()
+def profile_steps(engine: Engine, batches: list[int], k_max: int, paths: tuple[str, ...], context: int,
+                  repeats: int) -> dict[str, list[list[float]]]:
+    """Returns {path: seconds[batch][k]}: the fastest of `repeats` decode steps with k = 0..k_max drafts over
+    `batch` rows of `context` cached tokens each, run eagerly ("eager") or compiled ("compiled") on scratch
+    slots (the engine's requests and table are untouched: the profile may run while requests wait). It drives
+    the engine's own table builder and decode step, so it times exactly what the engine runs. Each cell is run
+    once untimed first (compiling there)."""
+    from respec.engine.generate import drafter_prefill
+    from respec.engine.slots import DYNAMIC
+
+    speculative = k_max > 0
+    if speculative and engine.drafter is None:
+        raise ConfigError("profiling speculative steps needs a drafter")
+    drafter = engine.drafter if speculative else None
+    cfg = engine.target.config
+    S = max(batches)
+    # Compiled layers are specialised on the cache's strides: profile them on the engine's own table layout.
+    context = max(1, min(context, engine.max_model_len - K_LIMIT - 2))
+    max_tokens = engine.max_model_len if engine.compile != "off" else context + K_LIMIT + 2
+    tab = engine._new_table(S, max_tokens, speculative)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (S, context), generator=gen).tolist()
+    params = SamplingParams(temperature=1.0, max_new_tokens=tab.max_tokens - context, ignore_eos=True)
+    slots = tab.take(S)
+    for s in slots:
+        tab.owner[s] = s
+    tab.prefill(engine.target, slots, prompts, [params] * S, list(range(S)), [[]] * S,
+                tuple(drafter.aux_layer_ids) if drafter is not None else ())
+    if drafter is not None:  # the drafter consumes the prompts once, as in a running engine
+        drafter_prefill(drafter, tab, tab.batch_for(slots), list(range(S)))
+    tab.flush()
+    tab.fresh.clear()  # the prompts' first tokens are not read back
+    out = {path: [[0.0] * (k_max + 1) for _ in batches] for path in paths}
+    for i, B in enumerate(batches):
+        b = tab.batch_for(list(range(B)))
+        state = {name: getattr(b, name) for name in DYNAMIC}
+        for k in range(k_max + 1):
+            for path in paths:
+                times = []
+                for r in range(repeats + 1):
+                    for name, value in state.items():
+                        setattr(b, name, value)
+                    sync_device(engine.device)
+                    t0 = time.perf_counter()
+                    engine._decode(tab, b, k, path == "compiled")
+                    if r:
+                        times.append(time.perf_counter() - t0)
+                out[path][i][k] = min(times)  # preemption by other processes only ever adds time
+        for name, value in state.items():
+            setattr(b, name, value)
+    return out
+
+
 def profile_grid(engine: Engine, config: TunerConfig) -> list[int]:
     """Returns the batch sizes profiled: the config's grid up to the engine's slots (at least the smallest)."""
     grid = [b for b in config.batch_grid if b <= engine.max_running]
@@ -339,7 +396,7 @@ def profile_costs(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
     measured = {}
     for path in paths:
         try:
-            measured.update(engine.profile_steps(batches, k_max, (path,), config.context, config.repeats))
+            measured.update(profile_steps(engine, batches, k_max, (path,), config.context, config.repeats))
         except Exception as e:  # noqa: BLE001 - a compiler failure under "auto" leaves the eager path
             if path != "compiled" or engine.compile != "auto":
                 raise
