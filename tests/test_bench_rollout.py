@@ -108,13 +108,19 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     assert trace["batch"] == sorted(trace["batch"], reverse=True)  # no row joins: the batch only drains
 
     args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
-            "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--json", str(tmp_path / "cli.json")]
+            "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",
+            "--json", str(tmp_path / "cli.json")]
     monkeypatch.setattr(sys, "argv", ["respec", *args])  # what the console script sees
+    monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")  # the compiled path without C++ code generation
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "oracle (bound)" in out.output and "adaptive: " in out.output  # the CLI prints the table
+    assert "the eager engine's adaptive rollout" in out.output  # compiled steps beside the eager engine
     assert (tmp_path / "cli.png").exists()
-    assert json.loads((tmp_path / "cli.json").read_text())["command"] == shlex.join(["respec", *args])
+    saved = json.loads((tmp_path / "cli.json").read_text())
+    assert saved["command"] == shlex.join(["respec", *args]) and saved["config"]["compile"] == "auto"
+    assert saved["ratios"]["adaptive_vs_adaptive_eager"] == pytest.approx(saved["adaptive_eager_s"] /
+                                                                         saved["adaptive_s"])
 
 
 @pytest.mark.parametrize("kwargs", [{"ks": ()}, {"ks": (0,)}, {"ks": (17,)}, {"samples": 0}, {"repeats": 0},

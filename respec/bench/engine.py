@@ -218,6 +218,8 @@ def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
         model, path = _load(cfg, Path(tmp))
         hf = _load_hf(path, dtype, cfg.device)
         engine = Engine(model, compile=cfg.compile)
+        # With compiled steps, the eager engine runs beside them on the same prompts: the compiled path's gain.
+        eager = Engine(model) if cfg.compile != "off" else None
         mcfg = model.config
         pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
         params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens, ignore_eos=True, seed=cfg.seed)
@@ -228,13 +230,17 @@ def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
             prompts = _prompts(cfg, mcfg.vocab_size, batch, gen)
             progress(f"warm-up, batch {batch}")
             engine.generate(prompts, warm, SpecConfig(mode="off"))
+            if eager is not None:
+                eager.generate(prompts, warm, SpecConfig(mode="off"))
             _time_hf(hf, prompts, warm.max_new_tokens, pad, device)
             done += 1
             # Alternate the two sides so that load from other processes hits both alike; keep each one's best.
-            runs_ours, runs_hf = [], []
+            runs_ours, runs_hf, runs_eager = [], [], []
             for r in range(cfg.gen_repeats):
                 progress(f"batch {batch}, run {r + 1}/{cfg.gen_repeats}")
                 runs_ours.append(_time_ours(engine, prompts, params, device))
+                if eager is not None:
+                    runs_eager.append(_time_ours(eager, prompts, params, device))
                 runs_hf.append(_time_hf(hf, prompts, cfg.max_new_tokens, pad, device))
             ours, theirs = min(runs_ours, key=lambda r: r[0]), min(runs_hf, key=lambda r: r[0])
             done += 1
@@ -245,6 +251,9 @@ def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
             rows.append({"batch": batch, "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps,
                          "ratio": ours_tps / hf_tps, "ours_seconds": ours[0], "hf_seconds": theirs[0],
                          "tokens": ours[1], "greedy_match": match})
+            if runs_eager:
+                best = min(runs_eager, key=lambda r: r[0])
+                rows[-1].update(eager_tokens_per_s=best[1] / best[0], compiled_vs_eager=ours_tps * best[0] / best[1])
         del hf
 
         curve = []
@@ -269,11 +278,15 @@ def _bench_engine(cfg: EngineBenchConfig, log: Log) -> dict:
 def engine_tables(data: dict) -> list[Table]:
     """Returns the two result tables of `bench_engine` data, for the caller to print."""
     table = Table(title="Plain decoding: respec Engine vs transformers generate (greedy, tokens/s)")
-    for col in ("batch", "ours tok/s", "HF tok/s", "ours / HF", "greedy match"):
+    rows = data["engine_vs_hf"]
+    eager = all("eager_tokens_per_s" in r for r in rows)
+    for col in ("batch", "ours tok/s", "HF tok/s", "ours / HF", "greedy match") + \
+            (("eager tok/s", "compiled / eager") if eager else ()):
         table.add_column(col, justify="right")
-    for r in data["engine_vs_hf"]:
+    for r in rows:
         table.add_row(str(r["batch"]), f"{r['ours_tokens_per_s']:.1f}", f"{r['hf_tokens_per_s']:.1f}",
-                      f"{r['ratio']:.2f}x", f"{r['greedy_match']:.0%}")
+                      f"{r['ratio']:.2f}x", f"{r['greedy_match']:.0%}",
+                      *((f"{r['eager_tokens_per_s']:.1f}", f"{r['compiled_vs_eager']:.2f}x") if eager else ()))
     tables = [table]
     curve = data["verify_cost"]
     ns = sorted({c["n"] for c in curve})

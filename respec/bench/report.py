@@ -202,9 +202,16 @@ def _engine(root: Path) -> str:
         parts.append(f"Greedy, same weights on both sides ({model}), {cfg.get('max_new_tokens', '?')} new tokens "
                      "per row; tokens/s of the whole `generate` call, best of the repeats; match = rows whose tokens "
                      "are identical on both sides.\n")
+        eager = all("eager_tokens_per_s" in r for r in data["engine_vs_hf"])
         rows = [[str(r["batch"]), _f(r["ours_tokens_per_s"], ".0f"), _f(r["hf_tokens_per_s"], ".0f"),
-                 f"**{_f(r['ratio'])}x**", f"{r['greedy_match']:.0%}"] for r in data["engine_vs_hf"]]
-        parts.append(_table(["batch", "respec tokens/s", "transformers tokens/s", "ratio", "match"], rows))
+                 f"**{_f(r['ratio'])}x**", f"{r['greedy_match']:.0%}",
+                 *((_f(r["eager_tokens_per_s"], ".0f"), f"{_f(r['compiled_vs_eager'])}x") if eager else ())]
+                for r in data["engine_vs_hf"]]
+        if eager:
+            parts.append(f"respec runs with `compile={cfg.get('compile')}`; its eager engine ran beside it on the "
+                         "same prompts.\n")
+        parts.append(_table(["batch", "respec tokens/s", "transformers tokens/s", "ratio", "match"] +
+                            (["eager tokens/s", "vs eager"] if eager else []), rows))
         curve = data.get("verify_cost", [])
         ns = sorted({c["n"] for c in curve if c["n"] > 1})
         by_batch: dict[int, dict[int, dict]] = {}
@@ -286,7 +293,9 @@ def _rollout(root: Path) -> str:
             _table(["mode", "seconds", "vs plain", "CPU s"], rows),
             f"\nAdaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x the best static k "
             f"(k = {data['best_static_k']}), {r['adaptive_vs_table']:.2f}x the table, {r['adaptive_vs_bandit']:.2f}x "
-            f"the bandit, {r['adaptive_vs_oracle']:.2f}x the oracle's time.",
+            f"the bandit, {r['adaptive_vs_oracle']:.2f}x the oracle's time"
+            + (f"; steps run with `compile={cfg.get('compile')}`, {r['adaptive_vs_adaptive_eager']:.2f}x the eager "
+               "engine's adaptive rollout beside it." if "adaptive_vs_adaptive_eager" in r else "."),
             "\n" + _source(data, "rollout.json")]
     return "\n".join(text)
 

@@ -158,10 +158,14 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         prompts = [p for p in task_prompts(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED) for _ in range(cfg.samples)]
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         engine.default_tuner(cfg.k_max)  # profiles (or loads) the cost model outside the timed runs
+        # With compiled steps, the eager engine's adaptive rollout runs beside them: the compiled path's gain.
+        eager = Engine(target, engine.drafter) if cfg.compile != "off" else None
+        if eager is not None:
+            eager.default_tuner(cfg.k_max)
         static = {0: SpecConfig(mode="off"), **{k: SpecConfig(mode="static", k=k) for k in cfg.ks}}
         adaptive = SpecConfig(mode="adaptive", k_max=cfg.k_max)
         runs: dict[str, list[GenerationResult]] = defaultdict(list)
-        total, done = (cfg.repeats + 1) * (len(static) + 3), 0
+        total, done = (cfg.repeats + 1) * (len(static) + 3 + (eager is not None)), 0
         table = bandit = None
         for r in range(cfg.repeats + 1):  # pass 0 warms up every mode and is not counted
             what = f"repeat {r}/{cfg.repeats}" if r else "warm-up"
@@ -179,6 +183,12 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
                 out = _timed(engine, prompts, params, adaptive, chooser)
                 if r:
                     runs[name].append(out)
+                done += 1
+            if eager is not None:
+                log(f"rollout: {what}, adaptive (eager)", done / total)
+                out = _timed(eager, prompts, params, adaptive)
+                if r:
+                    runs["adaptive_eager"].append(out)
                 done += 1
         log("rollout: done", 1.0)
         machine = machine_info(cfg.device)
@@ -218,6 +228,9 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
         "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
     }
+    if eager is not None:
+        data["adaptive_eager_s"] = med(runs["adaptive_eager"])
+        data["ratios"]["adaptive_vs_adaptive_eager"] = data["adaptive_eager_s"] / data["adaptive_s"]
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
@@ -262,4 +275,6 @@ def rollout_tables(data: dict) -> list[Table | Text]:
     r = data["ratios"]
     return [table, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
                         f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
-                        f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed")]
+                        f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed"
+                        + (f", {r['adaptive_vs_adaptive_eager']:.2f}x the eager engine's adaptive rollout"
+                           if "adaptive_vs_adaptive_eager" in r else ""))]
