@@ -21,14 +21,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	.venv/bin/respec demo --json runs/demo/spec.json
 
-# The benchmarks of docs/results.md: each writes its JSON (and a PNG) into docs/results/, then the page is
+# The benchmarks of docs/results.md (decode steps compiled where the start-up profile measured it faster): each
+# writes its JSON (and a PNG) into docs/results/, then the page is
 # regenerated from them. `respec experiment` (an hour and more) and benchmarks/trl_peer.py (needs TRL) are run
 # on their own; their commands are on the page.
 bench: $(STAMP)
 	.venv/bin/respec bench engine --model "$$($(PY) -c 'from respec.world.defaults import resolve_models; print(resolve_models()[0])')" \
-		--threads 1 --verify-repeats 9 --json docs/results/engine_policy.json
-	.venv/bin/respec bench spec --json docs/results/spec.json
-	.venv/bin/respec bench rollout --repeats 5 --json docs/results/rollout.json
+		--threads 1 --verify-repeats 9 --compile auto --json docs/results/engine_policy.json
+	.venv/bin/respec bench spec --compile auto --json docs/results/spec.json
+	.venv/bin/respec bench rollout --repeats 5 --compile auto --json docs/results/rollout.json
 	$(MAKE) results
 
 # docs/results.md's tables, regenerated from the JSON in docs/results/.
