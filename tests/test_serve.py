@@ -41,13 +41,13 @@ def _engine(target, drafter):
 
 
 @contextlib.contextmanager
-def serving(engine, **config):
+def serving(engine, encode=None, decode=None, **config):
     """Runs the app on a free loopback port in a background thread; yields (base url, app); stops it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config.setdefault("limits", ServeLimits(max_pending=64))
-    app = create_app(engine, ServeConfig(port=port, model_name="tiny", **config))
+    app = create_app(engine, ServeConfig(port=port, model_name="tiny", **config), encode, decode)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -326,3 +326,24 @@ def test_control_routes_and_weight_updates(server, client, target, drafter, tmp_
     assert out["meta_info"]["drafter_version"] == 1
     assert client.post("/abort_request", json={"rid": "nobody"}).json()["success"]
     engine.set_drafter(drafter, version=0)  # back to the drafter the other tests compare against
+
+
+def test_text_prompts_through_the_tokenizer(target, drafter):
+    def encode(text):  # a stand-in tokenizer: one token per character
+        return [ord(c) % V for c in text]
+
+    def decode(ids):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    engine = _engine(target, drafter)
+    with serving(engine, encode, decode) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/generate", json={"text": ["ab", "cde"], "sampling_params": {"max_new_tokens": 4,
+                                                                                  "sampling_seed": 2}})
+        assert r.status_code == 200, r.text
+        for item, text in zip(r.json(), ["ab", "cde"], strict=True):
+            assert item["meta_info"]["prompt_tokens"] == len(text)
+            assert item["text"] == decode(item["output_ids"])
+        r = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "logprobs": 1})
+        choice = r.json()["choices"][0]
+        assert r.status_code == 200 and len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"])
+        assert c.post("/generate", json={"text": ""}).status_code == 400
