@@ -253,6 +253,25 @@ def test_fuzz_malformed_requests_are_4xx(server, client):
     assert not engine.has_unfinished_requests()
 
 
+def test_duplicate_rid_fails_that_request_only(client):
+    slow = {"input_ids": [1, 2], "rid": "mine", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+    results = {}
+    assert client.post("/pause_generation").status_code == 200  # the first stays unfinished meanwhile
+    first = threading.Thread(target=lambda: results.update(first=client.post("/generate", json=slow)))
+    first.start()
+    deadline = time.monotonic() + 10
+    while client.get("/get_server_info").json()["unfinished_requests"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    dup = client.post("/generate", json={**slow, "sampling_params": {"max_new_tokens": 2}})
+    assert client.post("/continue_generation").status_code == 200
+    first.join(30)
+    assert dup.status_code == 400 and "mine" in dup.json()["error"]["message"]
+    out = results["first"].json()
+    assert results["first"].status_code == 200 and out["meta_info"]["finish_reason"] == {"type": "length"}
+    assert out["meta_info"]["completion_tokens"] == 40
+
+
 def test_body_limit_and_overload(target, drafter):
     engine = _engine(target, drafter)
     with serving(engine, limits=ServeLimits(max_body_bytes=200, max_pending=2)) as (url, app):

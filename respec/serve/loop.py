@@ -92,8 +92,9 @@ class EngineLoop:
             self._pending += len(requests)
         self._inbox.put(("add", requests))
 
-    def abort(self, rid: str | None) -> None:
-        """Aborts request `rid` (None: every request) at the next turn; unknown ids are ignored."""
+    def abort(self, rid: str | Live | None) -> None:
+        """Aborts request `rid` (a Live: that very request, not another that took its id; None: every request) at
+        the next turn; unknown or finished requests are ignored."""
         self._inbox.put(("abort", rid))
 
     def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
@@ -139,7 +140,11 @@ class EngineLoop:
                 except Exception as e:  # the caller gets the error; the loop serves on
                     future.set_exception(e)
 
-    def _abort(self, rid: str | None) -> None:
+    def _abort(self, rid: str | Live | None) -> None:
+        if isinstance(rid, Live):
+            if self._live.get(rid.rid) is not rid:
+                return
+            rid = rid.rid
         for r in [rid] if rid is not None else list(self._live):
             live = self._live.get(r)
             if live is None:

@@ -160,7 +160,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
 
     def abort_all(lives: list[Live]) -> None:
         for live in lives:
-            loop.abort(live.rid)
+            loop.abort(live)
 
     async def finals(request: Request, events: asyncio.Queue, lives: list[Live]) -> list[RequestOutput]:
         """Returns every request's final output; aborts them all on an error or when the client goes away."""
