@@ -319,6 +319,15 @@ def test_stream_disconnect_frees_slot(target, drafter):
                 time.sleep(0.05)
             info = c.get("/get_server_info").json()
             assert info["aborted_requests"] == 1 and info["unfinished_requests"] == 0
+            # a waiting (non-streaming) client that gives up is noticed too; one that waits gets its tokens
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/generate", json={**body, "stream": False}, timeout=0.3)
+            deadline = time.monotonic() + 10
+            while c.get("/get_server_info").json()["aborted_requests"] < 2:
+                assert time.monotonic() < deadline, "the abandoned request kept its slot"
+                time.sleep(0.05)
+            r = c.post("/generate", json={**body, "stream": False, "sampling_params": {"max_new_tokens": 60}})
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 60
 
 
 def test_control_routes_and_weight_updates(server, client, target, drafter, tmp_path):

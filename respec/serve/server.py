@@ -76,6 +76,18 @@ def _status(e: Exception) -> ApiError:
     return ApiError(500, f"internal error ({type(e).__name__})", "internal_error")
 
 
+class _Guard:
+    """An ASGI middleware that runs `check(scope, receive, send, app)` on every HTTP request."""
+
+    def __init__(self, app, check):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await self.check(scope, receive, send, self.app)
+
+
 def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encoder | None = None,
                decode: Decoder | None = None) -> FastAPI:
     """Returns the FastAPI app serving `engine`; its engine thread starts and stops with the app's lifespan.
@@ -113,18 +125,25 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         err = _status(e)
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
+    async def guard(scope, receive, send, inner):
+        """Refuses an HTTP request without the API key (401) or with a declared body over the limit (413). A plain
+        ASGI wrapper: FastAPI's @middleware("http") would hide client disconnects from the handlers."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        error = None
+        if config.api_key is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                return JSONResponse(ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                                             "authentication_error").body(), status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return JSONResponse(ApiError(413, f"request body is larger than {limits.max_body_bytes} bytes").body(),
-                                status_code=413)
-        return await call_next(request)
+                error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                 "authentication_error")
+        length = headers.get("content-length")
+        if error is None and length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            error = ApiError(413, f"request body is larger than {limits.max_body_bytes} bytes")
+        if error is not None:
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        else:
+            await inner(scope, receive, send)
+
+    app.add_middleware(_Guard, check=guard)
 
     async def body_of(request: Request) -> dict:
         chunks, size = [], 0
