@@ -192,6 +192,65 @@ def generate(
 
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(..., help="HF checkpoint directory of the target (the policy)"),
+    drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter directory (needed unless --spec off)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default: give 0.0.0.0 to expose it)"),
+    port: int = typer.Option(30000),
+    api_key: str | None = typer.Option(None, help="require `Authorization: Bearer KEY` on every route but /health"),
+    max_running: int = typer.Option(128, help="requests decoding at once (slots); more wait in a queue"),
+    max_pending: int = typer.Option(4096, help="requests queued or running at once; more are answered 503"),
+    spec: str | None = typer.Option(None, help="off | static | adaptive (default: adaptive with a drafter, else off)"),
+    k: int = typer.Option(4, help="draft tokens per step (static mode)"),
+    k_max: int = typer.Option(8, help="largest draft length the tuner may pick (adaptive mode)"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
+    max_model_len: int | None = typer.Option(None, help="prompt + generated tokens per request (default: the model's context)"),
+    served_model_name: str | None = typer.Option(None, help="the `model` of OpenAI responses (default: the --model path)"),
+    dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Serve rollouts over HTTP: SGLang's /generate (and its weight-update and control routes) and OpenAI's
+    /v1/completions, batched continuously by one engine thread."""
+    from respec.engine.checkpoint import load_model
+    from respec.engine.generate import Engine, SpecConfig
+    from respec.serve.protocol import ServeLimits
+    from respec.serve.server import ServeConfig, run_server
+
+    spec_config = SpecConfig(mode=spec or ("adaptive" if drafter is not None else "off"), k=k, k_max=k_max)
+    if spec_config.mode not in ("off", "static", "adaptive"):
+        raise ConfigError(f"--spec must be off, static or adaptive, got '{spec_config.mode}'")
+    if spec_config.mode != "off" and drafter is None:
+        raise ConfigError(f"--spec {spec_config.mode} needs --drafter (or give --spec off)")
+    config = ServeConfig(host=host, port=port, api_key=api_key, model_name=served_model_name or str(model),
+                         model_path=str(model), limits=ServeLimits(max_pending=max_pending))
+    encode = decode = None
+    if (model / "tokenizer.json").is_file() or (model / "tokenizer_config.json").is_file():
+        from respec.world.prompts import encode_prompt
+        from respec.world.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+
+        def encode(text: str) -> list[int]:
+            return encode_prompt(tokenizer, text)
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+    target = load_model(model, dtype, device)
+    draft = None
+    if drafter is not None:
+        from respec.engine.drafter import load_drafter
+
+        draft = load_drafter(drafter, target)
+    engine = Engine(target, draft, spec=spec_config, max_running=max_running, max_model_len=max_model_len,
+                    compile=compile)
+    typer.echo(f"serving {model} on http://{host}:{port} (spec {spec_config.mode}, {max_running} slots, "
+               f"{'text and token ids' if encode else 'token ids only'}{', API key required' if api_key else ''})",
+               err=True)
+    run_server(engine, config, encode, decode)
+
+
 @bench_app.command("spec")
 def bench_spec_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),

@@ -155,3 +155,21 @@ def test_demo_benchmarks_then_trains_no_sd_against_respec(monkeypatch, capsys, t
     assert (tmp_path / "demo" / "spec.png").stat().st_size > 0
     flat = out.replace("\n", "")  # rich wraps long paths at the console width
     assert "respec" in flat and "experiment.json" in flat and "speedup" in flat
+
+
+def test_serve_without_drafter_in_static_mode_is_one_error_line(monkeypatch, capsys, checkpoint):
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(checkpoint), "--spec", "static")
+    assert_one_error_line(code, err, "--drafter")
+
+
+def test_serve_builds_the_engine_and_runs_the_server(monkeypatch, capsys, checkpoint):
+    import respec.serve.server
+
+    seen = {}
+    monkeypatch.setattr(respec.serve.server, "run_server",
+                        lambda engine, config, encode, decode: seen.update(engine=engine, config=config))
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(checkpoint), "--port", "0",
+                           "--max-running", "4", "--max-model-len", "64", "--api-key", "k")
+    assert code == 0, err
+    assert seen["engine"].max_running == 4 and seen["engine"].max_model_len == 64
+    assert seen["config"].host == "127.0.0.1" and seen["config"].api_key == "k"
