@@ -287,6 +287,55 @@ def bench_spec_cmd(
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
+    drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
+    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    clients: str = typer.Option("1,16,64", help="concurrency levels: clients sending at once"),
+    requests_per_client: int = typer.Option(4, help="requests each client sends back to back per level"),
+    max_new_tokens: int = typer.Option(96),
+    temperature: float = typer.Option(1.0),
+    specs: str = typer.Option("adaptive,off", help="spec modes of the server (one server each): off | static | "
+                                                   "adaptive"),
+    threads: int | None = typer.Option(1, help="torch CPU threads"),
+    compile: str = typer.Option("off", help="decode steps: off (eager) | on (torch.compile) | auto (the faster path per batch bucket and k, profiled once per machine)"),
+    device: str = typer.Option("cpu"),
+    dtype: str | None = typer.Option(None),
+    json_path: Path = typer.Option(Path("runs/bench/serve.json"), "--json", help="where the results go"),
+) -> None:
+    """The rollout server under load: concurrent streaming clients per spec setting; throughput, p50/p99 latency
+    and time to first token."""
+    from respec.bench.engine import machine_info, write_results
+    from respec.bench.plot import plot_bench_serve
+    from respec.engine.checkpoint import load_model, torch_threads
+    from respec.engine.drafter import load_drafter
+    from respec.engine.generate import Engine, SpecConfig
+    from respec.serve.bench import ServeBenchConfig, bench_serve, serve_table
+    from respec.world.defaults import resolve_models
+    from respec.world.prompts import HELD_OUT_SEED, task_prompts
+
+    levels = _ints(clients, "--clients")
+    cfg = ServeBenchConfig(clients=levels, requests_per_client=requests_per_client, max_new_tokens=max_new_tokens,
+                           temperature=temperature, specs=tuple(s.strip() for s in specs.split(",") if s.strip()))
+    with _progress() as log, torch_threads(threads):
+        policy_dir, drafter_dir = resolve_models(policy, drafter, task, log=log)
+        target = load_model(policy_dir, dtype=dtype, device=device)
+        draft = load_drafter(drafter_dir, target) if any(s != "off" for s in cfg.specs) else None
+        prompts = task_prompts(policy_dir, task, max(levels) * requests_per_client, HELD_OUT_SEED)
+
+        def make_engine(spec: str) -> Engine:
+            return Engine(target, draft, spec=SpecConfig(mode=spec), max_running=max(levels), compile=compile)
+
+        data = {"command": _command(), **bench_serve(make_engine, prompts, cfg, log=log),
+                "machine": machine_info(device), "task": task, "policy": str(policy_dir),
+                "drafter": str(drafter_dir), "max_running": max(levels), "threads": threads, "compile": compile}
+    write_results(data, json_path, plot_bench_serve)
+    console = Console()
+    console.print(serve_table(data))
+    console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @bench_app.command("rollout")
 def bench_rollout_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),

@@ -227,3 +227,24 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
         part = values[max(0, i - window + 1): i + 1]
         out.append(sum(part) / len(part))
     return out
+
+
+def plot_bench_serve(data: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `respec bench serve`: throughput and p99 latency against concurrent clients, one line
+    per spec setting."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    specs = list(dict.fromkeys(lv["spec"] for lv in data["levels"]))
+    panels = (("tokens_per_s", "generated tokens/s"), ("latency_p99_s", "p99 request latency (s)"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for spec in specs:
+            pts = sorted((lv["clients"], lv[key]) for lv in data["levels"] if lv["spec"] == spec)
+            ax.plot([c for c, _ in pts], [y for _, y in pts], marker="o", label=f"spec {spec}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    device = data.get("machine", {}).get("device_name", "")
+    fig.suptitle(f"Rollout server under load{f' ({device})' if device else ''}", fontsize=9)
+    return save_figure(fig, Path(png))

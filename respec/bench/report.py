@@ -3,7 +3,7 @@
 Every table of the results page is rendered here from one JSON file that a benchmark wrote (its command line and
 machine are in the file), so a rerun of a benchmark replaces its numbers and `respec report` shows them; nothing
 on the page is typed by hand. Sections are ordered by topic; a section whose JSON is missing says which command
-writes it. Rendering is deterministic: the same files give the same page byte for byte.
+writes it, except the optional ones (the rollout server under load), which are left out. Rendering is deterministic: the same files give the same page byte for byte.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ def render_results(results_dir: str | Path) -> str:
         raise ConfigError(f"{root}: no such directory of benchmark results")
     parts = [HEADER]
     for title, render in SECTIONS:
+        text = render(root)
+        if text is None:  # an optional section without its JSON
+            continue
         parts.append(f"## {title}\n")
-        parts.append(render(root).rstrip() + "\n")
+        parts.append(text.rstrip() + "\n")
     return "\n".join(parts)
 
 
@@ -396,11 +399,42 @@ def _gpu(root: Path) -> str:
     return "\n".join(text)
 
 
-SECTIONS: tuple[tuple[str, Callable[[Path], str]], ...] = (
+def _serve(root: Path) -> str | None:
+    data = _load(root, "serve.json")
+    if data is None:
+        return None
+    cfg = data.get("config", {})
+    levels = data["levels"]
+    specs = list(dict.fromkeys(lv["spec"] for lv in levels))
+    rows = [[lv["spec"], str(lv["clients"]), str(lv["requests"]), _f(lv["tokens_per_s"], ".0f"),
+             _f(lv["latency_p50_s"]), _f(lv["latency_p99_s"]), _f(lv["ttft_p50_s"], ".3f"),
+             _f(lv["ttft_p99_s"], ".3f")] for lv in levels]
+    text = [f"`respec serve` in-process on a loopback port, one server per spec setting ({', '.join(specs)}), "
+            f"{data.get('max_running', '?')} slots; C clients stream `/generate` at once, "
+            f"{cfg.get('requests_per_client', '?')} requests each back to back, held-out prompts of the embedded task "
+            f"at T = {cfg.get('temperature', '?')}, up to {cfg.get('max_new_tokens', '?')} new tokens, stop at eos; "
+            f"one untimed warm-up request per server. tokens/s = generated tokens / wall time of the level; "
+            f"latency is end to end, TTFT the first streamed event holding a token.\n",
+            _table(["spec", "clients", "requests", "tokens/s", "latency p50 s", "latency p99 s", "TTFT p50 s",
+                    "TTFT p99 s"], rows, right_from=1)]
+    by = {(lv["spec"], lv["clients"]): lv for lv in levels}
+    if "off" in specs:
+        ratios = [f"{s} {by[(s, c)]['tokens_per_s'] / by[('off', c)]['tokens_per_s']:.2f}x at {c} "
+                  f"client{'s' * (c > 1)}"
+                  for s in specs if s != "off" for c in sorted({lv["clients"] for lv in levels})
+                  if (s, c) in by and ("off", c) in by]
+        if ratios:
+            text.append(f"\nThroughput of SD vs off: {', '.join(ratios)}.")
+    text.append("\n" + _source(data, "serve.json"))
+    return "\n".join(text)
+
+
+SECTIONS: tuple[tuple[str, Callable[[Path], str | None]], ...] = (
     ("Engine: plain decoding vs `transformers`, and the cost of verifying k + 1 tokens", _engine),
     ("Speculative decoding per batch size and temperature", _spec),
     ("A draining GRPO rollout: choosing k per step, against vLLM's table and TLT's bandit", _rollout),
     ("GRPO: respec vs TRL's GRPOTrainer", _trl),
     ("ReSpec end to end: `respec experiment`", _experiment),
     ("On a GPU", _gpu),
+    ("The rollout server under load: `respec bench serve`", _serve),
 )

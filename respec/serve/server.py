@@ -10,9 +10,14 @@ disconnects aborts its requests, which frees their slots at the next turn of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,3 +396,38 @@ def run_server(engine: Engine, config: ServeConfig, encode: Encoder | None = Non
     import uvicorn
 
     uvicorn.run(create_app(engine, config, encode, decode), host=config.host, port=config.port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def serving_in_thread(engine: Engine, config: ServeConfig | None = None, encode: Encoder | None = None,
+                      decode: Decoder | None = None, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Yields the base URL of `engine` served (as `run_server` serves it) from a background thread on
+    config.host and a free port the OS picks; on leaving, stops uvicorn and the engine thread and joins both.
+
+    The socket is bound here and handed to uvicorn, so no other process can take the port in between.
+    """
+    import uvicorn
+
+    config = config or ServeConfig()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, 0))
+    port = sock.getsockname()[1]
+    config = dataclasses.replace(config, port=port)
+    app = create_app(engine, config, encode, decode)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="respec-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RespecError(f"the server did not start on {config.host}:{port} within {start_timeout_s} s")
+            time.sleep(0.01)
+        yield f"http://{config.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
+        sock.close()
+        if app.state.loop.alive:  # the lifespan stops it; this covers a server that did not shut down in time
+            app.state.loop.stop()

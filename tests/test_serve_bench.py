@@ -1,0 +1,101 @@
+"""Tests of respec/serve/bench.py (`respec bench serve`): a tiny model served on loopback under 1 and 2 concurrent
+streaming clients; the measurements are consistent, the JSON and plot are written, the table is printed and
+every server is stopped afterwards."""
+
+import json
+import socket
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from respec.bench.report import render_results
+from respec.cli import app
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.errors import ConfigError
+from respec.serve.bench import ServeBenchConfig, bench_serve, percentile, serve_table
+from respec.serve.server import ServeConfig, serving_in_thread
+
+V = 48
+SERVER_THREADS = ("respec-engine", "respec-http", "bench-client")
+
+
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    return sharp_target(V, seed=3, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return init_drafter(target, seed=1)
+
+
+def _server_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(SERVER_THREADS)]
+
+
+def _check_levels(data: dict, specs: tuple[str, ...], clients: tuple[int, ...], requests: int) -> None:
+    assert [(lv["spec"], lv["clients"]) for lv in data["levels"]] == [(s, c) for s in specs for c in clients]
+    for lv in data["levels"]:
+        assert lv["requests"] == lv["clients"] * requests and lv["tokens"] >= lv["requests"]
+        assert lv["tokens_per_s"] == pytest.approx(lv["tokens"] / lv["wall_s"])
+        assert 0 < lv["latency_p50_s"] <= lv["latency_p99_s"] <= lv["wall_s"]
+        assert 0 < lv["ttft_p50_s"] <= lv["ttft_p99_s"] <= lv["latency_p99_s"]
+        assert lv["ttft_p50_s"] <= lv["latency_p50_s"]
+        assert sum(lv["finish"].values()) == lv["requests"]
+
+
+def test_serving_in_thread_frees_port_and_threads(target):
+    with serving_in_thread(Engine(target, max_running=2), ServeConfig()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert "respec-engine" in _server_threads()
+    assert not _server_threads()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_bench_serve_tiny(target, drafter):
+    cfg = ServeBenchConfig(clients=(1, 2), requests_per_client=2, max_new_tokens=6, specs=("static", "off"))
+    made, logged = [], []
+
+    def make_engine(spec):
+        made.append(spec)
+        return Engine(target, drafter, spec=SpecConfig(mode=spec, k=3), max_running=2, max_model_len=96)
+
+    prompts = [[1, 5, 9, 2], [3, 4], [7, 7, 7]]
+    data = bench_serve(make_engine, prompts, cfg, log=lambda m, f=None: logged.append(m))
+    assert made == ["static", "off"] and logged[-1] == "serve: done"
+    _check_levels(data, ("static", "off"), (1, 2), 2)
+    assert data["servers"]["static"]["speculative"]["mode"] == "static"
+    assert data["servers"]["off"]["aborted_requests"] == 0
+    assert not _server_threads()
+    assert serve_table(data).row_count == 4
+
+
+def test_config_and_percentile():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    with pytest.raises(ConfigError, match="specs"):
+        ServeBenchConfig(specs=("eagle",))
+    with pytest.raises(ConfigError, match="clients"):
+        ServeBenchConfig(clients=(0,))
+
+
+def test_cli_bench_serve_and_results_section(tiny_world, tmp_path):
+    policy, drafter = tiny_world
+    out = tmp_path / "results" / "serve.json"
+    r = CliRunner().invoke(app, ["bench", "serve", "--policy", str(policy), "--drafter", str(drafter),
+                                 "--clients", "1,2", "--requests-per-client", "1", "--max-new-tokens", "4",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Rollout server under load" in r.output and "TTFT" in r.output
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("respec") and data["machine"]["torch_threads"] == 1
+    _check_levels(data, ("adaptive", "off"), (1, 2), 1)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert not _server_threads()
+    page = render_results(out.parent)
+    assert "## The rollout server under load" in page and "Throughput of SD vs off: adaptive" in page
+    (out.parent / "serve.json").unlink()
+    assert "rollout server under load" not in render_results(out.parent)
