@@ -183,8 +183,7 @@ def serve_table(data: dict) -> Table:
     table = Table(title=f"Rollout server under load: streaming /generate, up to "
                         f"{data['config']['max_new_tokens']} new tokens, {data['config']['requests_per_client']} "
                         "requests per client")
-    for col in ("spec", "clients", "requests", "tokens", "tokens/s", "latency p50 s", "latency p99 s",
-                "TTFT p50 s", "TTFT p99 s"):
+    for col in ("spec", "clients", "reqs", "tokens", "tok/s", "lat p50 s", "lat p99 s", "TTFT p50 s", "TTFT p99 s"):
         table.add_column(col, justify="left" if col == "spec" else "right")
     for lv in data["levels"]:
         table.add_row(lv["spec"], str(lv["clients"]), str(lv["requests"]), str(lv["tokens"]),
