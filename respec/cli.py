@@ -395,7 +395,12 @@ def _print_experiment(report: dict, console: Console) -> None:
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)
-    from respec.bench.experiment import phase_bound, staleness
+    from respec.bench.experiment import phase_bound, run_shape, staleness
+    from respec.bench.rollout import shape_table
+
+    shapes = {name: shape for name, r in report["runs"].items() if (shape := run_shape(r)) is not None}
+    if shapes:
+        console.print(shape_table(shapes))
 
     stale = staleness(report)
     if stale is not None:
