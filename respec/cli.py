@@ -446,11 +446,10 @@ def train_drafter(
     steps: int | None = typer.Option(None, help="optimiser steps (default: DistillConfig's)"),
 ) -> None:
     """Distil an EAGLE-3 drafter from the target's rollouts; prints the directory it wrote."""
-    from dataclasses import replace
 
     from respec.world.distill import DistillConfig, build_drafter
 
-    cfg = DistillConfig() if steps is None else replace(DistillConfig(), steps=steps)
+    cfg = DistillConfig.for_task(task) if steps is None else DistillConfig.for_task(task, steps=steps)
     with _progress() as log:
         path = build_drafter(target, cfg, out=out, task=task, log=log)
     typer.echo(str(path))

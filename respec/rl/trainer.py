@@ -155,7 +155,7 @@ class Trainer:
         if config.trainer.model is None:
             from respec.world.defaults import resolve_models
 
-            synthetic = config.data.task if config.data.task in ("arithmetic", "countdown") else "arithmetic"
+            synthetic = config.data.task if config.data.task != "jsonl" else "arithmetic"
             policy, drafter = resolve_models(None, config.rollout.drafter, synthetic, log=log)
             config = replace(config, trainer=replace(config.trainer, model=str(policy)),
                              rollout=replace(config.rollout, drafter=str(drafter)))

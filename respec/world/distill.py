@@ -47,6 +47,7 @@ from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
 from respec.world.pretrain import Log, lr_schedule
 from respec.world.prompts import task_prompts
+from respec.world.tasks import TASKS, task_budget
 
 VERSION = 2  # bump when a change here should invalidate cached drafters (2: prompts tokenised by the policy's own
 # tokenizer; transformers 5 had swapped in Qwen2's pre-tokenizer when loading it from the policy directory)
@@ -74,6 +75,15 @@ class DistillConfig:
     seed: int = 0  # drafter init, batch order, rollout sampling
     train_seed: int = 1  # task problem seed of the training prompts
     eval_seed: int = 424242  # task problem seed of the held-out prompts (must differ from train_seed)
+
+    @classmethod
+    def for_task(cls, task: str, **changes) -> DistillConfig:
+        """Returns the default config for distilling on `task`'s prompts: rollouts and the held-out measurement
+        generate the task's completion budget (`task_budget`), so that the drafter sees the long responses too."""
+        budget = task_budget(task) if task in TASKS else cls.max_new_tokens
+        changes.setdefault("max_new_tokens", budget)
+        changes.setdefault("eval_max_new_tokens", budget)
+        return cls(**changes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval_ks", tuple(int(k) for k in self.eval_ks))
@@ -336,9 +346,10 @@ def target_identity(target_dir: str | Path) -> dict:
     return ident
 
 
-def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), out: str | Path | None = None,
+def build_drafter(target_dir: str | Path, cfg: DistillConfig | None = None, out: str | Path | None = None,
                   task: str = "arithmetic", log: Log | None = None) -> Path:
-    """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused).
+    """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused); `cfg`
+    None is `DistillConfig.for_task(task)`.
 
     The directory holds the drafter (vLLM/SGLang EAGLE-3 layout), `eval.json` (acceptance on held-out prompts at
     T = 1 for each of `cfg.eval_ks`, timings) and `train_metrics.jsonl`. Without `out` it is the cache entry
@@ -346,6 +357,7 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), 
     key) is reused, a partial one is rebuilt.
     """
     target_dir = Path(target_dir)
+    cfg = cfg if cfg is not None else DistillConfig.for_task(task)
     key = {"kind": "drafter", "version": VERSION, "target": target_identity(target_dir), "task": task,
            "config": asdict(cfg)}
     dest = Path(out) if out is not None else cache_path("drafter", key)

@@ -26,7 +26,7 @@ import random
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +40,15 @@ from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError, check_finite_loss
 from respec.world.artifacts import cache_path, discard_partial, is_complete, mark_complete
 from respec.world.prompts import encode_prompt
-from respec.world.tasks import Problem, Task, get_task
+from respec.world.tasks import Problem, Task, get_task, task_budget
 from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
 FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused (CHANGELOG.md)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
+LENGTH_GROUPING = 50  # batches per length-sorted pool for such a task (`epoch_batches`)
+LONG_CONTEXT = 1024  # max_seq_len of a task whose completion budget exceeds arithmetic's (chainsum's 384 tokens)
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
 
@@ -54,7 +56,7 @@ TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style
 class PretrainConfig:
     """How the default policy is built; every field but num_threads enters the cache key."""
 
-    task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "countdown"
+    task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "chainsum" | "countdown"
     hidden_size: int = 128  # model width
     num_layers: int = 12  # decoder layers; >= 8 so a one-layer drafter is cheap relative to the target
     num_heads: int = 4  # attention heads (head_dim = hidden_size // num_heads)
@@ -75,6 +77,9 @@ class PretrainConfig:
     # The solution-style mixture (arithmetic: worked, direct, sloppy, checked); None = the task's default. The
     # checked style needs ~10% to be learnt at all: with less the policy's check lines come out wrong.
     style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
+    # Batches drawn from pools of this many batches sorted by length (0: uniformly random batches): a task with
+    # heavy-tailed lengths needs it, or most batches pad their attention to a tail row (`epoch_batches`).
+    length_grouping: int = 0
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
     # torch CPU threads while training; None = every core this process may use. 1 by default: on a small machine
@@ -92,6 +97,9 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"pretrain {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.length_grouping, int) or self.length_grouping < 0:
+            raise ConfigError(f"pretrain length_grouping must be an integer >= 0 (0: random batches), "
+                              f"got {self.length_grouping!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"pretrain num_threads must be a positive integer or None, got {self.num_threads!r}")
         if self.hidden_size % self.num_heads:
@@ -122,9 +130,16 @@ class PretrainConfig:
     @classmethod
     def for_task(cls, task: str, **changes) -> PretrainConfig:
         """Returns the default config for `task`: the default style mixture is the arithmetic one (four styles), so
-        any other task trains on its own default mixture unless `changes` gives one."""
+        any other task trains on its own default mixture unless `changes` gives one; the evaluation budget is the
+        task's (`task_budget`), and a task with longer completions than arithmetic's gets a context of
+        LONG_CONTEXT positions (its longest training sequence plus that budget) and length-grouped batches."""
         if task != "arithmetic":
             changes.setdefault("style_weights", None)
+        budget = task_budget(task)
+        if budget != cls.eval_max_new_tokens:
+            changes.setdefault("eval_max_new_tokens", budget)
+            changes.setdefault("max_seq_len", max(cls.max_seq_len, LONG_CONTEXT))
+            changes.setdefault("length_grouping", LENGTH_GROUPING)
         return cls(task=task, **changes)
 
     def make_task(self) -> Task:
@@ -133,13 +148,15 @@ class PretrainConfig:
         task = get_task(self.task, **kwargs)
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
-                              f"use a synthetic task (arithmetic, countdown)")
+                              f"use a synthetic task (arithmetic, chainsum, countdown)")
         return task
 
     def cache_key(self) -> dict:
         """Returns the dict that names this config's cache entry."""
         fields = asdict(self)
         fields.pop("num_threads")  # changes speed, not the result
+        if not fields["length_grouping"]:
+            fields.pop("length_grouping")  # absent from the keys of policies built before it existed, as they were
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 
@@ -257,6 +274,27 @@ def lr_schedule(step: int, steps: int, peak: float, warmup: int, min_ratio: floa
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
+def epoch_batches(examples: list[tuple[list[int], int]], cfg: PretrainConfig,
+                  gen: torch.Generator) -> Iterator[list[int]]:
+    """Yields batches of example indices forever, epoch after epoch (each reshuffled with `gen`, its last partial
+    batch dropped). With `cfg.length_grouping` = N > 0, each epoch's shuffled examples are cut into pools of N
+    batches, each pool sorted by length and cut into batches, and the epoch's batches shuffled: attention runs
+    over a batch padded to its longest row, and a heavy-tailed task would otherwise pad most batches to a tail
+    row (HF's group_by_length)."""
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        usable = len(order) // cfg.batch_size * cfg.batch_size
+        if not cfg.length_grouping:
+            yield from (order[i : i + cfg.batch_size] for i in range(0, usable, cfg.batch_size))
+            continue
+        pool = cfg.length_grouping * cfg.batch_size
+        grouped = []
+        for start in range(0, usable, pool):
+            members = sorted(order[start : min(start + pool, usable)], key=lambda i: len(examples[i][0]))
+            grouped += [members[i : i + cfg.batch_size] for i in range(0, len(members), cfg.batch_size)]
+        yield from (grouped[i] for i in torch.randperm(len(grouped), generator=gen).tolist())
+
+
 def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: PretrainConfig, metrics_path: Path,
           log: Log | None = None) -> None:
     """Trains `model` in place on `examples` for cfg.steps AdamW steps; appends one JSON line per step."""
@@ -265,17 +303,13 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(len(examples), generator=gen), 0
+    batches = epoch_batches(examples, cfg, torch.Generator().manual_seed(cfg.seed))
     pad_id = model.config.pad_token_id
     started = time.perf_counter()
     every = max(cfg.steps // 20, 1)
     with metrics_path.open("w") as metrics:
         for step in range(cfg.steps):
-            if cursor + cfg.batch_size > len(order):  # a new epoch, reshuffled
-                order, cursor = torch.randperm(len(examples), generator=gen), 0
-            batch = [examples[i] for i in order[cursor : cursor + cfg.batch_size].tolist()]
-            cursor += cfg.batch_size
+            batch = [examples[i] for i in next(batches)]
             t0 = time.perf_counter()
             inputs, targets = collate(batch, pad_id)  # [B, T] each
             seq_lens = torch.tensor([len(ids) - 1 for ids, _ in batch])  # [B] real input tokens per row
