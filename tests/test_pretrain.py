@@ -220,7 +220,12 @@ def test_a_long_task_gets_its_budget_a_long_context_and_length_grouped_batches()
     assert chainsum.make_task().style_weights == ChainSumTask().style_weights
     assert (chainsum.eval_max_new_tokens, chainsum.max_seq_len) == (ChainSumTask.max_new_tokens, 1024)
     assert chainsum.length_grouping > 0 and "length_grouping" in chainsum.cache_key()
-    assert "length_grouping" not in PretrainConfig().cache_key()  # the arithmetic policy keeps its cache entry
+    assert chainsum.init_from == "arithmetic" and chainsum.cache_key()["init_from"] == "arithmetic"
+    key = PretrainConfig().cache_key()  # the arithmetic policy keeps its cache entry
+    assert "length_grouping" not in key and "init_from" not in key
+    for bad in ("chainsum", "jsonl", "chess"):
+        with pytest.raises(ConfigError, match="init_from"):
+            PretrainConfig.for_task("chainsum", init_from=bad)
     assert DistillConfig.for_task("arithmetic") == DistillConfig()
     assert DistillConfig.for_task("chainsum").max_new_tokens == DistillConfig.for_task("chainsum").eval_max_new_tokens \
         == ChainSumTask.max_new_tokens

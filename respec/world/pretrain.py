@@ -47,8 +47,16 @@ Log = Callable[..., None]  # log(message) or log(message, fraction_done): progre
 
 FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused (CHANGELOG.md)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
-LENGTH_GROUPING = 50  # batches per length-sorted pool for such a task (`epoch_batches`)
-LONG_CONTEXT = 1024  # max_seq_len of a task whose completion budget exceeds arithmetic's (chainsum's 384 tokens)
+# Per-task changes to the defaults (`PretrainConfig.for_task`). chainsum: a context for its longest training
+# sequence plus its 384-token budget; length-grouped batches (its tail would pad most random batches' attention to
+# several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
+# in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
+# not yet copying the operands.
+RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
+RECIPES: dict[str, dict] = {
+    "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
+                 "warmup": 20},
+}
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
 
@@ -80,6 +88,9 @@ class PretrainConfig:
     # Batches drawn from pools of this many batches sorted by length (0: uniformly random batches): a task with
     # heavy-tailed lengths needs it, or most batches pad their attention to a tail row (`epoch_batches`).
     length_grouping: int = 0
+    # The task whose default policy (built or reused from the cache) this one starts from, its tokenizer and weights
+    # (a curriculum); None = from scratch with a tokenizer trained on this task's texts.
+    init_from: str | None = None
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
     # torch CPU threads while training; None = every core this process may use. 1 by default: on a small machine
@@ -125,21 +136,21 @@ class PretrainConfig:
         if self.style_weights is not None and (min(self.style_weights, default=-1) < 0
                                                or sum(self.style_weights) <= 0):
             raise ConfigError(f"style_weights must be non-negative with a positive sum, got {self.style_weights}")
+        if self.init_from is not None and (self.init_from == self.task or self.init_from not in RECIPES_BASES):
+            raise ConfigError(f"pretrain init_from must be another synthetic task ({', '.join(RECIPES_BASES)}), "
+                              f"got {self.init_from!r}")
         self.make_task()  # unknown task or style weights that do not fit it fail now, not after the tokenizer
 
     @classmethod
     def for_task(cls, task: str, **changes) -> PretrainConfig:
         """Returns the default config for `task`: the default style mixture is the arithmetic one (four styles), so
         any other task trains on its own default mixture unless `changes` gives one; the evaluation budget is the
-        task's (`task_budget`), and a task with longer completions than arithmetic's gets a context of
-        LONG_CONTEXT positions (its longest training sequence plus that budget) and length-grouped batches."""
+        task's (`task_budget`), and a task in RECIPES gets its recipe."""
         if task != "arithmetic":
             changes.setdefault("style_weights", None)
-        budget = task_budget(task)
-        if budget != cls.eval_max_new_tokens:
-            changes.setdefault("eval_max_new_tokens", budget)
-            changes.setdefault("max_seq_len", max(cls.max_seq_len, LONG_CONTEXT))
-            changes.setdefault("length_grouping", LENGTH_GROUPING)
+        changes.setdefault("eval_max_new_tokens", task_budget(task))
+        for name, value in RECIPES.get(task, {}).items():
+            changes.setdefault(name, value)
         return cls(task=task, **changes)
 
     def make_task(self) -> Task:
@@ -155,8 +166,9 @@ class PretrainConfig:
         """Returns the dict that names this config's cache entry."""
         fields = asdict(self)
         fields.pop("num_threads")  # changes speed, not the result
-        if not fields["length_grouping"]:
-            fields.pop("length_grouping")  # absent from the keys of policies built before it existed, as they were
+        for name in ("length_grouping", "init_from"):  # absent from the keys of policies built before they existed
+            if not fields[name]:
+                fields.pop(name)
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 
@@ -202,11 +214,16 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
     train_set = [p for p in task.problems(cfg.num_train_problems, seed=cfg.seed) if p.prompt not in held_out]
 
     rng = random.Random(cfg.seed)
-    corpus = []
-    for p in train_set[:TOKENIZER_PROBLEMS]:
-        corpus.append(p.prompt)
-        corpus.extend(task.sft_completion(p, rng, style=s)[0] for s in task.styles)
-    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    base = None
+    if cfg.init_from is not None:
+        base_dir = pretrain(PretrainConfig.for_task(cfg.init_from, num_threads=cfg.num_threads), log=log)
+        tokenizer, base = load_tokenizer(base_dir), load_model(base_dir, dtype=torch.float32)
+    else:
+        corpus = []
+        for p in train_set[:TOKENIZER_PROBLEMS]:
+            corpus.append(p.prompt)
+            corpus.extend(task.sft_completion(p, rng, style=s)[0] for s in task.styles)
+        tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
     model_cfg = ModelConfig(
         model_type="qwen2", vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -215,6 +232,12 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     model = init_model(model_cfg, seed=cfg.seed)
+    if base is not None:
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        if shapes != {k: v.shape for k, v in base.state_dict().items()}:
+            raise ConfigError(f"pretrain init_from={cfg.init_from!r}: that policy's shape differs from this config's; "
+                              "give both the same model shape")
+        model.load_state_dict(base.state_dict())  # the context (max_seq_len) may differ: RoPE has no table
 
     examples = encode_examples(tokenizer, task, train_set, rng)
     needed = max(len(ids) for ids, _ in examples) + cfg.eval_max_new_tokens
