@@ -227,6 +227,9 @@ def test_a_long_task_gets_its_budget_a_long_context_and_length_grouped_batches()
         with pytest.raises(ConfigError, match="init_from"):
             PretrainConfig.for_task("chainsum", init_from=bad)
     assert DistillConfig.for_task("arithmetic") == DistillConfig()
+    assert DistillConfig.for_task("chainsum").length_grouping > 0
+    with pytest.raises(ConfigError, match="length_grouping"):
+        DistillConfig(length_grouping=-1)
     assert DistillConfig.for_task("chainsum").max_new_tokens == DistillConfig.for_task("chainsum").eval_max_new_tokens \
         == ChainSumTask.max_new_tokens
     with pytest.raises(ConfigError, match="length_grouping"):
@@ -239,10 +242,8 @@ def test_length_grouping_batches_similar_lengths_and_covers_each_epoch_once():
     from respec.world.pretrain import epoch_batches
 
     lengths = [1 + (i * 37) % 200 for i in range(640)]
-    examples = [([0] * n, 1) for n in lengths]
-    plain = epoch_batches(examples, PretrainConfig(batch_size=32), torch.Generator().manual_seed(0))
-    grouped = epoch_batches(examples, PretrainConfig(batch_size=32, length_grouping=5),
-                            torch.Generator().manual_seed(0))
+    plain = epoch_batches(lengths, 32, 0, torch.Generator().manual_seed(0))
+    grouped = epoch_batches(lengths, 32, 5, torch.Generator().manual_seed(0))
     for batches in (plain, grouped):
         epoch = [next(batches) for _ in range(20)]
         assert sorted(i for b in epoch for i in b) == list(range(640)) and all(len(b) == 32 for b in epoch)

@@ -297,24 +297,23 @@ def lr_schedule(step: int, steps: int, peak: float, warmup: int, min_ratio: floa
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def epoch_batches(examples: list[tuple[list[int], int]], cfg: PretrainConfig,
-                  gen: torch.Generator) -> Iterator[list[int]]:
+def epoch_batches(lengths: list[int], batch_size: int, grouping: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Yields batches of example indices forever, epoch after epoch (each reshuffled with `gen`, its last partial
-    batch dropped). With `cfg.length_grouping` = N > 0, each epoch's shuffled examples are cut into pools of N
-    batches, each pool sorted by length and cut into batches, and the epoch's batches shuffled: attention runs
-    over a batch padded to its longest row, and a heavy-tailed task would otherwise pad most batches to a tail
-    row (HF's group_by_length)."""
+    batch dropped). With `grouping` = N > 0, each epoch's shuffled examples are cut into pools of N batches, each
+    pool sorted by `lengths` and cut into batches, and the epoch's batches shuffled: attention runs over a batch
+    padded to its longest row, and a heavy-tailed task would otherwise pad most batches to a tail row (HF's
+    group_by_length). Pretraining and distillation draw their batches here."""
     while True:
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        usable = len(order) // cfg.batch_size * cfg.batch_size
-        if not cfg.length_grouping:
-            yield from (order[i : i + cfg.batch_size] for i in range(0, usable, cfg.batch_size))
+        order = torch.randperm(len(lengths), generator=gen).tolist()
+        usable = len(order) // batch_size * batch_size
+        if not grouping:
+            yield from (order[i : i + batch_size] for i in range(0, usable, batch_size))
             continue
-        pool = cfg.length_grouping * cfg.batch_size
+        pool = grouping * batch_size
         grouped = []
         for start in range(0, usable, pool):
-            members = sorted(order[start : min(start + pool, usable)], key=lambda i: len(examples[i][0]))
-            grouped += [members[i : i + cfg.batch_size] for i in range(0, len(members), cfg.batch_size)]
+            members = sorted(order[start : min(start + pool, usable)], key=lambda i: lengths[i])
+            grouped += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
         yield from (grouped[i] for i in torch.randperm(len(grouped), generator=gen).tolist())
 
 
@@ -326,7 +325,8 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    batches = epoch_batches(examples, cfg, torch.Generator().manual_seed(cfg.seed))
+    batches = epoch_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.length_grouping,
+                            torch.Generator().manual_seed(cfg.seed))
     pad_id = model.config.pad_token_id
     started = time.perf_counter()
     every = max(cfg.steps // 20, 1)
