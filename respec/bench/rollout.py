@@ -41,6 +41,7 @@ from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
 from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
+from respec.world.tasks import DEFAULT_TASK
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
 
@@ -51,7 +52,7 @@ class RolloutBenchConfig:
 
     policy: str | None = None  # policy directory (with tokenizer); None = the embedded default
     drafter: str | None = None  # drafter directory; None = the embedded default's
-    task: str = "arithmetic"
+    task: str = DEFAULT_TASK
     prompts: int = 16  # P distinct prompts ...
     samples: int = 8  # ... x G samples each: the rollout batch
     temperature: float = 1.0

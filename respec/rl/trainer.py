@@ -57,7 +57,7 @@ from respec.rl.learner import Learner, StepRollouts
 from respec.rl.rollout_shape import rollout_shape
 from respec.world.pretrain import lr_schedule
 from respec.world.prompts import encode_prompt
-from respec.world.tasks import Problem, Task, get_task
+from respec.world.tasks import DEFAULT_TASK, Problem, Task, get_task
 from respec.world.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Trainer:
         if config.trainer.model is None:
             from respec.world.defaults import resolve_models
 
-            synthetic = config.data.task if config.data.task != "jsonl" else "arithmetic"
+            synthetic = config.data.task if config.data.task != "jsonl" else DEFAULT_TASK
             policy, drafter = resolve_models(None, config.rollout.drafter, synthetic, log=log)
             config = replace(config, trainer=replace(config.trainer, model=str(policy)),
                              rollout=replace(config.rollout, drafter=str(drafter)))

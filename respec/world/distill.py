@@ -47,7 +47,7 @@ from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
 from respec.world.pretrain import Log, epoch_batches, lr_schedule
 from respec.world.prompts import task_prompts
-from respec.world.tasks import TASKS, task_budget
+from respec.world.tasks import DEFAULT_TASK, TASKS, task_budget
 
 VERSION = 2  # bump when a change here should invalidate cached drafters (2: prompts tokenised by the policy's own
 # tokenizer; transformers 5 had swapped in Qwen2's pre-tokenizer when loading it from the policy directory)
@@ -351,7 +351,7 @@ def target_identity(target_dir: str | Path) -> dict:
 
 
 def build_drafter(target_dir: str | Path, cfg: DistillConfig | None = None, out: str | Path | None = None,
-                  task: str = "arithmetic", log: Log | None = None) -> Path:
+                  task: str = DEFAULT_TASK, log: Log | None = None) -> Path:
     """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused); `cfg`
     None is `DistillConfig.for_task(task)`.
 

@@ -22,11 +22,13 @@ __all__ = [
     "Score",
     "SyntheticTask",
     "Task",
+    "DEFAULT_TASK",
     "final_answer",
     "get_task",
     "task_budget",
 ]
 
+DEFAULT_TASK = "arithmetic"  # the embedded world's task: what commands train and measure when given none
 DEFAULT_BUDGET = 96  # new tokens per completion of a task that names no budget of its own
 
 
