@@ -176,7 +176,7 @@ def _plot_shapes(ax, shapes: dict[str, dict]) -> None:
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("live batch (rows still generating)")
     ax.set_ylabel("share of decode time")
-    ax.set_title("where the rollout's time goes")
+    ax.set_title("where the rollout's decode time goes", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
 
