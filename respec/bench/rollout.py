@@ -273,9 +273,9 @@ def rollout_tables(data: dict) -> list[Table | Text]:
 def shape_table(shapes: dict[str, dict]) -> Table:
     """Returns the table of rollout shapes (`rollout_shape` layouts by name): response-length quantiles and the
     share of decode time at each live-batch range."""
-    table = Table(title="Rollout shape: response length (tokens) and share of decode time per live batch")
-    for col in ("rollout", "median", "p90", "p99", "max", *(f"{label} rows" for label in RANGE_LABELS),
-                f"<= {SMALL_BATCH} rows"):
+    table = Table(title="Rollout shape: response length in tokens (median, p90, p99, max), and the share of decode "
+                        "time at each live batch (rows still generating)")
+    for col in ("rollout", "median", "p90", "p99", "max", *RANGE_LABELS, f"<={SMALL_BATCH}"):
         table.add_column(col, justify="left" if col == "rollout" else "right")
     for name, shape in shapes.items():
         length = shape["length"]
