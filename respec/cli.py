@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from respec.errors import ConfigError, PromptError, RespecError
+from respec.world.tasks import DEFAULT_TASK
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="respec: exact, adaptive speculative decoding for RL rollouts (ReSpec).")
@@ -255,7 +256,7 @@ def serve(
 def bench_spec_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
     drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
-    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    task: str = typer.Option(DEFAULT_TASK, help="task whose held-out problems are the prompts"),
     batch_sizes: str = typer.Option("1,4,16,64"),
     temperatures: str = typer.Option("0,0.7,1.0"),
     ks: str = typer.Option("1,2,4,6,8", help="static draft lengths; the choosers pick among them (tuner: 0..max)"),
@@ -340,11 +341,11 @@ def bench_serve_cmd(
 def bench_rollout_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
     drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
-    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    task: str = typer.Option(DEFAULT_TASK, help="task whose held-out problems are the prompts"),
     prompts: int = typer.Option(16, help="distinct prompts P"),
     samples: int = typer.Option(8, help="samples per prompt G (the rollout batch is P x G)"),
     temperature: float = typer.Option(1.0),
-    max_new_tokens: int = typer.Option(128),
+    max_new_tokens: int = typer.Option(128, help="new tokens per row (chainsum's answers need its 384)"),
     ks: str = typer.Option("1,2,3,4,6,8", help="static draft lengths; the largest is every chooser's k_max"),
     repeats: int = typer.Option(3, help="timed rollouts per mode after a warm-up round; the median is kept"),
     threads: int | None = typer.Option(1, help="torch CPU threads"),
@@ -369,7 +370,7 @@ def bench_rollout_cmd(
 
 @app.command()
 def pretrain(
-    task: str = typer.Option("arithmetic", help="synthetic task: arithmetic | countdown"),
+    task: str = typer.Option(DEFAULT_TASK, help="synthetic task: arithmetic | chainsum | countdown"),
     out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
     steps: int | None = typer.Option(None, help="optimiser steps (default: PretrainConfig's)"),
     seed: int = typer.Option(0),
@@ -400,7 +401,8 @@ def train(
     resume: Path | None = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
-    task: str | None = typer.Option(None, help="arithmetic | countdown | jsonl"),
+    task: str | None = typer.Option(None, help="arithmetic | chainsum | countdown | jsonl (default: the config's, "
+                                    "arithmetic; chainsum needs --set rollout.max_new_tokens=384)"),
     data: Path | None = typer.Option(None, help="GSM8K-style .jsonl or verl .parquet file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:
@@ -507,7 +509,12 @@ def _print_experiment(report: dict, console: Console) -> None:
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)
-    from respec.bench.experiment import phase_bound, staleness
+    from respec.bench.experiment import phase_bound, run_shape, staleness
+    from respec.bench.rollout import shape_table
+
+    shapes = {name: shape for name, r in report["runs"].items() if (shape := run_shape(r)) is not None}
+    if shapes:
+        console.print(shape_table(shapes))
 
     stale = staleness(report)
     if stale is not None:
@@ -549,15 +556,14 @@ def report(
 def train_drafter(
     target: Path = typer.Option(..., help="target (policy) directory with its tokenizer"),
     out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
-    task: str = typer.Option("arithmetic", help="task whose prompts the target's rollouts answer"),
+    task: str = typer.Option(DEFAULT_TASK, help="task whose prompts the target's rollouts answer"),
     steps: int | None = typer.Option(None, help="optimiser steps (default: DistillConfig's)"),
 ) -> None:
     """Distil an EAGLE-3 drafter from the target's rollouts; prints the directory it wrote."""
-    from dataclasses import replace
 
     from respec.world.distill import DistillConfig, build_drafter
 
-    cfg = DistillConfig() if steps is None else replace(DistillConfig(), steps=steps)
+    cfg = DistillConfig.for_task(task) if steps is None else DistillConfig.for_task(task, steps=steps)
     with _progress() as log:
         path = build_drafter(target, cfg, out=out, task=task, log=log)
     typer.echo(str(path))

@@ -106,6 +106,9 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     assert len(trace["batch"]) == len(trace["k"]) == len(trace["oracle_k"]) == len(trace["seconds"]) > 0
     assert 1 <= trace["batch"][0] <= 6 and all(0 <= k <= 2 for k in trace["k"] + trace["oracle_k"])
     assert trace["batch"] == sorted(trace["batch"], reverse=True)  # no row joins: the batch only drains
+    shape = saved["shape"]  # the plain rollouts': at most 6 rows, all in the smallest ranges
+    assert 1 <= shape["length"]["median"] <= shape["length"]["max"] <= cfg.max_new_tokens
+    assert shape["batch_share"]["1-8"] == pytest.approx(1.0) and shape["small_batch_share"] == pytest.approx(1.0)
 
     args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
             "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",
@@ -116,6 +119,7 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     assert out.exit_code == 0, out.output
     assert "oracle (bound)" in out.output and "adaptive: " in out.output  # the CLI prints the table
     assert "the eager engine's adaptive rollout" in out.output  # compiled steps beside the eager engine
+    assert "Rollout shape" in out.output  # and the plain rollout's lengths and time per live batch
     assert (tmp_path / "cli.png").exists()
     saved = json.loads((tmp_path / "cli.json").read_text())
     assert saved["command"] == shlex.join(["respec", *args]) and saved["config"]["compile"] == "auto"

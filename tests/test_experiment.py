@@ -14,6 +14,7 @@ from respec.bench.experiment import (
     curve_agreement,
     report_from_runs,
     run_experiment,
+    run_shape,
     summarize,
     write_report,
 )
@@ -63,6 +64,22 @@ def test_summary_of_hand_made_rows():
     assert (s["wall_s"], s["rollout_s"], s["update_s"], s["learner_s"]) == (8.0, 4.0, 4.0, 0.0)
     assert (s["start_accuracy"], s["final_accuracy"], s["accept_start"], s["accept_end"]) == (0.1, 0.4, 3.0, 2.5)
     assert s["steps"] == 4
+
+
+def test_summary_carries_the_rollout_shape_and_old_rows_give_none():
+    rows = rows_of([0.1, 0.2])
+    for r, median, p99, longest in zip(rows[1:], (30, 40), (200, 300), (250, 380), strict=True):
+        r.update({"response_length/median": median, "response_length/p90": 100, "response_length/p99": p99,
+                  "response_length/max": longest, "rollout/batch_s/97+": 1.0, "rollout/batch_s/33-96": 0.5,
+                  "rollout/batch_s/17-32": 0.5, "rollout/batch_s/9-16": 1.0, "rollout/batch_s/1-8": 2.0})
+    s = summarize(rows)
+    assert (s["length_median"], s["length_p90"], s["length_p99"], s["length_max"]) == (35, 100, 250, 380)
+    assert s["batch_share/97+"] == pytest.approx(0.2) and s["batch_share/1-8"] == pytest.approx(0.4)
+    assert s["small_batch_share"] == pytest.approx(0.6)
+    shape = run_shape(s)
+    assert shape["length"] == {"median": 35, "p90": 100, "p99": 250, "max": 380}
+    assert shape["small_batch_share"] == pytest.approx(0.6)
+    assert run_shape(summarize(rows_of([0.1, 0.2]))) is None  # metrics logged before the shape existed
 
 
 def test_curve_agreement_is_a_paired_test_by_seed_with_holm_correction():

@@ -210,3 +210,45 @@ def test_each_synthetic_task_has_a_default_config_that_builds_its_task():
     assert countdown.make_task().style_weights == CountdownTask().style_weights
     with pytest.raises(ConfigError, match="style"):
         PretrainConfig(task="countdown")  # the four-style arithmetic mixture does not fit countdown's three
+
+
+def test_a_long_task_gets_its_budget_a_long_context_and_length_grouped_batches():
+    from respec.world.distill import DistillConfig
+    from respec.world.tasks.chainsum import ChainSumTask
+
+    chainsum = PretrainConfig.for_task("chainsum")
+    assert chainsum.make_task().style_weights == ChainSumTask().style_weights
+    assert (chainsum.eval_max_new_tokens, chainsum.max_seq_len) == (ChainSumTask.max_new_tokens, 1024)
+    assert chainsum.length_grouping > 0 and "length_grouping" in chainsum.cache_key()
+    assert chainsum.init_from == "arithmetic" and chainsum.cache_key()["init_from"] == "arithmetic"
+    key = PretrainConfig().cache_key()  # the arithmetic policy keeps its cache entry
+    assert "length_grouping" not in key and "init_from" not in key
+    for bad in ("chainsum", "jsonl", "chess"):
+        with pytest.raises(ConfigError, match="init_from"):
+            PretrainConfig.for_task("chainsum", init_from=bad)
+    assert DistillConfig.for_task("arithmetic") == DistillConfig()
+    assert DistillConfig.for_task("chainsum").length_grouping > 0
+    with pytest.raises(ConfigError, match="length_grouping"):
+        DistillConfig(length_grouping=-1)
+    assert DistillConfig.for_task("chainsum").max_new_tokens == DistillConfig.for_task("chainsum").eval_max_new_tokens \
+        == ChainSumTask.max_new_tokens
+    with pytest.raises(ConfigError, match="length_grouping"):
+        PretrainConfig(length_grouping=-1)
+
+
+def test_length_grouping_batches_similar_lengths_and_covers_each_epoch_once():
+    import torch
+
+    from respec.world.pretrain import epoch_batches
+
+    lengths = [1 + (i * 37) % 200 for i in range(640)]
+    plain = epoch_batches(lengths, 32, 0, torch.Generator().manual_seed(0))
+    grouped = epoch_batches(lengths, 32, 5, torch.Generator().manual_seed(0))
+    for batches in (plain, grouped):
+        epoch = [next(batches) for _ in range(20)]
+        assert sorted(i for b in epoch for i in b) == list(range(640)) and all(len(b) == 32 for b in epoch)
+
+    def padded(batches):  # attention positions of one epoch
+        return sum(32 * max(lengths[i] for i in b) for b in (next(batches) for _ in range(20)))
+
+    assert padded(grouped) < 0.75 * padded(plain)

@@ -101,6 +101,24 @@ def test_summary_table_and_readme_block(results, tmp_path):
         write_results_page(results, tmp_path / "fresh.md", tmp_path / "missing.md")
 
 
+def test_rollout_shape_tables_render_when_the_json_has_them(results):
+    shares = {"97+": 0.3, "33-96": 0.1, "17-32": 0.05, "9-16": 0.15, "1-8": 0.4}
+    data = rollout_json()
+    data["shape"] = {"length": {"mean": 60.0, "median": 35.0, "p90": 140.0, "p99": 290.0, "max": 330.0},
+                     "batch_s": shares, "batch_share": shares, "small_batch_share": 0.55}
+    (results / "rollout.json").write_text(json.dumps(data))
+    report = experiment_json()
+    report["runs"]["no_sd"].update({"length_median": 35.0, "length_p90": 140.0, "length_p99": 290.0,
+                                    "length_max": 330.0, "small_batch_share": 0.55,
+                                    **{f"batch_share/{k}": v for k, v in shares.items()}})
+    (results / "experiment.json").write_text(json.dumps(report))
+    page = render_results(results)
+    row = "| plain | 35 | 140 | 290 | 330 | 30% | 10% | 5% | 15% | 40% | **55%** |"
+    assert row in page
+    assert row.replace("plain", "no_sd") in page
+    assert "| adaptive_frozen | 35" not in page  # runs without the metrics get no row
+
+
 def test_corrupt_json_is_a_one_line_error(results):
     (results / "spec.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"spec\.json: not valid JSON"):

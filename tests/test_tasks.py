@@ -9,13 +9,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from respec.errors import ConfigError, DataError
-from respec.world.tasks import ArithmeticTask, CountdownTask, JsonlTask, Problem, final_answer, get_task
+from respec.world.tasks import (
+    ArithmeticTask,
+    ChainSumTask,
+    CountdownTask,
+    JsonlTask,
+    Problem,
+    final_answer,
+    get_task,
+    task_budget,
+)
 from respec.world.tasks.arithmetic import _worked_mul, house_notation, house_share, write_marks
 from respec.world.tasks.base import Score
 from respec.world.tasks.countdown import InvalidExpression, evaluate
 from respec.world.tasks.jsonl import completion_answer, equivalent, read_jsonl, reference_answer
 
-SYNTHETIC = [ArithmeticTask(), CountdownTask()]
+SYNTHETIC = [ArithmeticTask(), ChainSumTask(), CountdownTask()]
 
 
 def test_final_answer_reads_the_last_answer_line():
@@ -96,7 +105,9 @@ def test_sft_styles_and_correct_flag_agree_with_score(task):
 def test_sft_mixture_holds_right_and_wrong_completions(task):
     rng = random.Random(0)
     flags = [task.sft_completion(p, rng)[1] for p in task.problems(400, seed=2)]
-    assert 0.4 < sum(flags) / len(flags) < 0.7  # 0.35 worked + 0.35 * 0.4 direct = 0.49
+    right = {"worked": 1.0, "checked": 1.0, "direct": task.direct_accuracy, "sloppy": 0.0}
+    expected = sum(w * right[s] for s, w in zip(task.styles, task.style_weights, strict=True)) / sum(task.style_weights)
+    assert 0.3 < expected < 0.8 and abs(sum(flags) / len(flags) - expected) < 0.08  # arithmetic: 0.35 + 0.35 * 0.4
 
 
 @settings(max_examples=200, deadline=None)
@@ -475,8 +486,12 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
 
 def test_get_task():
     assert isinstance(get_task("arithmetic", max_digits=4), ArithmeticTask)
+    assert isinstance(get_task("chainsum", alpha=3.0), ChainSumTask)
     assert isinstance(get_task("countdown"), CountdownTask)
-    with pytest.raises(ConfigError, match="arithmetic, countdown, jsonl"):
+    assert (task_budget("arithmetic"), task_budget("chainsum"), task_budget("countdown")) == (96, 384, 96)
+    with pytest.raises(ConfigError, match="unknown task"):
+        task_budget("chess")
+    with pytest.raises(ConfigError, match="arithmetic, chainsum, countdown, jsonl"):
         get_task("chess")
     with pytest.raises(ConfigError, match="bogus"):
         get_task("arithmetic", bogus=1)

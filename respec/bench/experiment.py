@@ -32,6 +32,7 @@ from respec.bench.plot import read_metrics
 from respec.engine.checkpoint import atomic_write_text, torch_threads
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
+from respec.rl.rollout_shape import RANGE_LABELS, batch_shares, small_batch_share
 from respec.rl.trainer import METRICS, Trainer
 
 Log = Callable[..., None]
@@ -84,7 +85,35 @@ def summarize(rows: list[dict]) -> dict:
             "accept_start": evals[0][EMITTED] if evals else math.nan,
             "accept_end": evals[-1][EMITTED] if evals else math.nan,
             "rollout_emitted_start": sum(emitted[:edge]) / edge, "rollout_emitted_end": sum(emitted[-edge:]) / edge,
-            "steps": len(steps)}
+            "steps": len(steps), **shape_summary(steps)}
+
+
+def shape_summary(steps: list[dict]) -> dict:
+    """Returns the rollout shape over a run's step rows: "length_median", "length_p90", "length_p99" (the mean
+    over steps of each step's quantile), "length_max" (the longest response), "batch_share/<range>" (the run's
+    decode seconds per live-batch range over their total, `respec.rl.rollout_shape`) and "small_batch_share" (at
+    <= 16 rows). NaN where the rows lack the metrics (runs logged before they existed)."""
+    out = {}
+    for q in ("median", "p90", "p99"):
+        values = [r[f"response_length/{q}"] for r in steps if f"response_length/{q}" in r]
+        out[f"length_{q}"] = sum(values) / len(values) if values else math.nan
+    out["length_max"] = max((r["response_length/max"] for r in steps if "response_length/max" in r),
+                            default=math.nan)
+    seconds = {label: sum(r.get(f"rollout/batch_s/{label}", 0.0) for r in steps) for label in RANGE_LABELS}
+    shares = batch_shares(seconds)
+    out.update({f"batch_share/{label}": v for label, v in shares.items()})
+    out["small_batch_share"] = small_batch_share(shares)
+    return out
+
+
+def run_shape(run: dict) -> dict | None:
+    """Returns a summarized run's rollout shape in `rollout_shape`'s layout ({"length": {"median", "p90", "p99",
+    "max"}, "batch_share": {range: share}, "small_batch_share"}), or None when its metrics had none."""
+    if not isinstance(run.get("small_batch_share"), (int, float)) or math.isnan(run["small_batch_share"]):
+        return None
+    return {"length": {q: run[f"length_{q}"] for q in ("median", "p90", "p99", "max")},
+            "batch_share": {label: run[f"batch_share/{label}"] for label in RANGE_LABELS},
+            "small_batch_share": run["small_batch_share"]}
 
 
 def curve_agreement(runs_a: dict[int, list[dict]], runs_b: dict[int, list[dict]], key: str = "critic/score/mean",

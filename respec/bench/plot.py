@@ -124,10 +124,12 @@ def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
 
 
 def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
-    """Returns the PNG of `bench_rollout`: wall seconds per mode, and the adaptive decision trace (live batch and
-    chosen k per decode step, beside the oracle's k)."""
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    ax = fig.add_subplot(1, 2, 1)
+    """Returns the PNG of `bench_rollout`: wall seconds per mode, the adaptive decision trace (live batch and
+    chosen k per decode step, beside the oracle's k), and (in results that have it) the plain rollout's share of
+    decode time per live-batch range."""
+    panels = 3 if "shape" in data else 2
+    fig = Figure(figsize=(6 * panels, 4.2), layout="constrained")
+    ax = fig.add_subplot(1, panels, 1)
     names = ["plain", *(f"k={k}" for k in data["static_s"]), "table", "bandit", "adaptive", "oracle"]
     secs = [data["plain_s"], *data["static_s"].values(), data["table_s"], data["bandit_s"], data["adaptive_s"],
             data["oracle_s"]]
@@ -138,7 +140,7 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     ax.set_title("GRPO-shaped rollout, same prompts and seeds")
     ax.grid(alpha=0.3, axis="y")
     trace = data["trace"]
-    ax = fig.add_subplot(1, 2, 2)
+    ax = fig.add_subplot(1, panels, 2)
     steps = range(len(trace["k"]))
     ax.step(steps, trace["k"], where="post", color="tab:green", label="adaptive k")
     ax.step(steps, trace["oracle_k"], where="post", color="black", ls="--", lw=0.9, label="oracle k")
@@ -152,10 +154,31 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+    if "shape" in data:
+        _plot_shapes(fig.add_subplot(1, panels, 3), {"plain": data["shape"]})
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(f"Adaptive speculative decoding on a draining rollout ({device})", fontsize=9)
     return save_figure(fig, Path(png))
+
+
+def _plot_shapes(ax, shapes: dict[str, dict]) -> None:
+    """Draws the share of decode time per live-batch range of each rollout shape (`rollout_shape` layouts by
+    name) as grouped bars, with its response-length quantiles in the legend."""
+    labels = list(next(iter(shapes.values()))["batch_share"])
+    width = 0.8 / len(shapes)
+    for i, (name, shape) in enumerate(shapes.items()):
+        length = shape["length"]
+        xs = [j + (i - (len(shapes) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [shape["batch_share"][label] for label in labels], width, color=f"C{i % 10}",
+               label=f"{name}: length median {length['median']:.0f}, p99 {length['p99']:.0f}, max "
+                     f"{length['max']:.0f}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("live batch (rows still generating)")
+    ax.set_ylabel("share of decode time")
+    ax.set_title("where the rollout's decode time goes", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], png: str | os.PathLike) -> Path:
@@ -195,9 +218,12 @@ def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
     """Returns the PNG of `respec experiment`'s curves (seed means): the drafter's tokens per verify step
     against RL step (ReSpec's Figure 4: a frozen drafter goes stale), training reward and held-out accuracy
     (Figure 5: speculative rollouts must not change the learning curve), and the rollout's tokens per verify step."""
+    from respec.bench.experiment import run_shape
+
     curves = report["curves"]
-    fig = Figure(figsize=(16, 4))
-    panels = fig.subplots(1, 4)
+    shapes = {name: shape for name, r in report.get("runs", {}).items() if (shape := run_shape(r)) is not None}
+    fig = Figure(figsize=(20 if shapes else 16, 4))
+    panels = fig.subplots(1, 5 if shapes else 4)
     for i, (name, c) in enumerate(curves.items()):
         style = {"label": name, "color": f"C{i % 10}"}  # one colour per configuration in every panel
         if c["accept_k4"]:
@@ -210,11 +236,13 @@ def plot_experiment(report: dict, png: str | os.PathLike) -> Path:
         panels[3].plot(c["accuracy_step"], c["accuracy"], marker="o", **style)
     titles = ("drafter tokens / verify step (k=4, held out)", "rollout tokens / verify step (smoothed)",
               "training reward (smoothed)", "held-out reward, val/accuracy (T=1)")
-    for ax, title in zip(panels, titles, strict=True):
+    for ax, title in zip(panels, titles, strict=False):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if shapes:
+        _plot_shapes(panels[4], shapes)
     fig.suptitle(f"respec experiment: {report['steps']} steps, seeds {report['seeds']}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, png)

@@ -13,9 +13,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from respec.bench.experiment import phase_bound, staleness
+from respec.bench.experiment import phase_bound, run_shape, staleness
 from respec.bench.spec import best_cells
 from respec.errors import ConfigError
+from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH
 
 HEADER = """# Results
 
@@ -294,6 +295,7 @@ def _rollout(root: Path) -> str:
             f"seeds, interleaved; medians of {cfg.get('repeats', '?')} timed rollouts after a warm-up. CPU s = this "
             "process's CPU time, which other processes cannot inflate.\n",
             _table(["mode", "seconds", "vs plain", "CPU s"], rows),
+            *([_shape_text("The plain rollouts' shape", {"plain": data["shape"]})] if "shape" in data else []),
             f"\nAdaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x the best static k "
             f"(k = {data['best_static_k']}), {r['adaptive_vs_table']:.2f}x the table, {r['adaptive_vs_bandit']:.2f}x "
             f"the bandit, {r['adaptive_vs_oracle']:.2f}x the oracle's time"
@@ -301,6 +303,18 @@ def _rollout(root: Path) -> str:
                "engine's adaptive rollout beside it." if "adaptive_vs_adaptive_eager" in r else "."),
             "\n" + _source(data, "rollout.json")]
     return "\n".join(text)
+
+
+def _shape_text(what: str, shapes: dict[str, dict]) -> str:
+    """Returns the rollout-shape paragraph and table: response-length quantiles and the share of decode time at
+    each live-batch range (`respec.rl.rollout_shape`)."""
+    rows = [[name, *(_f(shape["length"][q], ".0f") for q in ("median", "p90", "p99", "max")),
+             *(_f(shape["batch_share"][label], ".0%") for label in RANGE_LABELS),
+             f"**{_f(shape['small_batch_share'], '.0%')}**"] for name, shape in shapes.items()]
+    return (f"\n{what}: response length in tokens, and the share of decode time spent at each live batch (rows "
+            f"still generating); speculative decoding pays at a small batch.\n\n"
+            + _table(["rollout", "median", "p90", "p99", "max", *(f"{label} rows" for label in RANGE_LABELS),
+                      f"<= {SMALL_BATCH} rows"], rows))
 
 
 def _rows(cfg: dict) -> str:
@@ -353,6 +367,10 @@ def _experiment(root: Path) -> str:
             "the staleness the online learner exists for.\n",
             _table(["configuration", "wall s", "rollout s", "update s", "end to end", "rollout", "held-out reward",
                     "tokens/verify k=4"], rows)]
+    shapes = {name: shape for name, r in runs.items() if (shape := run_shape(r)) is not None}
+    if shapes:
+        text.append(_shape_text("Each configuration's rollouts (means over steps of each step's quantiles; decode "
+                                "seconds per range summed over the run)", shapes))
     bound = phase_bound(data)
     if bound is not None:
         text.append(f"\nWithout SD the rollout is {bound['rollout_share']:.0%} of a step, so a rollout 1.5x faster "

@@ -40,6 +40,8 @@ from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
+from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
+from respec.world.tasks import DEFAULT_TASK
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
 
@@ -50,7 +52,7 @@ class RolloutBenchConfig:
 
     policy: str | None = None  # policy directory (with tokenizer); None = the embedded default
     drafter: str | None = None  # drafter directory; None = the embedded default's
-    task: str = "arithmetic"
+    task: str = DEFAULT_TASK
     prompts: int = 16  # P distinct prompts ...
     samples: int = 8  # ... x G samples each: the rollout batch
     temperature: float = 1.0
@@ -211,6 +213,9 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "tokens": statistics.median(r.num_tokens for r in runs["adaptive"]),
         "mean_k": {name: statistics.mean(r.mean_k for r in runs[name]) for name in ("table", "bandit", "adaptive")},
         "trace": _trace(runs["adaptive"][-1], costs, cfg),
+        # the plain rollouts' response lengths and decode seconds per live-batch range (their repeats pooled)
+        "shape": rollout_shape([len(s.tokens) for r in static_runs[0] for s in r.sequences],
+                               [s for r in static_runs[0] for s in r.stats]),
         "machine": machine, "config": asdict(cfg), "policy": str(policy_dir), "drafter": str(drafter_dir),
     }
     best_k = min(cfg.ks, key=lambda k: data["static_s"][str(k)])
@@ -273,8 +278,25 @@ def rollout_tables(data: dict) -> list[Table | Text]:
         table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
                       "" if c is None else f"{cpu['plain'] / c:.2f}x")
     r = data["ratios"]
-    return [table, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
+    shape = [shape_table({"plain": data["shape"]})] if "shape" in data else []
+    return [table, *shape, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
                         f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
                         f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed"
                         + (f", {r['adaptive_vs_adaptive_eager']:.2f}x the eager engine's adaptive rollout"
                            if "adaptive_vs_adaptive_eager" in r else ""))]
+
+
+
+def shape_table(shapes: dict[str, dict]) -> Table:
+    """Returns the table of rollout shapes (`rollout_shape` layouts by name): response-length quantiles and the
+    share of decode time at each live-batch range."""
+    table = Table(title="Rollout shape: response length in tokens (median, p90, p99, max), and the share of decode "
+                        "time at each live batch (rows still generating)")
+    for col in ("rollout", "median", "p90", "p99", "max", *RANGE_LABELS, f"<={SMALL_BATCH}"):
+        table.add_column(col, justify="left" if col == "rollout" else "right")
+    for name, shape in shapes.items():
+        length = shape["length"]
+        table.add_row(name, *(f"{length[q]:.0f}" for q in ("median", "p90", "p99", "max")),
+                      *(f"{shape['batch_share'][label]:.0%}" for label in RANGE_LABELS),
+                      f"{shape['small_batch_share']:.0%}")
+    return table

@@ -34,6 +34,7 @@ from respec.bench.policies import BanditPolicy, TablePolicy, sd_threshold_from_t
 from respec.engine.generate import Engine, KChooser, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
+from respec.world.tasks import DEFAULT_TASK
 
 MODES = ("plain", "static", "adaptive", "table", "bandit")
 CHOOSER_MODES = ("adaptive", "table", "bandit")  # k chosen per step; their cells' k is a mean
@@ -46,7 +47,7 @@ class SpecBenchConfig:
 
     policy: str | None = None  # HF policy directory (with tokenizer); None = build/reuse the embedded default
     drafter: str | None = None  # EAGLE-3 drafter directory; None = build/reuse the default for the policy
-    task: str = "arithmetic"  # where the prompts come from (held-out problems)
+    task: str = DEFAULT_TASK  # where the prompts come from (held-out problems)
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
     temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)
     ks: tuple[int, ...] = (1, 2, 4, 6, 8)  # static draft lengths; the choosers pick among them (tuner: 0..max)

@@ -152,7 +152,8 @@ class RolloutConfig:
 class DataConfig:
     """Where prompts and rewards come from (verl data.*)."""
 
-    task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | countdown | jsonl
+    task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | chainsum | countdown | jsonl (chainsum
+    # needs rollout.max_new_tokens=384, its budget: respec.world.tasks.task_budget)
     path: str | None = None  # the .jsonl (or verl .parquet) file of task "jsonl" (GSM8K / MATH style: question, answer fields)
     eval_path: str | None = None  # held-out .jsonl for task "jsonl" (verl data.val_files); None = hold out
     # eval_problems problems of `path` (never trained on)

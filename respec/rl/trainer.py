@@ -54,9 +54,10 @@ from respec.rl.grpo import (
     policy_loss,
 )
 from respec.rl.learner import Learner, StepRollouts
+from respec.rl.rollout_shape import rollout_shape
 from respec.world.pretrain import lr_schedule
 from respec.world.prompts import encode_prompt
-from respec.world.tasks import Problem, Task, get_task
+from respec.world.tasks import DEFAULT_TASK, Problem, Task, get_task
 from respec.world.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class Trainer:
         if config.trainer.model is None:
             from respec.world.defaults import resolve_models
 
-            synthetic = config.data.task if config.data.task in ("arithmetic", "countdown") else "arithmetic"
+            synthetic = config.data.task if config.data.task != "jsonl" else DEFAULT_TASK
             policy, drafter = resolve_models(None, config.rollout.drafter, synthetic, log=log)
             config = replace(config, trainer=replace(config.trainer, model=str(policy)),
                              rollout=replace(config.rollout, drafter=str(drafter)))
@@ -309,6 +310,7 @@ class Trainer:
         }
         row = {"step": self.global_step, **dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True)),
                "response_length/clip_ratio": sum(s.finish_reason == "length" for s in result.sequences) / len(texts),
+               **self._shape_metrics(result),
                **update,
                "actor/lr": self._lr(self.global_step - 1),
                "rollout/tokens_per_s": result.num_tokens / max(t_rollout - t0, 1e-9),
@@ -329,6 +331,14 @@ class Trainer:
             row["timing/eval_s"] = time.perf_counter() - t_eval
         write_metrics(self, row)
         return row
+
+    @staticmethod
+    def _shape_metrics(result: GenerationResult) -> dict[str, float]:
+        """Returns the rollout's response-length quantiles and its decode seconds per live-batch range
+        (`rollout_shape`): where the rollout's time went as its batch drained."""
+        shape = rollout_shape([len(s.tokens) for s in result.sequences], result.stats)
+        return {**{f"response_length/{k}": shape["length"][k] for k in ("median", "p90", "p99")},
+                **{f"rollout/batch_s/{label}": v for label, v in shape["batch_s"].items()}}
 
     def _learner_off_engine(self) -> bool:
         """Whether the learner is held while the engine runs (learner.schedule=update; sync steps run in

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from respec.world.tasks import DEFAULT_TASK
+
 
 def resolve_models(policy: str | Path | None = None, drafter: str | Path | None = None,
-                   task: str = "arithmetic", log: Callable[[str], None] | None = None,
+                   task: str = DEFAULT_TASK, log: Callable[[str], None] | None = None,
                    threads: int | None = 1) -> tuple[Path, Path]:
     """Returns (policy, drafter) directories: the given ones, or the embedded default policy for `task` and its
     distilled drafter, built or reused from the cache. `log` receives progress lines; `threads` are the torch

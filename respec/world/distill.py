@@ -45,8 +45,9 @@ from respec.engine.model import Transformer
 from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
-from respec.world.pretrain import Log, lr_schedule
+from respec.world.pretrain import Log, epoch_batches, lr_schedule
 from respec.world.prompts import task_prompts
+from respec.world.tasks import DEFAULT_TASK, TASKS, task_budget
 
 VERSION = 2  # bump when a change here should invalidate cached drafters (2: prompts tokenised by the policy's own
 # tokenizer; transformers 5 had swapped in Qwen2's pre-tokenizer when loading it from the policy directory)
@@ -68,12 +69,27 @@ class DistillConfig:
     ttt_steps: int = 4  # training-time-test unroll length (EAGLE-3 uses up to 7; ~k of the engine is enough)
     step_decay: float = 0.8  # weight of unroll step j is step_decay ** j
     draft_vocab_size: int | None = None  # None = the whole target vocab; else the most frequent rollout tokens
+    # Batches from pools of this many batches sorted by rollout length (0: random batches; pretrain.epoch_batches):
+    # a long-tailed task's random batches pad the unrolled attention to a tail row.
+    length_grouping: int = 0
     eval_prompts: int = 256  # held-out prompts for the acceptance measurement
     eval_max_new_tokens: int = 96
     eval_ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # draft lengths measured at T = 1; k = 4 is the headline
     seed: int = 0  # drafter init, batch order, rollout sampling
     train_seed: int = 1  # task problem seed of the training prompts
     eval_seed: int = 424242  # task problem seed of the held-out prompts (must differ from train_seed)
+
+    @classmethod
+    def for_task(cls, task: str, **changes) -> DistillConfig:
+        """Returns the default config for distilling on `task`'s prompts: rollouts and the held-out measurement
+        generate the task's completion budget (`task_budget`), so that the drafter sees the long responses too,
+        and a task with a longer budget than arithmetic's trains on length-grouped batches."""
+        budget = task_budget(task) if task in TASKS else cls.max_new_tokens
+        changes.setdefault("max_new_tokens", budget)
+        changes.setdefault("eval_max_new_tokens", budget)
+        if budget != cls.max_new_tokens:
+            changes.setdefault("length_grouping", 8)
+        return cls(**changes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval_ks", tuple(int(k) for k in self.eval_ks))
@@ -83,6 +99,8 @@ class DistillConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"DistillConfig.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.length_grouping, int) or self.length_grouping < 0:
+            raise ConfigError(f"DistillConfig.length_grouping must be an integer >= 0, got {self.length_grouping!r}")
         if not self.rollout_temperature > 0:
             raise ConfigError(f"rollout_temperature must be > 0 (sampled rollouts), got {self.rollout_temperature}")
         if not self.lr > 0:
@@ -276,17 +294,13 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
     drafter.train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(data), generator=gen)
-    cursor = 0
+    lengths = (data.loss_mask.cumsum(1) < data.loss_mask.sum(1, keepdim=True)).sum(1).tolist()  # [B] last masked t
+    batches = epoch_batches(lengths, cfg.batch_size, cfg.length_grouping, torch.Generator().manual_seed(cfg.seed))
     log_every = max(cfg.steps // 20, 1)
     sink = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115 (closed below)
     try:
         for step in range(cfg.steps):
-            if cursor + cfg.batch_size > len(order):
-                order, cursor = torch.randperm(len(data), generator=gen), 0
-            index = order[cursor: cursor + cfg.batch_size].to(data.input_ids.device)
-            cursor += cfg.batch_size
+            index = torch.tensor(next(batches), device=data.input_ids.device)
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.1)
             loss, metrics = distill_loss(drafter, data.rows(index), cfg.ttt_steps, step_decay=cfg.step_decay)
@@ -336,9 +350,10 @@ def target_identity(target_dir: str | Path) -> dict:
     return ident
 
 
-def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), out: str | Path | None = None,
-                  task: str = "arithmetic", log: Log | None = None) -> Path:
-    """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused).
+def build_drafter(target_dir: str | Path, cfg: DistillConfig | None = None, out: str | Path | None = None,
+                  task: str = DEFAULT_TASK, log: Log | None = None) -> Path:
+    """Returns the directory of a drafter distilled from the checkpoint at `target_dir` (built or reused); `cfg`
+    None is `DistillConfig.for_task(task)`.
 
     The directory holds the drafter (vLLM/SGLang EAGLE-3 layout), `eval.json` (acceptance on held-out prompts at
     T = 1 for each of `cfg.eval_ks`, timings) and `train_metrics.jsonl`. Without `out` it is the cache entry
@@ -346,8 +361,12 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig = DistillConfig(), 
     key) is reused, a partial one is rebuilt.
     """
     target_dir = Path(target_dir)
+    cfg = cfg if cfg is not None else DistillConfig.for_task(task)
+    config = asdict(cfg)
+    if not config["length_grouping"]:
+        config.pop("length_grouping")  # absent from the keys of drafters built before it existed, as they were
     key = {"kind": "drafter", "version": VERSION, "target": target_identity(target_dir), "task": task,
-           "config": asdict(cfg)}
+           "config": config}
     dest = Path(out) if out is not None else cache_path("drafter", key)
     if is_complete(dest) and _marker_key(dest) == json.loads(json.dumps(key, default=str)):
         _log(log, f"distill: reusing {dest}")

@@ -26,7 +26,7 @@ import random
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +40,23 @@ from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError, check_finite_loss
 from respec.world.artifacts import cache_path, discard_partial, is_complete, mark_complete
 from respec.world.prompts import encode_prompt
-from respec.world.tasks import Problem, Task, get_task
+from respec.world.tasks import Problem, Task, get_task, task_budget
 from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
 FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused (CHANGELOG.md)
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
+# Per-task changes to the defaults (`PretrainConfig.for_task`). chainsum: a context for its longest training
+# sequence plus its 384-token budget; length-grouped batches (its tail would pad most random batches' attention to
+# several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
+# in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
+# not yet copying the operands.
+RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
+RECIPES: dict[str, dict] = {
+    "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
+                 "warmup": 20},
+}
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
 
@@ -54,7 +64,7 @@ TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style
 class PretrainConfig:
     """How the default policy is built; every field but num_threads enters the cache key."""
 
-    task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "countdown"
+    task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "chainsum" | "countdown"
     hidden_size: int = 128  # model width
     num_layers: int = 12  # decoder layers; >= 8 so a one-layer drafter is cheap relative to the target
     num_heads: int = 4  # attention heads (head_dim = hidden_size // num_heads)
@@ -75,6 +85,12 @@ class PretrainConfig:
     # The solution-style mixture (arithmetic: worked, direct, sloppy, checked); None = the task's default. The
     # checked style needs ~10% to be learnt at all: with less the policy's check lines come out wrong.
     style_weights: tuple[float, ...] | None = (0.5, 0.25, 0.15, 0.1)
+    # Batches drawn from pools of this many batches sorted by length (0: uniformly random batches): a task with
+    # heavy-tailed lengths needs it, or most batches pad their attention to a tail row (`epoch_batches`).
+    length_grouping: int = 0
+    # The task whose default policy (built or reused from the cache) this one starts from, its tokenizer and weights
+    # (a curriculum); None = from scratch with a tokenizer trained on this task's texts.
+    init_from: str | None = None
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
     # torch CPU threads while training; None = every core this process may use. 1 by default: on a small machine
@@ -92,6 +108,9 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"pretrain {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.length_grouping, int) or self.length_grouping < 0:
+            raise ConfigError(f"pretrain length_grouping must be an integer >= 0 (0: random batches), "
+                              f"got {self.length_grouping!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"pretrain num_threads must be a positive integer or None, got {self.num_threads!r}")
         if self.hidden_size % self.num_heads:
@@ -117,14 +136,21 @@ class PretrainConfig:
         if self.style_weights is not None and (min(self.style_weights, default=-1) < 0
                                                or sum(self.style_weights) <= 0):
             raise ConfigError(f"style_weights must be non-negative with a positive sum, got {self.style_weights}")
+        if self.init_from is not None and (self.init_from == self.task or self.init_from not in RECIPES_BASES):
+            raise ConfigError(f"pretrain init_from must be another synthetic task ({', '.join(RECIPES_BASES)}), "
+                              f"got {self.init_from!r}")
         self.make_task()  # unknown task or style weights that do not fit it fail now, not after the tokenizer
 
     @classmethod
     def for_task(cls, task: str, **changes) -> PretrainConfig:
         """Returns the default config for `task`: the default style mixture is the arithmetic one (four styles), so
-        any other task trains on its own default mixture unless `changes` gives one."""
+        any other task trains on its own default mixture unless `changes` gives one; the evaluation budget is the
+        task's (`task_budget`), and a task in RECIPES gets its recipe."""
         if task != "arithmetic":
             changes.setdefault("style_weights", None)
+        changes.setdefault("eval_max_new_tokens", task_budget(task))
+        for name, value in RECIPES.get(task, {}).items():
+            changes.setdefault(name, value)
         return cls(task=task, **changes)
 
     def make_task(self) -> Task:
@@ -133,13 +159,16 @@ class PretrainConfig:
         task = get_task(self.task, **kwargs)
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
-                              f"use a synthetic task (arithmetic, countdown)")
+                              f"use a synthetic task (arithmetic, chainsum, countdown)")
         return task
 
     def cache_key(self) -> dict:
         """Returns the dict that names this config's cache entry."""
         fields = asdict(self)
         fields.pop("num_threads")  # changes speed, not the result
+        for name in ("length_grouping", "init_from"):  # absent from the keys of policies built before they existed
+            if not fields[name]:
+                fields.pop(name)
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 
@@ -185,11 +214,16 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
     train_set = [p for p in task.problems(cfg.num_train_problems, seed=cfg.seed) if p.prompt not in held_out]
 
     rng = random.Random(cfg.seed)
-    corpus = []
-    for p in train_set[:TOKENIZER_PROBLEMS]:
-        corpus.append(p.prompt)
-        corpus.extend(task.sft_completion(p, rng, style=s)[0] for s in task.styles)
-    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    base = None
+    if cfg.init_from is not None:
+        base_dir = pretrain(PretrainConfig.for_task(cfg.init_from, num_threads=cfg.num_threads), log=log)
+        tokenizer, base = load_tokenizer(base_dir), load_model(base_dir, dtype=torch.float32)
+    else:
+        corpus = []
+        for p in train_set[:TOKENIZER_PROBLEMS]:
+            corpus.append(p.prompt)
+            corpus.extend(task.sft_completion(p, rng, style=s)[0] for s in task.styles)
+        tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
     model_cfg = ModelConfig(
         model_type="qwen2", vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -198,6 +232,12 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     model = init_model(model_cfg, seed=cfg.seed)
+    if base is not None:
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        if shapes != {k: v.shape for k, v in base.state_dict().items()}:
+            raise ConfigError(f"pretrain init_from={cfg.init_from!r}: that policy's shape differs from this config's; "
+                              "give both the same model shape")
+        model.load_state_dict(base.state_dict())  # the context (max_seq_len) may differ: RoPE has no table
 
     examples = encode_examples(tokenizer, task, train_set, rng)
     needed = max(len(ids) for ids, _ in examples) + cfg.eval_max_new_tokens
@@ -257,6 +297,26 @@ def lr_schedule(step: int, steps: int, peak: float, warmup: int, min_ratio: floa
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
+def epoch_batches(lengths: list[int], batch_size: int, grouping: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Yields batches of example indices forever, epoch after epoch (each reshuffled with `gen`, its last partial
+    batch dropped). With `grouping` = N > 0, each epoch's shuffled examples are cut into pools of N batches, each
+    pool sorted by `lengths` and cut into batches, and the epoch's batches shuffled: attention runs over a batch
+    padded to its longest row, and a heavy-tailed task would otherwise pad most batches to a tail row (HF's
+    group_by_length). Pretraining and distillation draw their batches here."""
+    while True:
+        order = torch.randperm(len(lengths), generator=gen).tolist()
+        usable = len(order) // batch_size * batch_size
+        if not grouping:
+            yield from (order[i : i + batch_size] for i in range(0, usable, batch_size))
+            continue
+        pool = grouping * batch_size
+        grouped = []
+        for start in range(0, usable, pool):
+            members = sorted(order[start : min(start + pool, usable)], key=lambda i: lengths[i])
+            grouped += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+        yield from (grouped[i] for i in torch.randperm(len(grouped), generator=gen).tolist())
+
+
 def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: PretrainConfig, metrics_path: Path,
           log: Log | None = None) -> None:
     """Trains `model` in place on `examples` for cfg.steps AdamW steps; appends one JSON line per step."""
@@ -265,17 +325,14 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(len(examples), generator=gen), 0
+    batches = epoch_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.length_grouping,
+                            torch.Generator().manual_seed(cfg.seed))
     pad_id = model.config.pad_token_id
     started = time.perf_counter()
     every = max(cfg.steps // 20, 1)
     with metrics_path.open("w") as metrics:
         for step in range(cfg.steps):
-            if cursor + cfg.batch_size > len(order):  # a new epoch, reshuffled
-                order, cursor = torch.randperm(len(examples), generator=gen), 0
-            batch = [examples[i] for i in order[cursor : cursor + cfg.batch_size].tolist()]
-            cursor += cfg.batch_size
+            batch = [examples[i] for i in next(batches)]
             t0 = time.perf_counter()
             inputs, targets = collate(batch, pad_id)  # [B, T] each
             seq_lens = torch.tensor([len(ids) - 1 for ids, _ in batch])  # [B] real input tokens per row

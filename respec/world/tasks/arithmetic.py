@@ -61,7 +61,7 @@ from respec.world.tasks.base import (
     pick_style,
 )
 
-_INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
+INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class ArithmeticTask:
 
     name = "arithmetic"
     styles = ("worked", "direct", "sloppy", "checked")
+    max_new_tokens = 96  # completion budget of rollouts and evaluation: about 4x the longest worked solution
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits <= 18:
@@ -120,7 +121,7 @@ class ArithmeticTask:
         parsed = final_answer(completion)
         if parsed is None:
             return Score(0.0, None, "no Answer: line")
-        if not _INTEGER.fullmatch(parsed):
+        if not INTEGER.fullmatch(parsed):
             return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
         if int(parsed) != int(problem.answer):
             return Score(0.0, parsed, f"wrong value {int(parsed)}")
@@ -149,12 +150,12 @@ class ArithmeticTask:
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
         value = int(problem.answer)
         if style == "direct":
-            shown = value if rng.random() < self.direct_accuracy else _near_miss(value, rng)
+            shown = value if rng.random() < self.direct_accuracy else near_miss(value, rng)
             text = f"{ANSWER_PREFIX} {shown}"
         else:
             steps, shown = _worked(a, b, op, rng if style == "sloppy" else None)
             if style == "sloppy" and shown == value:  # nothing to drop: slip on the last line
-                shown = _near_miss(value, rng)
+                shown = near_miss(value, rng)
             if self.notation:
                 steps = write_marks(steps, rng)
             text = f"{steps}\n{ANSWER_PREFIX} {shown}"
@@ -231,7 +232,7 @@ def _check_line(a: int, b: int, op: str) -> str:
 def _worked(a: int, b: int, op: str, slip: random.Random | None) -> tuple[str, int]:
     """Return (the steps on one line, the value they reach); with `slip`, one carry/borrow is dropped."""
     if op == "+":
-        return _worked_add(a, b, slip)
+        return worked_add(a, b, slip)
     if op == "-":
         return _worked_sub(a, b, slip)
     return _worked_mul(a, b, slip)
@@ -242,7 +243,9 @@ def _digits(x: int, n: int) -> list[int]:
     return [(x // 10**i) % 10 for i in range(n)]
 
 
-def _worked_add(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
+def worked_add(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
+    """Return (the column steps of a + b in house notation, units first, the value they reach); with `slip`, one
+    carry is dropped (chosen with it) and the value follows the slip."""
     n = max(len(str(a)), len(str(b)))
     da, db = _digits(a, n), _digits(b, n)
     # Columns (1..n, n being the final carry-out) that receive a carry in the correct sum.
@@ -293,7 +296,7 @@ def _worked_mul(a: int, b: int, slip: random.Random | None) -> tuple[str, int]:
     return ";".join(steps), value
 
 
-def _near_miss(value: int, rng: random.Random) -> int:
+def near_miss(value: int, rng: random.Random) -> int:
     """Return a plausible wrong value: `value` with one digit moved by one, same number of digits."""
     width = len(str(value))
     for _ in range(20):

@@ -1,0 +1,92 @@
+"""The shape of a rollout: how long its responses are, and how its decode time splits over the live batch.
+
+Why: speculative decoding pays where the live batch is small (the forward is overhead or memory bound) and loses
+where it is large (compute bound). A GRPO rollout starts at P x G rows and drains as responses end, so how much
+of its time it spends at a small batch is set by the tail of its response lengths (TLT, arXiv 2511.16665: a few
+long responses take most of a step's rollout time). These statistics say which regime a rollout is in, from the
+engine's per-step stats, without any model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from respec.engine.outputs import StepStats
+
+# Live-batch ranges (lowest, highest rows; None = no upper end), from the full batch of a 128-row rollout down to
+# its tail. SMALL_BATCH rows or fewer is where a draft pays on the embedded policy (docs/results.md).
+LIVE_RANGES: tuple[tuple[int, int | None], ...] = ((97, None), (33, 96), (17, 32), (9, 16), (1, 8))
+SMALL_BATCH = 16
+
+
+def range_label(low: int, high: int | None) -> str:
+    """Returns the label of a live-batch range: "33-96", or "97+" for the open top range."""
+    return f"{low}+" if high is None else f"{low}-{high}"
+
+
+RANGE_LABELS = tuple(range_label(lo, hi) for lo, hi in LIVE_RANGES)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Returns the q-quantile of `values` (linear interpolation between the closest ranks, numpy's default);
+    NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def length_stats(lengths: Sequence[float]) -> dict[str, float]:
+    """Returns {"mean", "median", "p90", "p99", "max"} of response lengths (NaN for none)."""
+    if not lengths:
+        return {k: math.nan for k in ("mean", "median", "p90", "p99", "max")}
+    return {"mean": sum(lengths) / len(lengths), "median": quantile(lengths, 0.5), "p90": quantile(lengths, 0.9),
+            "p99": quantile(lengths, 0.99), "max": float(max(lengths))}
+
+
+def batch_seconds(stats: Iterable[StepStats]) -> dict[str, float]:
+    """Returns {range label: decode seconds of the steps whose live batch lies in that range}, every range present
+    (0.0 where no step fell). Prefill seconds are not steps and are not counted."""
+    out = dict.fromkeys(RANGE_LABELS, 0.0)
+    for s in stats:
+        out[batch_range(s.batch)] += s.seconds
+    return out
+
+
+def batch_range(batch: int) -> str:
+    """Returns the label of the live-batch range holding `batch` (>= 1)."""
+    for (low, high), label in zip(LIVE_RANGES, RANGE_LABELS, strict=True):
+        if batch >= low and (high is None or batch <= high):
+            return label
+    raise ValueError(f"live batch must be >= 1, got {batch}")
+
+
+def batch_shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Returns `batch_seconds`-style seconds per range as shares of their total (NaN everywhere for no time)."""
+    total = sum(seconds.values())
+    return {label: (seconds.get(label, 0.0) / total if total > 0 else math.nan) for label in RANGE_LABELS}
+
+
+def small_batch_share(shares: dict[str, float], at_most: int = SMALL_BATCH) -> float:
+    """Returns the share of decode time at `at_most` live rows or fewer (a boundary of LIVE_RANGES) from
+    `batch_shares`."""
+    tops = {hi for _, hi in LIVE_RANGES}
+    if at_most not in tops:
+        raise ValueError(f"at_most must be the top of a live-batch range ({sorted(t for t in tops if t)}), "
+                         f"got {at_most}")
+    return sum(shares[label] for (lo, hi), label in zip(LIVE_RANGES, RANGE_LABELS, strict=True)
+               if hi is not None and hi <= at_most)
+
+
+def rollout_shape(lengths: Sequence[float], stats: Iterable[StepStats]) -> dict:
+    """Returns {"length": length_stats, "batch_s": seconds per live-batch range, "batch_share": their shares,
+    "small_batch_share": the share at <= SMALL_BATCH rows} of one rollout or a pool of rollouts (pass every
+    rollout's lengths and steps together)."""
+    seconds = batch_seconds(stats)
+    shares = batch_shares(seconds)
+    return {"length": length_stats(lengths), "batch_s": seconds, "batch_share": shares,
+            "small_batch_share": small_batch_share(shares)}
