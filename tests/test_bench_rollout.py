@@ -8,6 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+import respec.engine.tuner
 from respec.bench.rollout import (
     BATCH_RANGES,
     RolloutBenchConfig,
@@ -115,6 +116,7 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
             "--json", str(tmp_path / "cli.json")]
     monkeypatch.setattr(sys, "argv", ["respec", *args])  # what the console script sees
     monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")  # the compiled path without C++ code generation
+    monkeypatch.setattr(respec.engine.tuner, "profile_grid", lambda engine, config: [1, 2])  # a short profile
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "oracle (bound)" in out.output and "adaptive: " in out.output  # the CLI prints the table

@@ -58,12 +58,11 @@ class CountCompiled:
             monkeypatch.setattr(module, "run_layer", counting)
 
 
-def test_compiled_speculative_and_plain_sampling_match_the_target(target, drafter, monkeypatch):
+def test_compiled_speculative_sampling_matches_the_target(target, drafter, monkeypatch):
     counter = CountCompiled(monkeypatch)
     engine = Engine(target, drafter, compile="on")
     assert_follows_target(target, first3_counts(engine, CHI_PARAMS, SpecConfig(mode="static", k=2), N), CHI_PARAMS)
-    assert_follows_target(target, first3_counts(engine, CHI_PARAMS, SpecConfig(mode="off"), N), CHI_PARAMS)
-    assert counter.calls > 0
+    assert counter.calls > 0  # (plain compiled steps: the greedy equalities below and the inductor test)
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])

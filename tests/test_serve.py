@@ -353,6 +353,9 @@ def test_control_routes_and_weight_updates(server, client, target, drafter, tmp_
     out = client.post("/generate", json={"input_ids": [1], "sampling_params": {"max_new_tokens": 4}}).json()
     assert out["meta_info"]["drafter_version"] == 1
     assert client.post("/abort_request", json={"rid": "nobody"}).json()["success"]
+    for route in ("/update_weights_from_distributed", "/update_weights_from_tensor", "/init_weights_update_group"):
+        r = client.post(route, json={})  # in-memory transfers: a clear 501, not a 404
+        assert r.status_code == 501 and "update_weights_from_disk" in r.json()["error"]["message"]
     engine.set_drafter(drafter, version=0)  # back to the drafter the other tests compare against
 
 

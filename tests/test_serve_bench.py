@@ -72,6 +72,12 @@ def test_bench_serve_tiny(target, drafter):
     assert data["servers"]["off"]["aborted_requests"] == 0
     assert not _server_threads()
     assert serve_table(data).row_count == 4
+    # The largest level's requests ran offline on the same engine too (after the server stopped).
+    for spec in ("static", "off"):
+        level = next(lv for lv in data["levels"] if lv["spec"] == spec and lv["clients"] == 2)
+        assert level["offline_tokens_per_s"] > 0
+        assert level["vs_offline"] == level["tokens_per_s"] / level["offline_tokens_per_s"]
+        assert all("vs_offline" not in lv for lv in data["levels"] if lv["clients"] == 1)
 
 
 def test_config_and_percentile():

@@ -443,6 +443,10 @@ def _serve(root: Path) -> str | None:
                   if (s, c) in by and ("off", c) in by]
         if ratios:
             text.append(f"\nThroughput of SD vs off: {', '.join(ratios)}.")
+    offline = [f"{lv['spec']} {lv['vs_offline']:.2f}x at {lv['clients']} clients" for lv in levels if "vs_offline" in lv]
+    if offline:
+        text.append(f"\nServer throughput vs the same requests offline on the same engine (`Engine.add_request` / "
+                    f"`step`, all queued at once): {', '.join(offline)}.")
     text.append("\n" + _source(data, "serve.json"))
     return "\n".join(text)
 

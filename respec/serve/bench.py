@@ -23,6 +23,7 @@ import httpx
 from rich.table import Table
 
 from respec.engine.generate import Engine
+from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError, RespecError
 from respec.serve.protocol import ServeLimits
 from respec.serve.server import ServeConfig, serving_in_thread
@@ -145,12 +146,27 @@ def run_level(url: str, prompts: list[list[int]], clients: int, cfg: ServeBenchC
             "finish": {f: sum(r["finish"] == f for r in done) for f in sorted({str(r["finish"]) for r in done})}}
 
 
+def offline_tokens_per_s(engine: Engine, prompts: list[list[int]], clients: int, cfg: ServeBenchConfig) -> float:
+    """Returns the generated tokens per second of the requests of a level of `clients` clients (same prompts, seeds
+    and parameters as `run_level` sends) run offline through `engine.add_request` / `step`, all queued at once."""
+    n = clients * cfg.requests_per_client
+    for i in range(n):
+        engine.add_request(f"offline-{i}", prompts[i % len(prompts)],
+                           SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                          seed=cfg.seed + i))
+    tokens, t0 = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        tokens += sum(len(out.token_ids) for out in engine.step() if out.finished)
+    return tokens / (time.perf_counter() - t0)
+
+
 def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
                 cfg: ServeBenchConfig | None = None, log: Log | None = None) -> dict:
     """Returns {"config", "levels": [{"spec", "clients", "tokens", "wall_s", "tokens_per_s", "latency_p50_s",
     "latency_p99_s", "ttft_p50_s", "ttft_p99_s", ...}], "servers": {spec: server info}}: for each spec setting,
     `make_engine(spec)` served on a loopback port, warmed up with one request, then every concurrency level.
-    Each server is stopped (its threads joined) before the next starts."""
+    Each server is stopped (its threads joined) before the next starts; then the largest level's requests run
+    offline on the same engine (`offline_tokens_per_s`, `vs_offline` on that level)."""
     cfg = cfg or ServeBenchConfig()
     log = log or _no_progress
     if not prompts or any(not p for p in prompts):
@@ -174,6 +190,13 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
                 info = client.get("/get_server_info").json()
             servers[spec] = {k: info[k] for k in ("speculative", "max_running_requests", "compile",
                                                   "decode_steps", "aborted_requests")}
+        # The largest level's requests once more, offline on the same engine (no HTTP, all queued at once): what
+        # the server's scheduling and transport cost.
+        clients = max(cfg.clients)
+        log(f"serve: spec {spec}, offline baseline of {clients} clients' requests", done / total)
+        level = next(lv for lv in levels if lv["spec"] == spec and lv["clients"] == clients)
+        level["offline_tokens_per_s"] = offline_tokens_per_s(engine, prompts, clients, cfg)
+        level["vs_offline"] = level["tokens_per_s"] / level["offline_tokens_per_s"]
     log("serve: done", 1.0)
     return {"config": asdict(cfg), "levels": levels, "servers": servers}
 
@@ -183,10 +206,12 @@ def serve_table(data: dict) -> Table:
     table = Table(title=f"Rollout server under load: streaming /generate, up to "
                         f"{data['config']['max_new_tokens']} new tokens, {data['config']['requests_per_client']} "
                         "requests per client")
-    for col in ("spec", "clients", "reqs", "tokens", "tok/s", "lat p50 s", "lat p99 s", "TTFT p50 s", "TTFT p99 s"):
+    for col in ("spec", "clients", "reqs", "tokens", "tok/s", "lat p50 s", "lat p99 s", "TTFT p50 s", "TTFT p99 s",
+                "vs offline"):
         table.add_column(col, justify="left" if col == "spec" else "right")
     for lv in data["levels"]:
         table.add_row(lv["spec"], str(lv["clients"]), str(lv["requests"]), str(lv["tokens"]),
                       f"{lv['tokens_per_s']:.1f}", f"{lv['latency_p50_s']:.2f}", f"{lv['latency_p99_s']:.2f}",
-                      f"{lv['ttft_p50_s']:.3f}", f"{lv['ttft_p99_s']:.3f}")
+                      f"{lv['ttft_p50_s']:.3f}", f"{lv['ttft_p99_s']:.3f}",
+                      f"{lv['vs_offline']:.2f}x" if "vs_offline" in lv else "")
     return table

@@ -352,6 +352,19 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
             state["drafter_weight_version" if draft else "weight_version"] = str(version)
         return {"success": True, "message": f"loaded {'drafter' if draft else 'policy'} weights from {path}"}
 
+    # SGLang's in-memory weight transfers need a process group or CUDA IPC handles shared with the trainer; this
+    # server loads weights from disk only, and says so rather than answering 404.
+    def not_served(route: str):
+        async def handler():
+            raise ApiError(501, f"{route} (weights over NCCL or CUDA IPC) is not served by respec: save the weights "
+                                "as a safetensors directory and POST /update_weights_from_disk {model_path}",
+                           "not_implemented")
+        return handler
+
+    for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor",
+                  "/destroy_weights_update_group"):
+        app.post(route)(not_served(route))
+
     # -- OpenAI's completions ------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models():
