@@ -121,11 +121,20 @@ def measure_plain(tuner: Tuner) -> None:
 def test_first_plain_choice_in_an_unmeasured_bucket_measures_speculation_once():
     tuner = Tuner(roofline(draft=BASE), 4)  # drafting as dear as the target: plain is the choice
     tuner.observe(step(tuner.costs, 64, 0))
-    assert tuner.choose(64)[0] >= 1  # measured plain, never speculation, at batch 64-127: one probe
-    tuner.observe(step(tuner.costs, 64, 1, [0] * 64))
+    k = tuner.choose(64)[0]
+    assert k >= 1  # measured plain, never speculation, at batch 64-127: a probe of two steps
+    tuner.observe(step(tuner.costs, 64, k, [0] * 64, extra=1.0))  # also consumed the plain step's backlog
+    assert not tuner.calibration.has(True, 64)  # ...so its time is not what a speculative step costs
+    assert tuner.choose(64)[0] == k
+    tuner.observe(step(tuner.costs, 64, k, [0] * 64))
+    assert tuner.calibration.has(True, 64) and tuner.calibration.factor(True, 64) == 1.0
     assert tuner.choose(64)[0] == 0
-    assert tuner.choose(8)[0] >= 1  # speculation never measured at batch 8-15: one probe
-    tuner.observe(step(tuner.costs, 8, 2, [0] * 8))
+    tuner.observe(step(tuner.costs, 64, 0))
+    k = tuner.choose(8)[0]
+    assert k >= 1  # speculation never measured at batch 8-15: a probe
+    tuner.observe(step(tuner.costs, 8, k, [0] * 8))
+    assert tuner.choose(8)[0] == k
+    tuner.observe(step(tuner.costs, 8, k, [0] * 8))
     assert tuner.choose(8)[0] == 0
 
 
@@ -189,10 +198,10 @@ def test_probe_after_probe_every_plain_steps():
     tuner = Tuner(roofline(draft=BASE), 4, TunerConfig(probe_every=4))
     ks = [tuner.choose(8)[0] for _ in range(15)]
     assert ks[:4] == [0] * 4 and ks[4] >= 1
-    assert [k > 0 for k in ks] == ([False] * 4 + [True]) * 3
+    assert [k > 0 for k in ks] == ([False] * 4 + [True] * 2) * 2 + [False] * 3  # a probe is two steps
     assert tuner.current_k == 0  # the probe does not become the k in use
     once = Tuner(roofline(draft=BASE), 4, TunerConfig(probe_every=1))
-    assert [once.choose(8)[0] > 0 for _ in range(6)] == [False, True] * 3
+    assert [once.choose(8)[0] > 0 for _ in range(6)] == [False, True, True] * 2
 
 
 def test_a_new_tuner_learns_from_the_engines_drafter_whatever_its_version():
@@ -265,6 +274,7 @@ def test_slowdown_is_learnt_online_per_batch_bucket():
     assert tuner.predict_s(8, 2) == costs.step_s(8, 2)  # no evidence: the raw cost
     for _ in range(20):  # every speculative step at batch 8-15 takes 1.5x its profile, plain ones 1.2x
         tuner.observe(step(costs, 9, 3, extra=0.5 * costs.step_s(9, 3)))
+    for _ in range(20):
         tuner.observe(step(costs, 12, 0, extra=0.2 * costs.step_s(12, 0)))
     assert tuner.predict_s(8, 2) == pytest.approx(1.5 * costs.step_s(8, 2))
     assert tuner.predict_s(15, 0) == pytest.approx(1.2 * costs.step_s(15, 0))

@@ -19,7 +19,9 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
 - Hysteresis: the k in use is kept unless another k is predicted `hysteresis` faster, so the choice does not
   flap when the live batch hovers at a break-even point (vLLM issue #49548).
 - Exploration: while k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the
-  tuner takes one probe step at the best k >= 1, which measures the current drafter honestly at a bounded cost.
+  tuner probes the best k >= 1 for two steps, which measures the current drafter honestly at a bounded cost. The
+  first speculative step after plain ones also has the drafter consume their backlog, so its time is left out of
+  c_spec; the second step's is what a steady speculative step costs.
   The first time it would speculate (or decode plainly) in a batch bucket where that kind of step was never
   measured, it takes one step of the other kind there too, so both costs are measured rather than borrowed.
 Decisions depend on measured times, so adaptive runs are reproducible in distribution only; the engine logs
@@ -199,6 +201,8 @@ class Tuner:
         self.current_k: int | None = None
         self.plain_run = 0  # consecutive k = 0 decisions
         self.drafter_version: int | None = None
+        self.last_k: int | None = None  # the k of the last observed step
+        self.probe_k: int | None = None  # set while a probe's second step is due
 
     @classmethod
     def for_engine(cls, engine: Engine, k_max: int, config: TunerConfig | None = None) -> Tuner:
@@ -233,6 +237,9 @@ class Tuner:
     def choose(self, batch: int, k_max: int | None = None) -> tuple[int, float]:
         """Returns (k, predicted seconds) for the next step at live batch `batch`, k <= min(k_max, self.k_max)."""
         limit = self.k_max if k_max is None else min(k_max, self.k_max)
+        if self.probe_k is not None:  # the probe's second step: the first consumed the plain steps' backlog
+            k, self.probe_k = min(self.probe_k, limit), None
+            return k, self.predict_s(batch, k)
         rates = self.rates(batch)[: limit + 1]
         best = max(range(len(rates)), key=lambda k: (rates[k], -k))  # ties: the smaller k
         k = best
@@ -246,6 +253,7 @@ class Tuner:
             if limit >= 1 and (self.plain_run > self.config.probe_every or unmeasured):
                 self.plain_run = 0
                 k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
+                self.probe_k = k  # two steps: only the second times a steady speculative step
         else:
             self.plain_run = 0
             if self.calibration.stats and not self.calibration.has(False, batch):
@@ -257,7 +265,12 @@ class Tuner:
     def observe(self, stats: StepStats) -> None:
         """Learns from one step: acceptance per position (k >= 1) and the overhead beyond the raw costs."""
         B, k = stats.batch, stats.k
-        self.calibration.add(k > 0, B, stats.seconds / self.costs.step_s(B, k))
+        after_plain, self.last_k = self.last_k == 0, k
+        # The first speculative step after plain ones also has the drafter consume the pairs those left behind
+        # (up to BACKLOG_FLUSH): its time says nothing about a steady speculative step, which the profile times.
+        # Counted, it made speculation look dear exactly where it was only probed, and kept it off there.
+        if not (k > 0 and after_plain):
+            self.calibration.add(k > 0, B, stats.seconds / self.costs.step_s(B, k))
         if k == 0:
             return
         if self.drafter_version is None:
@@ -290,7 +303,7 @@ class Tuner:
     def state_dict(self) -> dict:
         """Returns the learnt state (acceptance and overhead evidence, current k) as plain JSON-able values."""
         return {"accepted": self.accepted, "tried": self.tried, "current_k": self.current_k,
-                "plain_run": self.plain_run, "drafter_version": self.drafter_version,
+                "plain_run": self.plain_run, "drafter_version": self.drafter_version, "last_k": self.last_k,
                 "calibration": [[sp, b, list(v)] for (sp, b), v in self.calibration.stats.items()]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -299,6 +312,7 @@ class Tuner:
         self.accepted, self.tried = list(state["accepted"]), list(state["tried"])
         self.current_k, self.plain_run = state["current_k"], state["plain_run"]
         self.drafter_version = state.get("drafter_version")
+        self.last_k = state.get("last_k")
         self.calibration.stats = {(bool(sp), int(b)): list(v) for sp, b, v in state["calibration"]}
 
 
