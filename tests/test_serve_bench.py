@@ -57,7 +57,8 @@ def test_serving_in_thread_frees_port_and_threads(target):
 
 
 def test_bench_serve_tiny(target, drafter):
-    cfg = ServeBenchConfig(clients=(1, 2), requests_per_client=2, max_new_tokens=6, specs=("static", "off"))
+    cfg = ServeBenchConfig(clients=(1, 2), requests_per_client=2, max_new_tokens=6, specs=("static", "off"),
+                           clients_in_subprocess=False)  # the CLI test below runs them in a child process
     made, logged = [], []
 
     def make_engine(spec):

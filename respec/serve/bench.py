@@ -2,7 +2,8 @@
 
 For each spec setting the server runs in this process (`serving_in_thread`, the machinery of `respec serve`) on a
 free loopback port; after one untimed warm-up request (the adaptive tuner profiles on its first step), each
-concurrency level C runs C client threads at once, each sending its requests back to back as streaming
+concurrency level C runs C client threads at once (in a child process, so that they do not share the server's
+interpreter lock), each sending its requests back to back as streaming
 `/generate` calls with token-id prompts. Per request: time to first token (the first streamed event holding at
 least one token), end-to-end latency and tokens; per level: throughput (generated tokens / wall time from the
 common start to the last answer) and p50 / p99 of latency and TTFT. The server is stopped before the next setting.
@@ -47,6 +48,9 @@ class ServeBenchConfig:
     specs: tuple[str, ...] = ("adaptive", "off")  # spec modes of the server, one server each
     seed: int = 0  # request i of a level is seeded seed + i
     request_timeout_s: float = 600.0  # a request taking longer fails the benchmark
+    # The clients run in a child process, so their threads (HTTP, JSON, SSE parsing) do not take the server's
+    # interpreter lock: in the server's process they measure the load generator as much as the server.
+    clients_in_subprocess: bool = True
 
     def __post_init__(self) -> None:
         if not self.clients or any(not isinstance(c, int) or c < 1 for c in self.clients):
@@ -146,6 +150,15 @@ def run_level(url: str, prompts: list[list[int]], clients: int, cfg: ServeBenchC
             "finish": {f: sum(r["finish"] == f for r in done) for f in sorted({str(r["finish"]) for r in done})}}
 
 
+def run_level_in_subprocess(url: str, prompts: list[list[int]], clients: int, cfg: ServeBenchConfig) -> dict:
+    """Returns `run_level` run in a fresh child process (its start-up is outside the timed part)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_level, url, prompts, clients, cfg).result()
+
+
 def offline_tokens_per_s(engine: Engine, prompts: list[list[int]], clients: int, cfg: ServeBenchConfig) -> float:
     """Returns the generated tokens per second of the requests of a level of `clients` clients (same prompts, seeds
     and parameters as `run_level` sends) run offline through `engine.add_request` / `step`, all queued at once."""
@@ -184,7 +197,8 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
             done += 1
             for clients in cfg.clients:
                 log(f"serve: spec {spec}, {clients} clients", done / total)
-                levels.append({"spec": spec, **run_level(url, prompts, clients, cfg)})
+                run = run_level_in_subprocess if cfg.clients_in_subprocess else run_level
+                levels.append({"spec": spec, **run(url, prompts, clients, cfg)})
                 done += 1
             with httpx.Client(base_url=url, timeout=30) as client:
                 info = client.get("/get_server_info").json()
