@@ -332,10 +332,11 @@ class Engine:
         if self.compile == "auto":
             self.step_costs(spec.largest_k)  # profiled before the run, not inside its first step
         run = _Run(spec, chooser, on_step, keep_stats=True)
-        # Compiled layers are specialised on the cache's strides: one table shape per engine keeps them.
-        slots, max_tokens = (self.max_running, self.max_model_len) if self.compile != "off" else \
-            (min(len(prompts), self.max_running), max(map(len, prompts)) + params.max_new_tokens)
-        self._table_for(slots, max_tokens, spec)
+        # Compiled layers are specialised on the cache's strides, which its positions per slot set: compiled, a
+        # table holds max_model_len per slot whatever the call needs.
+        max_tokens = self.max_model_len if self.compile != "off" else \
+            max(map(len, prompts)) + params.max_new_tokens
+        self._table_for(min(len(prompts), self.max_running), max_tokens, spec)
         requests = [self._queue(i, list(p), params, request_key(params.seed, i)) for i, p in enumerate(prompts)]
         try:
             while self._requests:
