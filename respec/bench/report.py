@@ -121,6 +121,17 @@ def render_summary(results_dir: str | Path) -> str:
         rs = engine["engine_vs_hf"]
         add("Plain decoding vs `transformers` `generate` (greedy, identical tokens)",
             " / ".join(f"{r['ratio']:.2f}x at batch {r['batch']}" for r in (rs[0], rs[-1])), SECTIONS[0][0], engine)
+    serve = _load(root, "serve.json")
+    if serve:
+        by = {(lv["spec"], lv["clients"]): lv for lv in serve["levels"]}
+        most = max(lv["clients"] for lv in serve["levels"])
+        if ("adaptive", most) in by and ("off", most) in by:
+            top = by[("adaptive", most)]
+            value = f"{top['tokens_per_s'] / by[('off', most)]['tokens_per_s']:.2f}x"
+            if "vs_offline" in top:
+                value += f"; {top['vs_offline']:.2f}x offline"
+            add(f"Rollout server at {most} clients: adaptive SD vs off; vs the same requests offline", value,
+                SECTIONS[6][0], serve)
     if not rows:
         return "No benchmark results recorded yet: `make bench`, then `make results`.\n"
     return _table(["what", "measured", "details", "machine"], rows, right_from=4)
