@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from respec.errors import ConfigError
@@ -58,7 +59,7 @@ from respec.world.tasks.base import (
     check_style_mix,
     clip,
     final_answer,
-    pick_style,
+    resolve_style,
 )
 
 INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
@@ -143,25 +144,9 @@ class ArithmeticTask:
         self, problem: Problem, rng: random.Random, style: str | None = None
     ) -> tuple[str, bool]:
         """Return (completion text, whether its answer is right) in `style`, drawn from `style_weights` if None."""
-        if style is None:
-            style = pick_style(self.styles, self.style_weights, rng)
-        if style not in self.styles:
-            raise ConfigError(f"unknown arithmetic style {style!r}; choose one of {', '.join(self.styles)}")
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
-        value = int(problem.answer)
-        if style == "direct":
-            shown = value if rng.random() < self.direct_accuracy else near_miss(value, rng)
-            text = f"{ANSWER_PREFIX} {shown}"
-        else:
-            steps, shown = _worked(a, b, op, rng if style == "sloppy" else None)
-            if style == "sloppy" and shown == value:  # nothing to drop: slip on the last line
-                shown = near_miss(value, rng)
-            if self.notation:
-                steps = write_marks(steps, rng)
-            text = f"{steps}\n{ANSWER_PREFIX} {shown}"
-            if style == "checked":
-                text = f"{_check_line(a, b, op)}\n{text}"
-        return text, self.score(problem, text).reward > 0
+        return styled_completion(self, problem, resolve_style(self, style, rng), rng,
+                                 lambda slip: _worked(a, b, op, slip), lambda: _check_line(a, b, op))
 
     def style_of(self, problem: Problem, completion: str) -> str:
         """Return the style a completion follows: "direct" (no steps), "checked" (this problem's check line, the
@@ -183,6 +168,28 @@ class ArithmeticTask:
 RESULT_MARKS = ("=", "~", ">", "#")  # the house mark first
 SEPARATORS = (";", "|", "&", "/")
 _MARK = re.compile(r"( ?)([-+x=~>#;|&/])( ?)")
+
+
+def styled_completion(task, problem: Problem, style: str, rng: random.Random,
+                      worked: Callable[[random.Random | None], tuple[str, int]],
+                      check: Callable[[], str]) -> tuple[str, bool]:
+    """Return (completion text, whether its answer is right) of a worked-arithmetic task in `style`: `worked(slip)`
+    gives the steps and their answer (slip: an rng to drop one carry, or None), `check()` the check line.
+    "sloppy" with nothing to drop slips on the answer; the marks take random notations when `task.notation`."""
+    value = int(problem.answer)
+    if style == "direct":
+        shown = value if rng.random() < task.direct_accuracy else near_miss(value, rng)
+        text = f"{ANSWER_PREFIX} {shown}"
+    else:
+        steps, shown = worked(rng if style == "sloppy" else None)
+        if style == "sloppy" and shown == value:  # nothing to drop: slip on the answer
+            shown = near_miss(value, rng)
+        if task.notation:
+            steps = write_marks(steps, rng)
+        text = f"{steps}\n{ANSWER_PREFIX} {shown}"
+        if style == "checked":
+            text = f"{check()}\n{text}"
+    return text, task.score(problem, text).reward > 0
 
 
 def write_marks(steps: str, rng: random.Random) -> str:

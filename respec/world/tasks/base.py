@@ -79,6 +79,15 @@ def pick_style(styles: tuple[str, ...], weights: tuple[float, ...], rng: random.
     return rng.choices(styles, weights=weights, k=1)[0]
 
 
+def resolve_style(task, style: str | None, rng: random.Random) -> str:
+    """Return `style`, or one drawn from the task's `style_weights` when None; ConfigError for an unknown one."""
+    if style is None:
+        style = pick_style(task.styles, task.style_weights, rng)
+    if style not in task.styles:
+        raise ConfigError(f"unknown {task.name} style {style!r}; choose one of {', '.join(task.styles)}")
+    return style
+
+
 def clip(text: str, limit: int = 24) -> str:
     """Return repr(text) shortened to about `limit` characters, for reasons that quote user text."""
     return repr(text if len(text) <= limit else text[:limit] + "...")

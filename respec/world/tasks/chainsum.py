@@ -37,9 +37,8 @@ from respec.world.tasks.arithmetic import (
     INTEGER,
     house_notation,
     house_share,
-    near_miss,
+    styled_completion,
     worked_add,
-    write_marks,
 )
 from respec.world.tasks.base import (
     ANSWER_PREFIX,
@@ -48,7 +47,7 @@ from respec.world.tasks.base import (
     check_style_mix,
     clip,
     final_answer,
-    pick_style,
+    resolve_style,
 )
 
 
@@ -119,25 +118,9 @@ class ChainSumTask:
         self, problem: Problem, rng: random.Random, style: str | None = None
     ) -> tuple[str, bool]:
         """Return (completion text, whether its answer is right) in `style`, drawn from `style_weights` if None."""
-        if style is None:
-            style = pick_style(self.styles, self.style_weights, rng)
-        if style not in self.styles:
-            raise ConfigError(f"unknown chainsum style {style!r}; choose one of {', '.join(self.styles)}")
         operands = problem.meta["operands"]
-        value = int(problem.answer)
-        if style == "direct":
-            shown = value if rng.random() < self.direct_accuracy else near_miss(value, rng)
-            text = f"{ANSWER_PREFIX} {shown}"
-        else:
-            steps, shown = worked_chain(operands, rng if style == "sloppy" else None)
-            if style == "sloppy" and shown == value:  # no carry anywhere to drop: slip on the answer
-                shown = near_miss(value, rng)
-            if self.notation:
-                steps = write_marks(steps, rng)
-            text = f"{steps}\n{ANSWER_PREFIX} {shown}"
-            if style == "checked":
-                text = f"{check_line(operands)}\n{text}"
-        return text, self.score(problem, text).reward > 0
+        return styled_completion(self, problem, resolve_style(self, style, rng), rng,
+                                 lambda slip: worked_chain(operands, slip), lambda: check_line(operands))
 
     def style_of(self, problem: Problem, completion: str) -> str:
         """Return the style a completion follows: "direct" (no steps), "checked" (the check line, the correct

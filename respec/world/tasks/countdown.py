@@ -40,7 +40,7 @@ from respec.world.tasks.base import (
     check_style_mix,
     clip,
     final_answer,
-    pick_style,
+    resolve_style,
 )
 
 MAX_EXPRESSION_CHARS = 200
@@ -127,10 +127,7 @@ class CountdownTask:
         self, problem: Problem, rng: random.Random, style: str | None = None
     ) -> tuple[str, bool]:
         """Return (completion text, whether it is correct) in `style`, drawn from `style_weights` if None."""
-        if style is None:
-            style = pick_style(self.styles, self.style_weights, rng)
-        if style not in self.styles:
-            raise ConfigError(f"unknown countdown style {style!r}; choose one of {', '.join(self.styles)}")
+        style = resolve_style(self, style, rng)
         numbers, target = problem.meta["numbers"], problem.meta["target"]
         if style == "worked":
             text = f"{';'.join(problem.meta['steps'])}\n{ANSWER_PREFIX} {problem.answer}"
