@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from respec.engine.slots import SlotKV
+
 
 class KVCache:
     """Keys and values of every layer [L, B, Hkv, capacity, D] with a length per row."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, capacity, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # The slot table's storage, one slot per row: [L, B, Hkv, capacity, D] each.
+        kv = SlotKV(num_layers, batch, num_kv_heads, capacity, head_dim, dtype, device)
+        self.k, self.v = kv.k, kv.v
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
         self.extent = 0  # host-side upper bound of lengths.max()
         self.capacity = capacity

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from respec.engine.outputs import StepStats
 
 # Live-batch ranges (lowest, highest rows; None = no upper end), from the full batch of a 128-row rollout down to
@@ -29,15 +31,9 @@ RANGE_LABELS = tuple(range_label(lo, hi) for lo, hi in LIVE_RANGES)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
-    """Returns the q-quantile of `values` (linear interpolation between the closest ranks, numpy's default);
-    NaN for no values."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """Returns the q-quantile of `values` (numpy's linear interpolation between the closest ranks); NaN for no
+    values."""
+    return float(np.quantile(values, q)) if len(values) else math.nan
 
 
 def length_stats(lengths: Sequence[float]) -> dict[str, float]:

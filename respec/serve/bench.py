@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import httpx
+import numpy as np
 from rich.table import Table
 
 from respec.engine.generate import Engine
@@ -65,15 +66,9 @@ class ServeBenchConfig:
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """Returns the q-th percentile (0..100) of xs, linearly interpolated between order statistics (numpy's
-    default), so p50 <= p99 <= max always holds."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """Returns the q-th percentile (0..100) of xs, numpy's linear interpolation between order statistics, so
+    p50 <= p99 <= max always holds; NaN for no values."""
+    return float(np.percentile(xs, q)) if xs else float("nan")
 
 
 def stream_request(client: httpx.Client, prompt: list[int], sampling: dict) -> dict:
