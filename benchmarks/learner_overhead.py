@@ -66,16 +66,16 @@ def main() -> None:
     learner.pause()
     learner.publish_fn = lambda d, v: None  # the drafter stays the same: identical rollouts on every side
     G = config.rollout.group_size
-    problems = trainer._next_problems(16)
-    prompts = [trainer._encode(p) for p in problems for _ in range(G)]
+    problems = trainer.problems.next(16)
+    prompts = [trainer.rollout.encode(p) for p in problems for _ in range(G)]
     params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=1234)
     spec = SpecConfig(mode="static", k=args.k) if args.k else SpecConfig(mode="off")
     result = trainer.engine.generate(prompts, params, spec)
-    texts = trainer.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
-    rewards = torch.tensor([float(trainer.reward_fn(problems[i // G], t)) for i, t in enumerate(texts)])
-    batch = trainer._batch(prompts, result, group_advantages(rewards, G))
+    texts = trainer.rollout.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
+    rewards = torch.tensor([float(trainer.rollout.reward_fn(problems[i // G], t)) for i, t in enumerate(texts)])
+    batch = trainer.rollout._batch(prompts, result, group_advantages(rewards, G))
     actor_state = copy.deepcopy(trainer.actor.state_dict())
-    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
+    optim_state = copy.deepcopy(trainer.update.optimizer.state_dict())
 
     def rollout() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -84,10 +84,10 @@ def main() -> None:
 
     def update() -> float:
         t0 = time.perf_counter()
-        trainer._update(batch, rewards)
+        trainer.update.run(batch, rewards, 1, torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
         trainer.actor.load_state_dict(actor_state)  # the same update every time
-        trainer.optimizer.load_state_dict(optim_state)
+        trainer.update.optimizer.load_state_dict(optim_state)
         return seconds
 
     # The same learner config and buffer in a child process: what `learner.mode=process` runs.
