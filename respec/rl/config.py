@@ -187,7 +187,7 @@ class DataConfig:
             _positive_int(s, "eval_max_new_tokens", self.eval_max_new_tokens)
 
 
-LEARNER_MODES = ("off", "async", "process", "sync")
+LEARNER_MODES = ("off", "async", "sync")
 WEIGHTINGS = ("reward", "uniform")
 SCHEDULES = ("always", "update")
 
@@ -198,9 +198,8 @@ class LearnerConfig:
     published to the engine between decode steps. ReSpec's names have no verl/TRL counterpart."""
 
     mode: str = "off"  # "off": the drafter stays frozen; "async": a thread trains while rollout and update go on;
-    # "process": the same in a child process (its own GIL: rl/learner_process.py); "sync": the same steps run in the
-    # trainer's thread after each update (deterministic; for tests and ablations)
-    schedule: str = "always"  # when an async/process learner trains: "always" (beside the rollout and the update);
+    # "sync": the same steps run in the trainer's thread after each update (deterministic; for tests and ablations)
+    schedule: str = "always"  # when an async learner trains: "always" (beside the rollout and the update);
     # "update": only while the policy updates, never beside the engine's rollouts and evaluations (where cores
     # share caches and memory bandwidth, a learner beside the rollout slows it; docs/rl.md)
     weighting: str = "uniform"  # "uniform": every sequence weighs 1 (plain online KD); "reward": ReSpec's

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,9 +43,6 @@ from respec.rl.rollout import RewardFn, Rollout
 from respec.rl.update import ActorUpdate, FeatureTap
 from respec.world.tasks import DEFAULT_TASK, Problem, Task, get_task
 from respec.world.tokenizer import load_tokenizer
-
-if TYPE_CHECKING:
-    from respec.rl.learner_process import LearnerProcess
 
 __all__ = ["CHECKPOINT", "CONFIG", "EVAL_K", "METRICS", "RewardFn", "Trainer"]
 
@@ -70,7 +66,7 @@ class Trainer:
         self.engine, self.actor = engine, actor
         t = config.trainer
         device = next(actor.parameters()).device
-        self.learner: Learner | LearnerProcess | None = _learner(config, engine)
+        self.learner: Learner | None = _learner(config, engine)
         drafter = engine.drafter
         tap = FeatureTap(tuple(drafter.aux_layer_ids) if drafter is not None else ())
         if self.learner is not None:
@@ -83,8 +79,6 @@ class Trainer:
         self.global_step = 0  # RL steps done
         self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
         self.last_features: StepRollouts | None = None
-        if self._learner_off_engine():
-            self.learner.hold()  # released for each update (step)
 
     @property
     def run_dir(self) -> Path:
@@ -209,8 +203,8 @@ class Trainer:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.rng))
         rollouts = self.rollout.run(problems, seed, step)
         t_reward = time.perf_counter()
-        if self._learner_off_engine():  # learner.schedule=update: it trains while the policy updates
-            self.learner.release()
+        if self.learner is not None:  # learner.schedule=update: it trains while the policy updates, only
+            self.learner.update_window(True)
         try:
             update, self.last_features = self.update.run(rollouts.batch, rollouts.rewards, step, self.rng)
         except TrainingError as e:
@@ -219,8 +213,8 @@ class Trainer:
             raise TrainingError(f"{e}; {kept}: resume with a lower trainer.lr, or check the rewards and the "
                                 "weights") from None
         finally:
-            if self._learner_off_engine():
-                self.learner.hold()  # its step in flight ends beside what follows; no new one starts
+            if self.learner is not None:
+                self.learner.update_window(False)  # its step in flight ends beside what follows; no new one starts
         t_update = time.perf_counter()
         self.engine.load_weights(self.actor.state_dict())  # in memory, from the next rollout on
         self.global_step = step
@@ -245,12 +239,6 @@ class Trainer:
     def evaluate(self) -> dict:
         """Returns the held-out metrics of the current policy (`Evaluator.evaluate`)."""
         return self.evaluator.evaluate()
-
-    def _learner_off_engine(self) -> bool:
-        """Whether the learner is held while the engine runs (learner.schedule=update; sync steps run in
-        `submit` anyway)."""
-        return self.learner is not None and self.config.learner.schedule == "update" and \
-            self.config.learner.mode in ("async", "process")
 
     def _drafter_metrics(self) -> dict:
         """Returns the staleness metrics: the drafter's version and age in policy steps, the learner's state."""
@@ -301,7 +289,7 @@ class Trainer:
                                         reference=self.update.reference, drafter=state["drafter"])
 
 
-def _learner(config: TrainConfig, engine: Engine) -> Learner | LearnerProcess | None:
+def _learner(config: TrainConfig, engine: Engine) -> Learner | None:
     """Returns the online learner of the engine's drafter, or None (learner.mode=off or no drafter)."""
     if config.learner.mode == "off" or engine.drafter is None:
         return None
@@ -309,10 +297,6 @@ def _learner(config: TrainConfig, engine: Engine) -> Learner | LearnerProcess | 
     # A published version passed the guard (at least as good on recent rollouts): the tuner keeps its
     # acceptance evidence instead of falling back to its prior after every publication.
     publish = lambda drafter, version: engine.set_drafter(drafter, version, keep_evidence=1.0)  # noqa: E731
-    if config.learner.mode == "process":
-        from respec.rl.learner_process import LearnerProcess
-
-        return LearnerProcess(config.learner, engine.drafter, publish, seed=t.seed, threads=t.num_threads or 1)
     return Learner(config.learner, engine.drafter, publish, seed=t.seed)
 
 
