@@ -4,8 +4,8 @@
 holds its own copy of the policy, as vLLM does, and returns per token the logprob of the verifying forward: the
 old-policy logprobs, never recomputed), decodes and scores each completion with `reward_fn(problem, text)`,
 normalises the rewards within each group (`grpo.group_advantages`) and packs it all as training tensors
-(`TrainBatch`) with the step's rollout metrics. What generates is anything with `Engine.generate`'s signature:
-the engine itself, or a pool of workers that shards the prompts (`respec.cluster`).
+(`TrainBatch`) with the step's rollout metrics. What generates is the engine, or a pool of workers with
+`Engine.generate`'s signature that shards the prompts (`respec.cluster`).
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ class Rollouts:
 class Rollout:
     """Generates and scores one step's rollouts; holds no state of its own beyond the engine's tuner."""
 
-    def __init__(self, config: TrainConfig, engine, tokenizer, reward_fn: RewardFn, device: torch.device):
+    def __init__(self, config: TrainConfig, engine, tokenizer, reward_fn: RewardFn, device: torch.device,
+                 workers=None):
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.device = device
+        self.workers = workers  # a pool with Engine.generate's signature that generates instead of the engine
         self.spec = config.rollout.spec_config()
 
     def encode(self, problem: Problem) -> list[int]:
@@ -83,7 +85,7 @@ class Rollout:
         prompts = [self.encode(p) for p in problems for _ in range(G)]  # consecutive groups of G
         params = SamplingParams(temperature=r.temperature, max_new_tokens=r.max_new_tokens, seed=seed)
         cpu0 = time.thread_time()
-        result = self.engine.generate(prompts, params, self.spec)
+        result = (self.workers or self.engine).generate(prompts, params, self.spec)
         t_rollout = time.perf_counter()
         rollout_cpu = time.thread_time() - cpu0  # this thread's CPU time: what other processes cannot inflate
 

@@ -59,20 +59,25 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, actor, engine: Engine, tokenizer,
                  task: Task, eval_problems: list[Problem], reward_fn: RewardFn,
-                 reference=None, policy_dir: Path | None = None):
+                 reference=None, policy_dir: Path | None = None, cluster=None):
         self.config = config
         self.run = RunDir(run_dir)
         self.policy_dir = Path(policy_dir or config.trainer.model)  # where the tokenizer files come from
         self.engine, self.actor = engine, actor
         t = config.trainer
         device = next(actor.parameters()).device
-        self.learner: Learner | None = _learner(config, engine)
+        # trainer.backend=ray: rollout workers (and an async learner) as Ray actors (respec.cluster); the driver
+        # keeps an engine of its own for evaluation and as the checkpoint's source of the current drafter.
+        self.cluster = cluster
+        self.workers = cluster.rollout_workers(engine) if cluster is not None else None
+        self.learner = _learner(config, engine, self.workers, cluster)
         drafter = engine.drafter
         tap = FeatureTap(tuple(drafter.aux_layer_ids) if drafter is not None else ())
         if self.learner is not None:
             tap = replace(tap, draft_vocab_size=drafter.config.draft_vocab_size, draft_ids=self.learner.draft_ids)
         self.problems = ProblemStream(task, {p.prompt for p in eval_problems}, t.seed, config.data.epoch_problems)
-        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device)
+        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device,
+                               workers=self.workers)
         self.update = ActorUpdate(config, actor, reference,
                                   autocast=engine.dtype if engine.dtype != torch.float32 else None, tap=tap)
         self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems)
@@ -133,6 +138,7 @@ class Trainer:
         t, r, d = config.trainer, config.rollout, config.data
         task, eval_task = _tasks(config)  # data errors first, before the (slow) model loads
         reward_fn = reward_fn or _reward_fn(d.reward_fn, task)
+        cluster = _cluster(config)  # Ray missing, unreachable or too small: one line before any model loads
         device = torch.device(t.device)
         engine_dtype = resolve_dtype(t.dtype, device)
         policy_dir = checkpoint / "actor" if checkpoint is not None else Path(t.model)
@@ -151,8 +157,13 @@ class Trainer:
             ref_dir = saved if saved is not None and saved.is_dir() else Path(t.model)  # the starting policy
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
-        return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile), tokenizer, task,
-                   eval_problems, reward_fn, reference, policy_dir)
+        try:
+            return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile), tokenizer, task,
+                       eval_problems, reward_fn, reference, policy_dir, cluster)
+        except BaseException:
+            if cluster is not None:
+                cluster.close()
+            raise
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None, log: Log | None = None) -> list[dict]:
@@ -216,7 +227,10 @@ class Trainer:
             if self.learner is not None:
                 self.learner.update_window(False)  # its step in flight ends beside what follows; no new one starts
         t_update = time.perf_counter()
-        self.engine.load_weights(self.actor.state_dict())  # in memory, from the next rollout on
+        weights = self.actor.state_dict()
+        self.engine.load_weights(weights)  # in memory, from the next rollout on
+        if self.workers is not None:
+            self.workers.load_weights(weights)  # one transport send, every worker loads before its next rollout
         self.global_step = step
         t_push = time.perf_counter()
         if self.learner is not None:  # async: hands the rollouts over; sync: also trains the drafter now
@@ -227,7 +241,7 @@ class Trainer:
                "timing/push_s": t_push - t_update,
                "timing/learner_s": t_learner - t_push,
                "timing/step_s": t_learner - t0,
-               **self._drafter_metrics()}
+               **self._drafter_metrics(), **self._worker_metrics()}
         every = cfg.trainer.eval_every
         if every and (step % every == 0 or step == cfg.trainer.steps):
             t_eval = time.perf_counter()
@@ -248,10 +262,22 @@ class Trainer:
         out = {"drafter/version": self.engine.drafter_version or 0, "drafter/age_steps": self.global_step - through}
         return {**out, **(self.learner.metrics() if self.learner is not None else {})}
 
+    def _worker_metrics(self) -> dict:
+        """Returns the Ray backend's: live workers, shards re-run after a worker died, and the rollout's wall time
+        beyond its slowest shard (dispatch, transfer and gathering)."""
+        if self.workers is None:
+            return {}
+        return {"rollout/workers_live": len(self.workers.live), "rollout/redispatched": self.workers.redispatched,
+                "timing/ray_overhead_s": self.workers.overhead_s}
+
     def close(self) -> None:
-        """Stops the learner's thread (a no-op without one); the trainer must not step afterwards."""
+        """Stops the learner's thread (a no-op without one) and the Ray actors; the trainer must not step
+        afterwards."""
         if self.learner is not None:
             self.learner.close()
+        if self.cluster is not None:
+            self.workers.close()
+            self.cluster.close()
 
     # -- persistence -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -289,14 +315,31 @@ class Trainer:
                                         reference=self.update.reference, drafter=state["drafter"])
 
 
-def _learner(config: TrainConfig, engine: Engine) -> Learner | None:
-    """Returns the online learner of the engine's drafter, or None (learner.mode=off or no drafter)."""
+def _cluster(config: TrainConfig):
+    """Returns the run's Ray cluster (trainer.backend=ray), or None."""
+    if config.trainer.backend != "ray":
+        return None
+    from respec.cluster.ray_cluster import Cluster  # the one import upwards: the Ray placement of these roles
+
+    return Cluster(config)
+
+
+def _learner(config: TrainConfig, engine: Engine, workers, cluster):
+    """Returns the online learner of the engine's drafter (a Ray actor's handle for an async learner on the Ray
+    backend), or None (learner.mode=off or no drafter)."""
     if config.learner.mode == "off" or engine.drafter is None:
         return None
     t = config.trainer
-    # A published version passed the guard (at least as good on recent rollouts): the tuner keeps its
-    # acceptance evidence instead of falling back to its prior after every publication.
-    publish = lambda drafter, version: engine.set_drafter(drafter, version, keep_evidence=1.0)  # noqa: E731
+
+    def publish(drafter, version: int) -> None:
+        # A published version passed the guard (at least as good on recent rollouts): the tuner keeps its
+        # acceptance evidence instead of falling back to its prior after every publication.
+        engine.set_drafter(drafter, version, keep_evidence=1.0)
+        if workers is not None:
+            workers.set_drafter(drafter, version)
+
+    if cluster is not None and config.learner.mode == "async":
+        return cluster.learner(engine.drafter, publish, seed=t.seed)
     return Learner(config.learner, engine.drafter, publish, seed=t.seed)
 
 
