@@ -220,3 +220,24 @@ def test_a_killed_driver_resumes_as_the_local_backend_does(world, tmp_path, clus
         trainer.close()
     assert [r["step"] for r in read_metrics(run)] == list(range(steps + 1))  # step 0: the evaluation
     assert json.loads(state.read_text())["step"] == steps
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+
+def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, cluster):
+    from respec.bench.ray import bench_config, bench_learner, bench_scale
+    from respec.bench.report import _ray
+
+    policy, drafter = world
+    config = bench_config(str(policy), str(drafter), prompts=4, group=4, max_new_tokens=8, k=2)
+    scale = bench_scale(config, tmp_path, steps=2, workers=2)
+    assert [len(v) for v in scale["per_step"].values()] == [2, 2] and scale["rows"] == 16
+    assert scale["rollout_speedup"] > 0 and 0 <= scale["ray_overhead_share"] < 1
+    assert all(r["ray_overhead_s"] == 0 for r in scale["per_step"]["local"])
+    learner = bench_learner(config, tmp_path, repeats=1)
+    assert {"thread", "actor"} <= set(learner) and all(len(learner[s]["seconds"]["busy"]) == 1 for s in
+                                                       ("thread", "actor"))
+    (tmp_path / "ray.json").write_text(json.dumps({"scale": scale, "learner": learner, "command": "respec bench ray",
+                                                   "config": {"prompts": 4, "samples": 4}}))
+    text = _ray(tmp_path)
+    assert "Rollout" in text and "as a Ray actor" in text and "| ray |" in text

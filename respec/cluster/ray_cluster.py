@@ -20,6 +20,7 @@ from respec.rl.config import TrainConfig
 CONNECT_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection in this time is unreachable
 PLACEMENT_TIMEOUT_S = 120.0
 FREE_WAIT_S = 15.0
+_runs = {"open": 0, "started_ray": False}  # runs of this process on Ray; whether one of them started it
 
 
 def bundles(config: TrainConfig) -> list[dict[str, float]]:
@@ -104,7 +105,7 @@ def _init(address: str | None) -> bool:
 
 
 class Cluster:
-    """The run's hold on Ray: its placement group, and whether it started Ray itself (then `close` stops it)."""
+    """The run's hold on Ray: its placement group; the last run of the process to close leaves Ray."""
 
     def __init__(self, config: TrainConfig):
         import ray
@@ -115,17 +116,19 @@ class Cluster:
         if address is not None:
             _check_reachable(address)
         self.config = config
-        self.started = _init(address)
+        _runs["started_ray"] |= _init(address)
+        _runs["open"] += 1
         try:
             _check_fits(config)
         except ConfigError:
-            self._stop_ray()
+            self._leave()
             raise
         self.bundles = bundles(config)
         self.group = placement_group(self.bundles, strategy="PACK")
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             ray.util.remove_placement_group(self.group)
+            self._leave()
             raise ConfigError(f"the Ray cluster did not grant the bundles {self.bundles} in "
                               f"{PLACEMENT_TIMEOUT_S:.0f} s: is another run holding its CPUs?")
 
@@ -150,16 +153,20 @@ class Cluster:
                              strategy=self.strategy(len(self.bundles) - 1))
 
     def close(self) -> None:
-        """Gives the placement group back (its actors end with it); leaves Ray if this run connected to it."""
+        """Gives the placement group back (its actors end with it) and ends this run's use of Ray."""
         import ray
 
         if not ray.is_initialized():
             return
         ray.util.remove_placement_group(self.group)
-        self._stop_ray()
+        self._leave()
 
-    def _stop_ray(self) -> None:
+    def _leave(self) -> None:
+        """Ends this run's use of Ray; the last run of the process leaves it (a Ray it started stops, a joined
+        cluster goes on). A Ray the caller started (tests, notebooks) is the caller's to stop."""
         import ray
 
-        if self.started:  # a Ray started here stops; a joined cluster goes on, this process leaves it
+        _runs["open"] -= 1
+        if _runs["open"] == 0 and _runs["started_ray"]:
+            _runs["started_ray"] = False
             ray.shutdown()
