@@ -62,6 +62,7 @@ class Rollouts:
     rewards: torch.Tensor  # [N]
     result: GenerationResult
     metrics: dict
+    finished: float  # time.perf_counter() when the rollout phase ended (its timings end there)
 
 
 class Rollout:
@@ -77,11 +78,12 @@ class Rollout:
     def encode(self, problem: Problem) -> list[int]:
         return encode_prompt(self.tokenizer, problem.prompt)
 
-    def run(self, problems: list[Problem], seed: int, step: int) -> Rollouts:
+    def run(self, problems: list[Problem], seed: int, step: int, t0: float | None = None) -> Rollouts:
         """Returns the rollouts of `problems` x group_size samples drawn with `seed` (row i: stream i of it), for
-        RL step `step` (1-based, named in errors)."""
+        RL step `step` (1-based, named in errors). `timing/rollout_s` counts from `t0` (`time.perf_counter()`;
+        default: now), so a caller's step phases add up to its step."""
         r, G = self.config.rollout, self.config.rollout.group_size
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         prompts = [self.encode(p) for p in problems for _ in range(G)]  # consecutive groups of G
         params = SamplingParams(temperature=r.temperature, max_new_tokens=r.max_new_tokens, seed=seed)
         cpu0 = time.thread_time()
@@ -100,7 +102,6 @@ class Rollout:
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)  # [N]
         advantages = group_advantages(rewards_t, G, scale=self.config.algorithm.adv_scale)  # [N]
         batch = self._batch(prompts, result, advantages)
-        t_reward = time.perf_counter()
         metrics = {**_score_metrics(rewards_t, advantages, batch, G),
                    "response_length/clip_ratio":
                        sum(s.finish_reason == "length" for s in result.sequences) / len(texts),
@@ -109,9 +110,10 @@ class Rollout:
                    "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
                    "rollout/k_mean": result.mean_k,
                    "timing/rollout_s": t_rollout - t0,
-                   "timing/rollout_cpu_s": rollout_cpu,
-                   "timing/reward_s": t_reward - t_rollout}
-        return Rollouts(batch, rewards_t, result, metrics)
+                   "timing/rollout_cpu_s": rollout_cpu}
+        finished = time.perf_counter()
+        metrics["timing/reward_s"] = finished - t_rollout
+        return Rollouts(batch, rewards_t, result, metrics, finished)
 
     def _batch(self, prompts: list[list[int]], result: GenerationResult, advantages: torch.Tensor) -> TrainBatch:
         """Returns the step's training tensors from the prompts and the engine's sequences (once per step)."""

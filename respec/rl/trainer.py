@@ -76,8 +76,7 @@ class Trainer:
         if self.learner is not None:
             tap = replace(tap, draft_vocab_size=drafter.config.draft_vocab_size, draft_ids=self.learner.draft_ids)
         self.problems = ProblemStream(task, {p.prompt for p in eval_problems}, t.seed, config.data.epoch_problems)
-        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device,
-                               workers=self.workers)
+        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device, workers=self.workers)
         self.update = ActorUpdate(config, actor, reference,
                                   autocast=engine.dtype if engine.dtype != torch.float32 else None, tap=tap)
         self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems)
@@ -212,8 +211,8 @@ class Trainer:
         cfg, step = self.config, self.global_step + 1
         problems = self.problems.next(cfg.data.prompts_per_step)
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.rng))
-        rollouts = self.rollout.run(problems, seed, step)
-        t_reward = time.perf_counter()
+        rollouts = self.rollout.run(problems, seed, step, t0)
+        t_reward = rollouts.finished
         if self.learner is not None:  # learner.schedule=update: it trains while the policy updates, only
             self.learner.update_window(True)
         try:
