@@ -16,6 +16,7 @@ import pytest
 from test_trainer import digit_share, read_metrics, run_cli, tiny_config, wait_until
 
 import respec.cluster.ray_cluster
+from respec.bench.ray import rollout_rows
 from respec.errors import ConfigError
 from respec.rl.config import load_config
 from respec.rl.trainer import Trainer
@@ -98,25 +99,19 @@ def world(tiny_world):
     return tiny_world
 
 
-def rollout_tokens(trainer) -> list[list[int]]:
-    """Returns the last step's rows (prompt + completion ids) as the update saw them."""
-    f = trainer.last_features
-    return [row[: int(n)].tolist() for row, n in zip(f.input_ids, f.loss_mask.sum(1) + f.prompt_lens, strict=True)]
-
-
 def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world, tmp_path, cluster):
     config = ray_config(world)
     local = Trainer.start(config, tmp_path / "local", reward_fn=digit_share)
     expected, local_rows = [], []
     for _ in range(STEPS):
         local_rows.append(local.step())
-        expected.append(rollout_tokens(local))
+        expected.append(rollout_rows(local))
     trainer = Trainer.start(on_ray(config), tmp_path / "ray", reward_fn=digit_share)
     try:
         got, rows = [], []
         for _ in range(2):
             rows.append(trainer.step())
-            got.append(rollout_tokens(trainer))
+            got.append(rollout_rows(trainer))
         same = sum(a == b for x, y in zip(expected[:2], got, strict=True) for a, b in zip(x, y, strict=True))
         total = sum(len(x) for x in got)
         print(f"identical rollouts, local vs 2 ray workers: {same}/{total}")
@@ -142,7 +137,7 @@ def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world
         step3.join(120)
         row = rows[-1]
         assert row["step"] == 3 and row["rollout/redispatched"] == 1 and row["rollout/workers_live"] == 1
-        tokens = rollout_tokens(trainer)
+        tokens = rollout_rows(trainer)
         assert len(tokens) == len(expected[2])  # every row once
         assert sum(a == b for a, b in zip(tokens, expected[2], strict=True)) >= 0.9 * len(tokens)
 
@@ -152,7 +147,7 @@ def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world
         assert versions == {(pool.policy[0], 0)} and victim not in {s["pid"] for s in pool.status()}
         row = trainer.step()
         assert row["rollout/workers_live"] == 2
-        assert sum(a == b for a, b in zip(rollout_tokens(trainer), expected[3], strict=True)) >= 0.9 * len(tokens)
+        assert sum(a == b for a, b in zip(rollout_rows(trainer), expected[3], strict=True)) >= 0.9 * len(tokens)
     finally:
         trainer.close()
         local.close()
@@ -233,6 +228,7 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
     scale = bench_scale(config, tmp_path, steps=2, workers=2)
     assert [len(v) for v in scale["per_step"].values()] == [2, 2] and scale["rows"] == 16
     assert scale["rollout_speedup"] > 0 and 0 <= scale["ray_overhead_share"] < 1
+    assert len(scale["identical_rows"]) == 2 and scale["identical_rows"][0] >= 14  # of 16 rows
     assert all(r["ray_overhead_s"] == 0 for r in scale["per_step"]["local"])
     learner = bench_learner(config, tmp_path, repeats=1)
     assert {"thread", "actor"} <= set(learner) and all(len(learner[s]["seconds"]["busy"]) == 1 for s in
@@ -240,4 +236,4 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
     (tmp_path / "ray.json").write_text(json.dumps({"scale": scale, "learner": learner, "command": "respec bench ray",
                                                    "config": {"prompts": 4, "samples": 4}}))
     text = _ray(tmp_path)
-    assert "Rollout" in text and "as a Ray actor" in text and "| ray |" in text
+    assert "Rollout" in text and "as a Ray actor" in text and "| ray |" in text and "identical token ids" in text

@@ -2,7 +2,8 @@
 
 Scale. The same RL run (seeds, data, 128-row rollouts by default, static k) on the local backend and on Ray
 with `workers` rollout workers of one thread each, stepped alternately (a shared host's drift reaches both
-alike); per step the phase split (rollout, update, push, learner), the Ray overhead (the rollout's wall time
+alike); per step the rows whose token ids are identical on both backends, the relative difference of the
+step's metrics, the phase split (rollout, update, push, learner), the Ray overhead (the rollout's wall time
 beyond its slowest shard: dispatch, transfer, gathering; and the weight push) and the step. Reported: medians
 after the first (warm-up) step, the rollout speedup, the overhead's share of a Ray step.
 
@@ -35,6 +36,7 @@ from respec.rl.trainer import Trainer
 
 Log = Callable[[str], None]
 PHASES = ("rollout_s", "update_s", "push_s", "learner_s", "step_s", "ray_overhead_s")
+SAME = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm")  # compared per step
 
 
 def bench_config(policy: str, drafter: str, prompts: int, group: int, max_new_tokens: int, k: int) -> TrainConfig:
@@ -53,20 +55,26 @@ def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: L
                      rollout=replace(config.rollout, workers=workers))
     trainers = {"local": _start(config, out / "local"), "ray": _start(on_ray, out / "ray")}
     rows: dict[str, list[dict]] = {name: [] for name in trainers}
+    tokens: dict[str, list[list[list[int]]]] = {name: [] for name in trainers}
     try:
         for step in range(steps):
             for name in (("local", "ray") if step % 2 == 0 else ("ray", "local")):
                 row = trainers[name].step()
-                rows[name].append({p: row.get(f"timing/{p}", 0.0) for p in PHASES})
+                rows[name].append({**{p: row.get(f"timing/{p}", 0.0) for p in PHASES},
+                                   **{k: row[k] for k in SAME if k in row}})
+                tokens[name].append(rollout_rows(trainers[name]))
                 _log(log, f"scale {name} step {step + 1}/{steps}: rollout {row['timing/rollout_s']:.2f} s, step "
                           f"{row['timing/step_s']:.2f} s")
     finally:
         for trainer in trainers.values():
             trainer.close()
     med = {name: {p: statistics.median(r[p] for r in rs[1:] or rs) for p in PHASES} for name, rs in rows.items()}
+    identical = [sum(a == b for a, b in zip(x, y, strict=True)) for x, y in zip(*tokens.values(), strict=True)]
     ray_step = med["ray"]["step_s"]
     return {"steps": steps, "workers": workers, "rows": config.data.prompts_per_step * config.rollout.group_size,
-            "per_step": rows, "median": med,
+            "per_step": rows, "median": med, "identical_rows": identical,
+            "metric_rel_diff": {k: [abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in
+                                    zip(rows["local"], rows["ray"], strict=True)] for k in SAME},
             "rollout_speedup": med["local"]["rollout_s"] / med["ray"]["rollout_s"],
             "step_speedup": med["local"]["step_s"] / ray_step,
             "ray_overhead_share": (med["ray"]["ray_overhead_s"] + med["ray"]["push_s"]) / ray_step}
@@ -110,6 +118,12 @@ def bench_learner(config: TrainConfig, out: Path, repeats: int, log: Log | None 
         med = {s: statistics.median(t) for s, t in times.items()}
         result[side] = {"seconds": times, "median": med, "busy_over_idle": med["busy"] / med["idle"]}
     return {"repeats": repeats, "rows": len(prompts), **result}
+
+
+def rollout_rows(trainer: Trainer) -> list[list[int]]:
+    """Returns the last step's rows (prompt + completion ids) as the update saw them."""
+    f = trainer.last_features
+    return [row[: int(n)].tolist() for row, n in zip(f.input_ids, f.loss_mask.sum(1) + f.prompt_lens, strict=True)]
 
 
 def _start(config: TrainConfig, run_dir: Path) -> Trainer:

@@ -471,6 +471,7 @@ def _ray(root: Path) -> str | None:
     rows = [[name, _f(m[name]["rollout_s"]), _f(m[name]["update_s"]), _f(m[name]["push_s"]),
              _f(m[name]["ray_overhead_s"]), _f(m[name]["step_s"])] for name in ("local", "ray")]
     start = data.get("load_average_start")
+    identical = ", ".join(f"{n}/{scale['rows']}" for n in scale.get("identical_rows", []))
     text = [f"The same GRPO run on the local backend and on Ray with {scale['workers']} rollout workers of one thread "
             f"each, stepped alternately: {scale['rows']} rows per step ({cfg.get('prompts', '?')} prompts x "
             f"{cfg.get('samples', '?')}), up to {cfg.get('max_new_tokens', '?')} new tokens, static k = "
@@ -478,7 +479,9 @@ def _ray(root: Path) -> str | None:
             "rollout's wall time beyond its slowest shard inside its worker (dispatch, transfer, gathering).\n",
             _table(["backend", "rollout s", "update s", "push s", "Ray overhead s", "step s"], rows),
             f"\nRollout {scale['rollout_speedup']:.2f}x, step {scale['step_speedup']:.2f}x faster on Ray; Ray overhead "
-            f"and weight push together {scale['ray_overhead_share']:.1%} of a Ray step.\n",
+            f"and weight push together {scale['ray_overhead_share']:.1%} of a Ray step. Rows with identical token ids "
+            f"on both backends, step by step: "
+            f"{identical}.\n",
             f"A busy online learner's cost to the identical {learner['rows']}-row rollout (median of "
             f"{learner['repeats']} each, idle vs busy alternated): "
             f"{learner['thread']['busy_over_idle']:.2f}x as a thread beside the local engine, "
