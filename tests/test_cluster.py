@@ -172,8 +172,10 @@ def test_a_dead_learner_actor_leaves_rollouts_on_the_last_drafter(world, tmp_pat
         pid = ray.get(learner.actor.pid.remote())
         os.kill(pid, signal.SIGKILL)
         version = trainer.engine.drafter_version
-        row = trainer.step()  # rollouts go on, with the last published drafter
+        row = trainer.advance(8)  # rollouts go on, with the last published drafter, and so do checkpoints
         assert row["learner/alive"] == 0 and not learner.alive
+        assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == row["step"]
+        assert (tmp_path / "run" / "checkpoint" / "learner.pt").is_file()  # the state it restarts from
         assert trainer.engine.drafter_version == version and row["drafter/version"] == version
         assert any("learner actor died" in m for m in messages), messages
         wait_until(lambda: learner._ready(), "the learner actor to restart", 90)

@@ -191,12 +191,13 @@ class RemoteLearner:
     def paused(self):
         return _RemotePaused(self)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict | None:
+        """Returns the actor's learner state; while it restarts, the state it restarts from (None before the
+        first checkpoint: a resumed run then starts the learner afresh on the checkpoint's drafter)."""
         state = self._call("state_dict")
-        if state is None:
-            raise RuntimeError("the learner actor is restarting: its state cannot be saved now")
-        self.last_state = state
-        return state
+        if state is not None:
+            self.last_state = state
+        return self.last_state
 
     def load_state_dict(self, state: dict) -> None:
         self.last_state = state

@@ -284,7 +284,7 @@ class Trainer:
         The learner's state and the engine's drafter are taken at one moment (the learner paused)."""
         with self.learner.paused() if self.learner is not None else contextlib.nullcontext():
             drafter = self.engine.drafter  # the learner's published version: replaced, never changed in place
-            learner = self.learner.state_dict() if self.learner is not None else None
+            learner = self.learner.state_dict() if self.learner is not None else None  # None: none to save
         tensors = {"trainer_state": {"update": self.update.state_dict(), "rng": self.rng.get_state(),
                                      "torch_rng": torch.get_rng_state()}}
         if learner is not None:
