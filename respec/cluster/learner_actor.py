@@ -23,6 +23,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from respec.engine.drafter import Eagle3Drafter
+from respec.errors import ConfigError
 from respec.rl.config import LearnerConfig
 from respec.rl.learner import Learner, Publish, StepRollouts
 
@@ -121,7 +122,12 @@ class RemoteLearner:
                                     scheduling_strategy=strategy).remote(config, self._first, seed, threads)
         self._forward_lock = threading.Lock()
         self._stop = threading.Event()
-        ray.get(self.actor.pid.remote())  # up before the first step
+        try:
+            ray.get(self.actor.pid.remote())  # up before the first step
+        except RayActorError as e:
+            ray.kill(self.actor, no_restart=True)
+            raise ConfigError(f"the learner actor did not start ({type(e).__name__}): every machine of the cluster "
+                              "needs the same Python environment with respec and torch installed") from None
         self._listener = threading.Thread(target=self._listen, name="respec-learner-listener", daemon=True)
         self._listener.start()
 

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError
 
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
-from respec.errors import TrainingError
+from respec.errors import ConfigError, TrainingError
 
 MAX_RESTARTS = 3  # restarts of one rollout worker's process before the pool drops it
 
@@ -123,7 +123,12 @@ class WorkerPool:
         self.rejoining: dict[int, ray.ObjectRef] = {}  # restarted workers loading the current weights
         self.overhead_s = 0.0  # the last rollout's wall time beyond its slowest shard's time inside its worker
         self.redispatched = 0  # shards re-run after their worker died (since the pool started)
-        ray.get([w.status.remote() for w in self.workers])  # every worker up before the first step
+        try:
+            ray.get([w.status.remote() for w in self.workers])  # every worker up before the first step
+        except RayActorError as e:
+            self.close()
+            raise ConfigError(f"the rollout workers did not start ({type(e).__name__}): every machine of the cluster "
+                              "needs the same Python environment with respec and torch installed") from None
 
     # -- the trainer's side ------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, spec: SpecConfig) -> GenerationResult:
