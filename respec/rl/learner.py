@@ -49,9 +49,9 @@ trainer's steps.
 Where it runs. mode "async" trains in a daemon thread: torch ops release the GIL, so with the trainer's torch
 thread count (1 by default) the learner occupies the core that rollout and the update leave idle. mode "sync"
 runs the same steps in the trainer's thread inside `submit` (deterministic). With `trainer.backend=ray` an async
-learner runs this class in a Ray actor on a CPU of its own (`respec.cluster.learner_actor`). Publication: `publish(drafter, version)` gets a
-copy in the engine's dtype (the trainer passes `Engine.set_drafter`, which takes effect between decode steps). A
-crash is logged, the learner restarts from the last published weights with a fresh optimiser; after
+learner runs this class in a Ray actor on a CPU of its own (`respec.cluster.learner_actor`). Publication:
+`publish(drafter, version)` gets a copy in the engine's dtype (the trainer passes `Engine.set_drafter`, which
+takes effect between decode steps). A crash is logged, the learner restarts from the last published weights with a fresh optimiser; after
 `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
 """
 
