@@ -10,12 +10,12 @@ large k), so every single static choice loses somewhere.
   the highest measured tokens/s among steps at each range), as a vLLM user fills the table from a benchmark.
 - oracle: in a static-k rollout, a row that accepted c of its k drafts would have accepted min(c, j) of j <= k
   (the rejection rule's draws for drafts 1..j do not depend on k), so the tokens every j <= k would have
-  emitted at each step are known in hindsight. With each j's measured seconds per step at that live batch (a
-  least-squares line in the batch over all of this run's steps with that j), the oracle takes the best
-  tokens-per-second j at every step: time = prefill + sum over steps of the step's tokens at the oracle's
-  rate. Each static rollout drains at its own pace (which sets the batch at which tokens are made), so the
-  oracle is evaluated on every static rollout and the best is reported. A bound under the fitted costs: a
-  chooser can beat it only by the fit's error.
+  emitted at each step are known in hindsight. With each j's measured seconds per step at that live batch (the
+  median of this run's steps with that j in the same batch bucket, the padded batch a step really runs at;
+  interpolated between measured buckets), the oracle takes the best tokens-per-second j at every step: time =
+  prefill + sum over steps of the step's tokens at the oracle's rate. Each static rollout drains at its own
+  pace (which sets the batch at which tokens are made), so the oracle is evaluated on every static rollout and
+  the best is reported. A bound under the measured costs: a chooser can beat it only by their noise.
 Choosers keep their state across repeats (one untimed warm-up pass first), as they would across RL steps.
 `bench_rollout` reports progress through `log(message, fraction)` and prints nothing (`rollout_tables` renders
 the results for the CLI).
@@ -39,6 +39,7 @@ from respec.engine.checkpoint import load_model, torch_threads
 from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
+from respec.engine.slots import bucket_size
 from respec.errors import ConfigError
 from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
 from respec.world.tasks import DEFAULT_TASK
@@ -85,33 +86,38 @@ def range_of(batch: int) -> int:
     return max(b for b in BATCH_RANGES if b <= batch)
 
 
-def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
-    """Returns (a, b) of the least-squares line y = a + b x through pts."""
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    var = sum((x - mx) ** 2 for x, _ in pts)
-    slope = sum((x - mx) * (y - my) for x, y in pts) / var if var > 0 else 0.0
-    return my - slope * mx, slope
+Costs = dict[int, dict[int, float]]  # k -> {batch bucket: seconds per step}
 
 
-def step_costs(results: dict[int, list[GenerationResult]]) -> dict[int, tuple[float, float]]:
-    """Returns, per k, the line seconds = a + b * batch fitted to every measured step of the rollouts run with
-    that k (k = 0: plain): the measured cost of a step at any live batch. Steps more than 3 median absolute
-    residuals off the first fit (preempted by another process) are dropped before the second."""
-    fits = {}
+def step_costs(results: dict[int, list[GenerationResult]]) -> Costs:
+    """Returns, per k (0: plain), the median measured seconds of the steps of the rollouts run with that k, per
+    batch bucket (`bucket_size` over the largest batch seen: the rows a step computes, pads included). A median
+    per bucket, not a fit across buckets: a step's cost is flat in the batch where overhead dominates and
+    steep where compute does, and preempted steps are outliers a median ignores."""
+    slots = max(s.batch for runs in results.values() for run in runs for s in run.stats)
+    out: Costs = {}
     for k, runs in results.items():
-        pts = [(s.batch, s.seconds) for run in runs for s in run.stats if s.k == k]
-        a, b = _line(pts)
-        residuals = [abs(y - a - b * x) for x, y in pts]
-        cut = 3 * statistics.median(residuals)
-        kept = [p for p, r in zip(pts, residuals, strict=True) if r <= cut] if cut > 0 else pts
-        fits[k] = _line(kept if len(kept) >= 2 else pts)
-    return fits
+        cells = defaultdict(list)
+        for run in runs:
+            for s in run.stats:
+                if s.k == k:
+                    cells[bucket_size(s.batch, slots)].append(s.seconds)
+        out[k] = {b: statistics.median(v) for b, v in sorted(cells.items())}
+    return out
 
 
-def _cost(fits: dict[int, tuple[float, float]], k: int, batch: int) -> float:
-    a, b = fits[k]
-    return max(a + b * batch, 1e-6)
+def _cost(costs: Costs, k: int, batch: int) -> float:
+    """Returns k's step seconds at live batch `batch`: its bucket's measured median, else interpolated linearly
+    between the nearest measured buckets (the nearest one's beyond them)."""
+    cells = costs[k]
+    bucket = bucket_size(batch, max(max(c) for c in costs.values() if c))  # the largest bucket: the slots
+    if bucket in cells:
+        return cells[bucket]
+    lo = max((b for b in cells if b < bucket), default=None)
+    hi = min((b for b in cells if b > bucket), default=None)
+    if lo is None or hi is None:
+        return cells[hi if lo is None else lo]
+    return cells[lo] + (cells[hi] - cells[lo]) * (bucket - lo) / (hi - lo)
 
 
 def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int, int]:
@@ -129,13 +135,14 @@ def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int,
                             for (b, k), (tokens, seconds) in totals.items())
 
 
-def oracle(reference: GenerationResult, fits: dict[int, tuple[float, float]]) -> tuple[float, list[int]]:
+def oracle(reference: GenerationResult, costs: Costs) -> tuple[float, list[int]]:
     """Returns (seconds, k per step) of the hindsight oracle over the steps of a static-k rollout (k >= 1),
     choosing among the draft lengths 0..k that it can judge exactly."""
     seconds, trace = reference.prefill_seconds, []
     k_ref = max(s.k for s in reference.stats)
     for s in reference.stats:
-        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / _cost(fits, k, s.batch) for k in fits if k <= k_ref}
+        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / _cost(costs, k, s.batch) for k in costs
+                 if k <= k_ref and costs[k]}
         best = max(rates, key=lambda k: (rates[k], -k))
         trace.append(best)
         seconds += s.emitted / rates[best]
@@ -250,12 +257,12 @@ def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationRes
     return out
 
 
-def _trace(run: GenerationResult, fits: dict[int, tuple[float, float]], cfg: RolloutBenchConfig) -> dict:
+def _trace(run: GenerationResult, costs: Costs, cfg: RolloutBenchConfig) -> dict:
     """Returns the adaptive decision trace (live batch, chosen k, predicted and measured seconds per step) and
     the oracle's k at each step's batch (the best k under the measured costs and this run's acceptance)."""
     accept_rows = [c for s in run.stats if s.k for c in s.accepted] or [0]
-    emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in fits}
-    oracle_k = [max(fits, key=lambda k: (emitted[k] / _cost(fits, k, s.batch), -k)) for s in run.stats]
+    emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in costs if costs[k]}
+    oracle_k = [max(emitted, key=lambda k: (emitted[k] / _cost(costs, k, s.batch), -k)) for s in run.stats]
     return {"batch": [s.batch for s in run.stats], "k": [s.k for s in run.stats], "oracle_k": oracle_k,
             "seconds": [s.seconds for s in run.stats], "predicted_seconds": [s.predicted_seconds for s in run.stats]}
 
