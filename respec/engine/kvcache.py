@@ -1,7 +1,7 @@
 """The KV cache of one batch: preallocated keys and values with one length per row, and the masks and positions
 derived from those lengths (cached forwards outside the engine: the verify-cost benchmark, the drafter's own
-cache in tests). It is a `SlotView` over all slots of its own storage; the engine keeps its requests in the slot table of
-`slots.py`, whose views the models call the same way.
+cache in tests). It is a `SlotView` over all slots of its own storage; the engine keeps its requests in the slot
+table of `slots.py`, whose views the models call the same way.
 
 Invariant: row b holds valid entries at positions [0, lengths[b]); anything beyond is stale and masked out, so
 rolling back rejected draft tokens is lowering lengths[b] (no copy). `extent` is a host-side integer with
