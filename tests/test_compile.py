@@ -193,3 +193,15 @@ def test_auto_profiles_while_requests_wait_and_serves_them(target, drafter, monk
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert calls == [("eager",), ("compiled",)]
     assert [done[i] for i in range(len(GREEDY_PROMPTS))] == tokens(eager)
+
+
+def test_inductor_cache_goes_under_respec_cache_unless_chosen(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes there on first use
+    respec.engine.compile.use_disk_cache()
+    assert cache_dir() == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    respec.engine.compile.use_disk_cache()
+    assert cache_dir() == str(tmp_path / "mine")

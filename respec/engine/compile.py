@@ -87,8 +87,13 @@ def _compiled_fn(fn: Callable) -> Callable:
 
 
 def use_disk_cache() -> None:
-    """Points inductor's on-disk cache at $RESPEC_CACHE/inductor unless the user chose a directory."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Points inductor's on-disk cache at $RESPEC_CACHE/inductor unless the user chose a directory. Torch writes
+    its default directory into TORCHINDUCTOR_CACHE_DIR the first time it looks the directory up, so that value
+    counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         from respec.engine.checkpoint import cache_root
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
