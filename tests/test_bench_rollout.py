@@ -110,6 +110,9 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     shape = saved["shape"]  # the plain rollouts': at most 6 rows, all in the smallest ranges
     assert 1 <= shape["length"]["median"] <= shape["length"]["max"] <= cfg.max_new_tokens
     assert shape["batch_share"]["1-8"] == pytest.approx(1.0) and shape["small_batch_share"] == pytest.approx(1.0)
+    worked = saved["worked_shape"]  # the task's worked solutions in rollouts of the same shape, clipped
+    assert worked["rollouts"] > 1 and 1 <= worked["length"]["median"] <= worked["length"]["max"] <= cfg.max_new_tokens
+    assert worked["small_batch_share"] == pytest.approx(1.0)  # at most 6 rows
 
     args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
             "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",

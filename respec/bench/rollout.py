@@ -24,6 +24,7 @@ the results for the CLI).
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections import defaultdict
@@ -40,10 +41,11 @@ from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
-from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
+from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, drain_shape, rollout_shape
 from respec.world.tasks import DEFAULT_TASK
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
+WORKED_ROLLOUTS = 100  # rollouts of fresh problems priced for the worked-solution shape (`worked_shape`)
 
 
 @dataclass(frozen=True)
@@ -233,12 +235,40 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
         "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
     }
+    worked = worked_shape(policy_dir, cfg, costs[0])
+    if worked is not None:
+        data["worked_shape"] = worked
     if eager is not None:
         data["adaptive_eager_s"] = med(runs["adaptive_eager"])
         data["ratios"]["adaptive_vs_adaptive_eager"] = data["adaptive_eager_s"] / data["adaptive_s"]
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
+
+
+def worked_shape(policy_dir: str | os.PathLike, cfg: RolloutBenchConfig, plain_fit: tuple[float, float],
+                 rollouts: int = WORKED_ROLLOUTS) -> dict | None:
+    """Returns the `drain_shape` of `rollouts` GRPO-shaped rollouts (cfg.prompts problems x cfg.samples rows) in
+    which every row writes its problem's worked solution (the task's always-right style, where GRPO drives the
+    policy), clipped to cfg.max_new_tokens, each step priced by the plain rollouts' measured cost line: the share
+    of time at a small live batch that the task's own lengths allow once the policy works every problem. The
+    problems are the held-out stream (the first rollout's are the timed prompts). None for a task without
+    generated solutions (jsonl)."""
+    from respec.world.prompts import HELD_OUT_SEED
+    from respec.world.tasks import get_task
+    from respec.world.tokenizer import load_tokenizer
+
+    task = get_task(cfg.task)
+    if not hasattr(task, "sft_completion") or "worked" not in task.styles:
+        return None
+    tok, rng = load_tokenizer(policy_dir), random.Random(cfg.seed)
+    lengths = [min(len(tok.encode(task.sft_completion(p, rng, "worked")[0], add_special_tokens=False)) + 1,
+                   cfg.max_new_tokens)  # + eos
+               for p in task.problems(cfg.prompts * rollouts, HELD_OUT_SEED)]
+    batches = [[n for n in lengths[i:i + cfg.prompts] for _ in range(cfg.samples)]
+               for i in range(0, len(lengths), cfg.prompts)]
+    return {**drain_shape(batches, lambda batch: max(plain_fit[0] + plain_fit[1] * batch, 1e-6)),
+            "rollouts": rollouts}
 
 
 def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:
@@ -278,13 +308,19 @@ def rollout_tables(data: dict) -> list[Table | Text]:
         table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
                       "" if c is None else f"{cpu['plain'] / c:.2f}x")
     r = data["ratios"]
-    shape = [shape_table({"plain": data["shape"]})] if "shape" in data else []
+    shape = [shape_table(shapes)] if (shapes := bench_shapes(data)) else []
     return [table, *shape, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
                         f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
                         f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed"
                         + (f", {r['adaptive_vs_adaptive_eager']:.2f}x the eager engine's adaptive rollout"
                            if "adaptive_vs_adaptive_eager" in r else ""))]
 
+
+
+def bench_shapes(data: dict) -> dict[str, dict]:
+    """Returns the rollout shapes of a `bench_rollout` result by name: the plain rollouts' ("plain") and the
+    worked-solution drain priced by their step costs ("all worked", `worked_shape`), those present."""
+    return {name: data[key] for name, key in (("plain", "shape"), ("all worked", "worked_shape")) if key in data}
 
 
 def shape_table(shapes: dict[str, dict]) -> Table:
