@@ -110,6 +110,7 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     shape = saved["shape"]  # the plain rollouts': at most 6 rows, all in the smallest ranges
     assert 1 <= shape["length"]["median"] <= shape["length"]["max"] <= cfg.max_new_tokens
     assert shape["batch_share"]["1-8"] == pytest.approx(1.0) and shape["small_batch_share"] == pytest.approx(1.0)
+    assert set(saved["step_cost"]) == {"0", "1", "2"} and all(len(fit) == 2 for fit in saved["step_cost"].values())
     worked = saved["worked_shape"]  # the task's worked solutions in rollouts of the same shape, clipped
     assert worked["rollouts"] > 1 and 1 <= worked["length"]["median"] <= worked["length"]["max"] <= cfg.max_new_tokens
     assert worked["small_batch_share"] == pytest.approx(1.0)  # at most 6 rows

@@ -215,6 +215,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "tokens": statistics.median(r.num_tokens for r in runs["adaptive"]),
         "mean_k": {name: statistics.mean(r.mean_k for r in runs[name]) for name in ("table", "bandit", "adaptive")},
         "trace": _trace(runs["adaptive"][-1], costs, cfg),
+        "step_cost": {str(k): list(fit) for k, fit in costs.items()},  # seconds = a + b * live batch, per k
         # the plain rollouts' response lengths and decode seconds per live-batch range (their repeats pooled)
         "shape": rollout_shape([len(s.tokens) for r in static_runs[0] for s in r.sequences],
                                [s for r in static_runs[0] for s in r.stats]),
