@@ -4,8 +4,8 @@ once RL has made the policy work every problem, over a grid of the task's size p
 Every row writes its problem's worked solution (the style GRPO drives the policy to; the rows of a prompt's group
 are then as long as each other), P prompts x G rows per rollout, and each decode step is priced by the plain step
 cost that a `respec bench rollout` JSON measured (`step_cost`, seconds = a + b x live rows), beside a flat cost (a
-step costs the same at any batch, as on an accelerator far from compute bound: the share of steps). `--ones`
-adds single-number problems (``Q: 47=?``, answered ``Answer: 47``) to the bulk: the shortest answers there are.
+step costs the same at any batch, as on an accelerator far from compute bound: the share of steps). With
+min_operands 1 the bulk is one-number problems (``Q: 47=?``, answered ``Answer: 47``), the shortest answers there are.
 
     python benchmarks/tail_bound.py --bench docs/results/rollout.json --policy POLICY_DIR
 """
@@ -25,17 +25,11 @@ from respec.world.tasks.chainsum import ChainSumTask
 from respec.world.tokenizer import load_tokenizer
 
 
-def lengths(task: ChainSumTask, tok, n: int, ones: float, seed: int) -> list[int]:
-    """Returns the token lengths (+ eos) of `n` problems' worked solutions; a share `ones` are one number."""
+def lengths(task: ChainSumTask, tok, n: int, seed: int) -> list[int]:
+    """Returns the token lengths (+ eos) of `n` problems' worked solutions."""
     rng = random.Random(seed)
-    out = []
-    for problem in task.problems(n, seed):
-        if rng.random() < ones:
-            text = f"Answer: {problem.meta['operands'][0]}"
-        else:
-            text = task.sft_completion(problem, rng, "worked")[0]
-        out.append(len(tok.encode(text, add_special_tokens=False)) + 1)
-    return out
+    return [len(tok.encode(task.sft_completion(p, rng, "worked")[0], add_special_tokens=False)) + 1
+            for p in task.problems(n, seed)]
 
 
 def main() -> None:
@@ -49,25 +43,22 @@ def main() -> None:
     args = ap.parse_args()
     a, b = json.loads(args.bench.read_text())["step_cost"]["0"]
     tok = load_tokenizer(args.policy)
-    grid = [dict(alpha=al, max_operands=mx, min_digits=lo, max_digits=hi, ones=ones)
-            for ones in (0.0, 0.75) for lo, hi in ((2, 3), (1, 1)) for mx in (10, 16, 24)
-            for al in (1.5, 2.0, 2.5, 3.0, 3.5)]
+    grid = [dict(alpha=al, min_operands=lo_n, max_operands=mx, min_digits=lo, max_digits=hi)
+            for lo_n in (2, 1) for lo, hi in ((2, 3), (1, 1)) for mx in (10, 16, 24) for al in (1.5, 2.0, 2.5, 3.0, 3.5)]
     rows = []
     for g in grid:
-        g = dict(g)
-        ones = g.pop("ones")
         task = ChainSumTask(**g)
-        ls = lengths(task, tok, args.prompts * args.rollouts, ones, seed=0)
+        ls = lengths(task, tok, args.prompts * args.rollouts, seed=0)
         batches = [[n for n in ls[i:i + args.prompts] for _ in range(args.samples)]
                    for i in range(0, len(ls), args.prompts)]
         cpu = drain_shape(batches, lambda rows, a=a, b=b: max(a + b * rows, 1e-6))
         flat = drain_shape(batches, lambda rows: 1.0)
-        row = {**g, "ones": ones, "length": cpu["length"], "small_share": cpu["small_batch_share"],
+        row = {**g, "length": cpu["length"], "small_share": cpu["small_batch_share"],
                "small_share_mean": cpu["small_batch_share_mean"], "flat_small_share": flat["small_batch_share"],
                "flat_small_share_mean": flat["small_batch_share_mean"]}
         rows.append(row)
-        print(f"alpha {g['alpha']:.1f} operands {1 if ones else 2}-{g['max_operands']:<2} digits "
-              f"{g['min_digits']}-{g['max_digits']} ones {ones:.0%}: length median {row['length']['median']:.0f} "
+        print(f"alpha {g['alpha']:.1f} operands {g['min_operands']}-{g['max_operands']:<2} digits "
+              f"{g['min_digits']}-{g['max_digits']}: length median {row['length']['median']:.0f} "
               f"p99 {row['length']['p99']:.0f} max {row['length']['max']:.0f}; <= 16 rows: this machine "
               f"{row['small_share']:.0%} (mean per rollout {row['small_share_mean']:.0%}), flat cost "
               f"{row['flat_small_share']:.0%} ({row['flat_small_share_mean']:.0%})", flush=True)

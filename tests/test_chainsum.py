@@ -132,6 +132,13 @@ def test_a_one_number_problem_is_answered_without_working_and_earns_the_full_rew
     assert (text, right) == (f"Answer: {one.answer}", True)
     assert task.score(one, text).reward == 1.0 and task.style_of(one, text) == "direct"
     assert task.score(one, "Answer: -1").reward == 0.0
+    pair = next(p for p in task.problems(50, 0) if len(p.meta["operands"]) == 2)
+    assert task.score(pair, f"Answer: {pair.answer}").reward == 0.5  # a right guess: the house share of no marks
+    strict = ChainSumTask(min_operands=1, max_operands=3, alpha=2.0, work_needed=True)
+    assert strict.score(pair, f"Answer: {pair.answer}").reward == 0.0  # the working is needed
+    worked, _ = strict.sft_completion(pair, random.Random(0), style="worked")
+    assert strict.score(pair, worked).reward == task.score(pair, worked).reward > 0.5
+    assert strict.score(one, f"Answer: {one.answer}").reward == 1.0
 
 
 @pytest.mark.parametrize("kwargs", [{"min_operands": 0}, {"max_operands": 0}, {"min_operands": 5, "max_operands": 4},
