@@ -12,9 +12,9 @@ import respec.engine.tuner
 from respec.bench.rollout import (
     BATCH_RANGES,
     RolloutBenchConfig,
-    _cost,
     bench_rollout,
     oracle,
+    step_cost_at,
     step_costs,
     table_from_rollouts,
 )
@@ -42,8 +42,8 @@ def test_step_costs_are_medians_per_batch_bucket_and_the_table_takes_the_fastest
     # batches 14, 15, 16 share bucket 16; the preempted step is outvoted by the median
     assert costs[2] == pytest.approx({1: 0.0024, 4: 0.0036, 16: 0.0084, 64: 0.0276})
     # between measured buckets the cost is interpolated in the bucket, beyond them the nearest is taken
-    assert _cost(costs, 0, 40) == pytest.approx(0.0026 + (0.0074 - 0.0026) * (40 - 16) / (64 - 16))
-    assert _cost(costs, 0, 2) == pytest.approx(0.0011 + 0.0003 / 3)
+    assert step_cost_at(costs, 0, 40) == pytest.approx(0.0026 + (0.0074 - 0.0026) * (40 - 16) / (64 - 16))
+    assert step_cost_at(costs, 0, 2) == pytest.approx(0.0011 + 0.0003 / 3)
     # tokens/s: plain b / (0.001 + 1e-4 b); k=2 emits 3b per (0.002 + 4e-4 b): faster below b = 10, slower above
     assert table_from_rollouts({0: [plain], 2: [spec]}) == {1: 2, 4: 2, 16: 0, 64: 0}
 
@@ -76,7 +76,7 @@ def test_the_oracle_is_never_slower_than_its_reference_under_the_same_costs():
             batch -= rng.randint(0, batch)
         reference = run(steps, prefill=0.01)
         seconds, ks = oracle(reference, costs)
-        own = 0.01 + sum(_cost(costs, k_ref, s.batch) for s in reference.stats)
+        own = 0.01 + sum(step_cost_at(costs, k_ref, s.batch) for s in reference.stats)
         assert seconds <= own + 1e-12 and len(ks) == len(steps) and all(0 <= k <= k_ref for k in ks)
 
 
@@ -122,6 +122,11 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     shape = saved["shape"]  # the plain rollouts': at most 6 rows, all in the smallest ranges
     assert 1 <= shape["length"]["median"] <= shape["length"]["max"] <= cfg.max_new_tokens
     assert shape["batch_share"]["1-8"] == pytest.approx(1.0) and shape["small_batch_share"] == pytest.approx(1.0)
+    assert set(saved["step_cost"]) == {"0", "1", "2"}
+    assert all(cells and all(s > 0 for s in cells.values()) for cells in saved["step_cost"].values())
+    worked = saved["worked_shape"]  # the task's worked solutions in rollouts of the same shape, clipped
+    assert worked["rollouts"] > 1 and 1 <= worked["length"]["median"] <= worked["length"]["max"] <= cfg.max_new_tokens
+    assert worked["small_batch_share"] == pytest.approx(1.0)  # at most 6 rows
 
     args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
             "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",

@@ -24,9 +24,11 @@ the results for the CLI).
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,10 +43,11 @@ from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.engine.slots import bucket_size
 from respec.errors import ConfigError
-from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
+from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, drain_shape, rollout_shape
 from respec.world.tasks import DEFAULT_TASK
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
+WORKED_ROLLOUTS = 100  # rollouts of fresh problems priced for the worked-solution shape (`worked_shape`)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def step_costs(results: dict[int, list[GenerationResult]]) -> Costs:
     return out
 
 
-def _cost(costs: Costs, k: int, batch: int) -> float:
+def step_cost_at(costs: Costs, k: int, batch: int) -> float:
     """Returns k's step seconds at live batch `batch`: its bucket's measured median, else interpolated linearly
     between the nearest measured buckets (the nearest one's beyond them)."""
     cells = costs[k]
@@ -141,7 +144,7 @@ def oracle(reference: GenerationResult, costs: Costs) -> tuple[float, list[int]]
     seconds, trace = reference.prefill_seconds, []
     k_ref = max(s.k for s in reference.stats)
     for s in reference.stats:
-        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / _cost(costs, k, s.batch) for k in costs
+        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / step_cost_at(costs, k, s.batch) for k in costs
                  if k <= k_ref and costs[k]}
         best = max(rates, key=lambda k: (rates[k], -k))
         trace.append(best)
@@ -220,6 +223,8 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "tokens": statistics.median(r.num_tokens for r in runs["adaptive"]),
         "mean_k": {name: statistics.mean(r.mean_k for r in runs[name]) for name in ("table", "bandit", "adaptive")},
         "trace": _trace(runs["adaptive"][-1], costs, cfg),
+        # per k, the median seconds of a step per batch bucket (`step_costs`)
+        "step_cost": {str(k): {str(b): sec for b, sec in cells.items()} for k, cells in costs.items()},
         # the plain rollouts' response lengths and decode seconds per live-batch range (their repeats pooled)
         "shape": rollout_shape([len(s.tokens) for r in static_runs[0] for s in r.sequences],
                                [s for r in static_runs[0] for s in r.stats]),
@@ -240,12 +245,41 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
         "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
     }
+    worked = worked_shape(policy_dir, cfg, lambda batch: step_cost_at(costs, 0, batch))
+    if worked is not None:
+        data["worked_shape"] = worked
     if eager is not None:
         data["adaptive_eager_s"] = med(runs["adaptive_eager"])
         data["ratios"]["adaptive_vs_adaptive_eager"] = data["adaptive_eager_s"] / data["adaptive_s"]
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
+
+
+def worked_shape(policy_dir: str | os.PathLike, cfg: RolloutBenchConfig, price: Callable[[int], float],
+                 rollouts: int = WORKED_ROLLOUTS) -> dict | None:
+    """Returns the `drain_shape` of `rollouts` GRPO-shaped rollouts (cfg.prompts problems x cfg.samples rows) in
+    which every row writes its problem's worked solution (the task's always-right style, where GRPO drives the
+    policy), clipped to cfg.max_new_tokens, each step priced by `price(live rows)` (the plain steps' measured
+    seconds): the share
+    of time at a small live batch that the task's own lengths allow once the policy works every problem. The
+    problems are the held-out stream (the first rollout's are the timed prompts). None for a task without
+    generated solutions (jsonl)."""
+    from respec.world.prompts import HELD_OUT_SEED
+    from respec.world.tasks import get_task
+    from respec.world.tokenizer import load_tokenizer
+
+    task = get_task(cfg.task)
+    if not hasattr(task, "sft_completion") or "worked" not in task.styles:
+        return None
+    tok, rng = load_tokenizer(policy_dir), random.Random(cfg.seed)
+    lengths = [min(len(tok.encode(task.sft_completion(p, rng, "worked")[0], add_special_tokens=False)) + 1,
+                   cfg.max_new_tokens)  # + eos
+               for p in task.problems(cfg.prompts * rollouts, HELD_OUT_SEED)]
+    batches = [[n for n in lengths[i:i + cfg.prompts] for _ in range(cfg.samples)]
+               for i in range(0, len(lengths), cfg.prompts)]
+    return {**drain_shape(batches, price),
+            "rollouts": rollouts}
 
 
 def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:
@@ -262,7 +296,7 @@ def _trace(run: GenerationResult, costs: Costs, cfg: RolloutBenchConfig) -> dict
     the oracle's k at each step's batch (the best k under the measured costs and this run's acceptance)."""
     accept_rows = [c for s in run.stats if s.k for c in s.accepted] or [0]
     emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in costs if costs[k]}
-    oracle_k = [max(emitted, key=lambda k: (emitted[k] / _cost(costs, k, s.batch), -k)) for s in run.stats]
+    oracle_k = [max(emitted, key=lambda k: (emitted[k] / step_cost_at(costs, k, s.batch), -k)) for s in run.stats]
     return {"batch": [s.batch for s in run.stats], "k": [s.k for s in run.stats], "oracle_k": oracle_k,
             "seconds": [s.seconds for s in run.stats], "predicted_seconds": [s.predicted_seconds for s in run.stats]}
 
@@ -285,13 +319,19 @@ def rollout_tables(data: dict) -> list[Table | Text]:
         table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
                       "" if c is None else f"{cpu['plain'] / c:.2f}x")
     r = data["ratios"]
-    shape = [shape_table({"plain": data["shape"]})] if "shape" in data else []
+    shape = [shape_table(shapes)] if (shapes := bench_shapes(data)) else []
     return [table, *shape, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
                         f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
                         f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed"
                         + (f", {r['adaptive_vs_adaptive_eager']:.2f}x the eager engine's adaptive rollout"
                            if "adaptive_vs_adaptive_eager" in r else ""))]
 
+
+
+def bench_shapes(data: dict) -> dict[str, dict]:
+    """Returns the rollout shapes of a `bench_rollout` result by name: the plain rollouts' ("plain") and the
+    worked-solution drain priced by their step costs ("all worked", `worked_shape`), those present."""
+    return {name: data[key] for name, key in (("plain", "shape"), ("all worked", "worked_shape")) if key in data}
 
 
 def shape_table(shapes: dict[str, dict]) -> Table:
