@@ -14,6 +14,7 @@ from respec.bench.rollout import (
     RolloutBenchConfig,
     bench_rollout,
     oracle,
+    step_cost_at,
     step_costs,
     table_from_rollouts,
 )
@@ -32,19 +33,30 @@ def run(steps: list[tuple[int, int, list[int], float]], prefill: float = 0.0) ->
     return GenerationResult([], [StepStats(b, k, acc, b + sum(acc), s) for b, k, acc, s in steps], prefill)
 
 
-def test_step_costs_fit_a_line_per_k_and_the_table_takes_the_fastest_k_per_range():
+def test_step_costs_are_medians_per_batch_bucket_and_the_table_takes_the_fastest_k_per_range():
     plain = run([(b, 0, [0] * b, 0.001 + 0.0001 * b) for b in (1, 4, 16, 64)])
     spec = run([(b, 2, [2] * b, 0.002 + 0.0004 * b) for b in (1, 4, 16, 64)])
-    fits = step_costs({0: [plain], 2: [spec]})
-    assert fits[0] == pytest.approx((0.001, 0.0001)) and fits[2] == pytest.approx((0.002, 0.0004))
+    preempted = run([(16, 2, [2] * 16, 1.0), (15, 2, [2] * 15, 0.0084), (14, 2, [2] * 14, 0.0084)])
+    costs = step_costs({0: [plain], 2: [spec, preempted]})
+    assert costs[0] == pytest.approx({1: 0.0011, 4: 0.0014, 16: 0.0026, 64: 0.0074})
+    # batches 14, 15, 16 share bucket 16; the preempted step is outvoted by the median
+    assert costs[2] == pytest.approx({1: 0.0024, 4: 0.0036, 16: 0.0084, 64: 0.0276})
+    # between measured buckets the cost is interpolated in the bucket, beyond them the nearest is taken
+    assert step_cost_at(costs, 0, 40) == pytest.approx(0.0026 + (0.0074 - 0.0026) * (40 - 16) / (64 - 16))
+    assert step_cost_at(costs, 0, 2) == pytest.approx(0.0011 + 0.0003 / 3)
     # tokens/s: plain b / (0.001 + 1e-4 b); k=2 emits 3b per (0.002 + 4e-4 b): faster below b = 10, slower above
     assert table_from_rollouts({0: [plain], 2: [spec]}) == {1: 2, 4: 2, 16: 0, 64: 0}
 
 
+def line_costs(lines: dict[int, tuple[float, float]], batches) -> dict[int, dict[int, float]]:
+    """Costs a + b * bucket at every bucket of `batches`, per k."""
+    return {k: {n: a + b * n for n in batches} for k, (a, b) in lines.items()}
+
+
 def test_oracle_takes_the_best_k_per_step_within_what_the_reference_reveals():
-    fits = {0: (0.0, 0.001), 1: (0.0, 0.0015), 2: (0.0, 0.002)}  # seconds per row: 1, 1.5, 2 ms
+    costs = line_costs({0: (0.0, 0.001), 1: (0.0, 0.0015), 2: (0.0, 0.002)}, (1, 2))  # per row: 1, 1.5, 2 ms
     reference = run([(2, 2, [2, 0], 0.004), (1, 2, [1], 0.002)], prefill=0.5)
-    seconds, ks = oracle(reference, fits)
+    seconds, ks = oracle(reference, costs)
     # step 1: k=0 2 tokens / 2 ms, k=1 3 / 3 ms, k=2 4 / 4 ms -> all 1 token/ms: ties go to the smaller k
     # step 2: k=0 1 / 1 ms, k=1 2 / 1.5 ms, k=2 2 / 2 ms -> k=1
     assert ks == [0, 1]
@@ -52,19 +64,19 @@ def test_oracle_takes_the_best_k_per_step_within_what_the_reference_reveals():
 
 
 def test_the_oracle_is_never_slower_than_its_reference_under_the_same_costs():
-    """At every step the oracle may keep the reference's own k, so under the fitted costs it is at most the
+    """At every step the oracle may keep the reference's own k, so under the measured costs it is at most the
     reference's time: prefill + the sum of the reference's step costs."""
     rng = random.Random(0)
-    fits = {0: (0.001, 0.0002), 1: (0.0015, 0.0003), 2: (0.002, 0.0005), 3: (0.0024, 0.0008)}
+    lines = {0: (0.001, 0.0002), 1: (0.0015, 0.0003), 2: (0.002, 0.0005), 3: (0.0024, 0.0008)}
+    costs = line_costs(lines, (1, 2, 4, 8, 16))
     for _ in range(20):
         k_ref, batch, steps = rng.randint(1, 3), rng.randint(1, 12), []
         while batch:
             steps.append((batch, k_ref, [rng.randint(0, k_ref) for _ in range(batch)], 0.0))
             batch -= rng.randint(0, batch)
         reference = run(steps, prefill=0.01)
-        seconds, ks = oracle(reference, fits)
-        a, b = fits[k_ref]
-        own = 0.01 + sum(a + b * s.batch for s in reference.stats)
+        seconds, ks = oracle(reference, costs)
+        own = 0.01 + sum(step_cost_at(costs, k_ref, s.batch) for s in reference.stats)
         assert seconds <= own + 1e-12 and len(ks) == len(steps) and all(0 <= k <= k_ref for k in ks)
 
 
@@ -110,6 +122,11 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
     shape = saved["shape"]  # the plain rollouts': at most 6 rows, all in the smallest ranges
     assert 1 <= shape["length"]["median"] <= shape["length"]["max"] <= cfg.max_new_tokens
     assert shape["batch_share"]["1-8"] == pytest.approx(1.0) and shape["small_batch_share"] == pytest.approx(1.0)
+    assert set(saved["step_cost"]) == {"0", "1", "2"}
+    assert all(cells and all(s > 0 for s in cells.values()) for cells in saved["step_cost"].values())
+    worked = saved["worked_shape"]  # the task's worked solutions in rollouts of the same shape, clipped
+    assert worked["rollouts"] > 1 and 1 <= worked["length"]["median"] <= worked["length"]["max"] <= cfg.max_new_tokens
+    assert worked["small_batch_share"] == pytest.approx(1.0)  # at most 6 rows
 
     args = ["bench", "rollout", "--policy", str(policy), "--drafter", str(drafter), "--prompts", "1", "--samples",
             "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",

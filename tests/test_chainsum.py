@@ -123,7 +123,25 @@ def test_notation_is_drawn_per_mark():
     assert all(re.search(r"[~>#|&/]| [+=] ", t) for t in texts)
 
 
-@pytest.mark.parametrize("kwargs", [{"min_operands": 1}, {"max_operands": 1}, {"min_operands": 5, "max_operands": 4},
+def test_a_one_number_problem_is_answered_without_working_and_earns_the_full_reward():
+    task = ChainSumTask(min_operands=1, max_operands=3, alpha=2.0)
+    assert set(task.operand_weights()) == {1, 2, 3}
+    one = next(p for p in task.problems(50, 0) if len(p.meta["operands"]) == 1)
+    assert one.prompt == f"Q: {one.answer}=?\n"
+    text, right = task.sft_completion(one, random.Random(0), style="worked")
+    assert (text, right) == (f"Answer: {one.answer}", True)
+    assert task.score(one, text).reward == 1.0 and task.style_of(one, text) == "direct"
+    assert task.score(one, "Answer: -1").reward == 0.0
+    pair = next(p for p in task.problems(50, 0) if len(p.meta["operands"]) == 2)
+    assert task.score(pair, f"Answer: {pair.answer}").reward == 0.5  # a right guess: the house share of no marks
+    strict = ChainSumTask(min_operands=1, max_operands=3, alpha=2.0, work_needed=True)
+    assert strict.score(pair, f"Answer: {pair.answer}").reward == 0.0  # the working is needed
+    worked, _ = strict.sft_completion(pair, random.Random(0), style="worked")
+    assert strict.score(pair, worked).reward == task.score(pair, worked).reward > 0.5
+    assert strict.score(one, f"Answer: {one.answer}").reward == 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"min_operands": 0}, {"max_operands": 0}, {"min_operands": 5, "max_operands": 4},
                                     {"alpha": -1}, {"max_digits": 0}, {"style_weights": (1, 1)},
                                     {"direct_accuracy": 2}])
 def test_config_errors(kwargs):

@@ -37,6 +37,12 @@ needs_compiler = pytest.mark.skipif(respec.engine.compile.compile_unavailable(to
                                     reason="torch.compile cannot run on this machine")
 
 
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    """Two layers: a compiled graph holds the whole layer stack, and tracing costs time per layer."""
+    return sharp_target(8, max_positions=128, layers=2)
+
+
 @pytest.fixture(autouse=True)
 def aot_eager(monkeypatch, request):
     if "inductor" not in request.node.name:
@@ -44,18 +50,22 @@ def aot_eager(monkeypatch, request):
 
 
 class CountCompiled:
-    """Counts layer calls that go through the compiled graph."""
+    """Counts forwards (the target's layer stack, the drafter's layer) that go through a compiled graph."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        run = respec.engine.compile.run_layer
+        run_layer, run_stack = respec.engine.compile.run_layer, respec.engine.compile.run_stack
 
-        def counting(layer, args, compiled):
+        def counting_layer(layer, args, compiled):
             self.calls += compiled
-            return run(layer, args, compiled)
+            return run_layer(layer, args, compiled)
 
-        for module in (respec.engine.model, respec.engine.drafter):
-            monkeypatch.setattr(module, "run_layer", counting)
+        def counting_stack(*args):
+            self.calls += args[-1]
+            return run_stack(*args)
+
+        monkeypatch.setattr(respec.engine.drafter, "run_layer", counting_layer)
+        monkeypatch.setattr(respec.engine.model, "run_stack", counting_stack)
 
 
 def test_compiled_speculative_sampling_matches_the_target(target, drafter, monkeypatch):
@@ -183,3 +193,15 @@ def test_auto_profiles_while_requests_wait_and_serves_them(target, drafter, monk
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert calls == [("eager",), ("compiled",)]
     assert [done[i] for i in range(len(GREEDY_PROMPTS))] == tokens(eager)
+
+
+def test_inductor_cache_goes_under_respec_cache_unless_chosen(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes there on first use
+    respec.engine.compile.use_disk_cache()
+    assert cache_dir() == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    respec.engine.compile.use_disk_cache()
+    assert cache_dir() == str(tmp_path / "mine")

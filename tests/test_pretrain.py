@@ -222,7 +222,11 @@ def test_a_long_task_gets_its_budget_a_long_context_and_length_grouped_batches()
     assert chainsum.length_grouping > 0 and "length_grouping" in chainsum.cache_key()
     assert chainsum.init_from == "arithmetic" and chainsum.cache_key()["init_from"] == "arithmetic"
     key = PretrainConfig().cache_key()  # the arithmetic policy keeps its cache entry
-    assert "length_grouping" not in key and "init_from" not in key
+    assert "length_grouping" not in key and "init_from" not in key and "task_options" not in key
+    ones = PretrainConfig.for_task("chainsum", task_options={"min_operands": 1})  # the task's parameters
+    assert ones.make_task().min_operands == 1 and ones.cache_key()["task_options"] == {"min_operands": 1}
+    with pytest.raises(ConfigError, match="bad options"):
+        PretrainConfig.for_task("chainsum", task_options={"operands": 1})
     for bad in ("chainsum", "jsonl", "chess"):
         with pytest.raises(ConfigError, match="init_from"):
             PretrainConfig.for_task("chainsum", init_from=bad)

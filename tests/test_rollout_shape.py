@@ -11,6 +11,8 @@ from respec.rl.rollout_shape import (
     batch_range,
     batch_seconds,
     batch_shares,
+    drain_seconds,
+    drain_shape,
     length_stats,
     quantile,
     rollout_shape,
@@ -72,3 +74,22 @@ def test_rollout_shape_pools_rollouts():
     assert shape["length"]["median"] == 7 and shape["length"]["max"] == 300
     assert shape["batch_share"]["1-8"] == pytest.approx(0.5)
     assert shape["small_batch_share"] == pytest.approx(0.5)
+
+
+def test_a_set_of_lengths_drains_one_row_per_ended_response_priced_per_live_batch():
+    # 20 rows of one token and one of three: step 0 runs 21 rows, steps 1 and 2 the long row alone
+    seconds = drain_seconds([1] * 20 + [3], lambda batch: float(batch))
+    assert seconds == {"97+": 0.0, "33-96": 0.0, "17-32": 21.0, "9-16": 0.0, "1-8": 2.0}
+    assert drain_seconds([0, 0], lambda batch: 1.0) == dict.fromkeys(RANGE_LABELS, 0.0)
+    assert drain_seconds([2, 5], lambda batch: 1.0)["1-8"] == 5.0  # 2 steps of 2 rows, 3 of one
+
+
+def test_drain_shape_pools_rollouts_and_keeps_the_mean_of_their_own_shares():
+    flat = lambda batch: 1.0  # noqa: E731
+    # rollout 1: 17 rows for 1 step, then 1 row for 3 more (3 of 4 steps small); rollout 2: 40 rows for 4 steps
+    shape = drain_shape([[1] * 16 + [4], [4] * 40], flat)
+    assert shape["batch_s"] == {"97+": 0.0, "33-96": 4.0, "17-32": 1.0, "9-16": 0.0, "1-8": 3.0}
+    assert shape["small_batch_share"] == pytest.approx(3 / 8)
+    assert shape["small_batch_share_mean"] == pytest.approx((3 / 4 + 0) / 2)
+    assert shape["length"]["max"] == 4 and shape["length"]["median"] == 4
+    assert math.isnan(drain_shape([], flat)["small_batch_share_mean"])

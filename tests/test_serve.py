@@ -378,3 +378,44 @@ def test_text_prompts_through_the_tokenizer(target, drafter):
         choice = r.json()["choices"][0]
         assert r.status_code == 200 and len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"])
         assert c.post("/generate", json={"text": ""}).status_code == 400
+
+
+def test_stop_strings_end_a_request_at_the_completing_token(target, drafter):
+    def encode(text):  # a stand-in tokenizer: one token per character
+        return [ord(c) % V for c in text]
+
+    def decode(ids):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    engine = _engine(target, drafter)  # static k=3: a step emits several tokens, the cut falls inside one
+    sp = {"max_new_tokens": 40, "ignore_eos": True, "sampling_seed": 5}
+    with serving(engine, encode, decode) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        free = c.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": sp,
+                                         "return_logprob": True}).json()
+        text = free["text"]
+        assert text == decode(free["output_ids"]) and len(text) == 40
+        p = next(i for i in range(3, 38) if text.find(text[i:i + 2]) == i)  # a stop string first seen at p
+        stop = text[p:p + 2]
+
+        r = c.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {**sp, "stop": [stop, "@@"]},
+                                      "return_logprob": True})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["output_ids"] == free["output_ids"][:p + 2]  # through the token that completed the string
+        assert out["text"] == text[:p]  # the stop string itself is not returned
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        assert out["meta_info"]["output_token_logprobs"] == free["meta_info"]["output_token_logprobs"][:p + 2]
+
+        body = {"prompt": [1, 2, 3], "max_tokens": 40, "ignore_eos": True, "seed": 5, "stop": stop}
+        choice = c.post("/v1/completions", json=body).json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (text[:p], "stop", stop)
+        deltas = []
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    deltas.append(json.loads(line[6:])["choices"][0]["text"])
+        assert "".join(deltas) == text[:p]  # a partial stop string is held back, never streamed
+        assert all(stop not in "".join(deltas[:i + 1]) for i in range(len(deltas)))
+        # a stop that is neither a string nor a list of strings: one clear 400
+        assert c.post("/generate", json={"input_ids": [1], "sampling_params": {"stop": 3}}).status_code == 400
+    assert not engine.has_unfinished_requests()  # the stopped requests' slots were freed

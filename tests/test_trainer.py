@@ -257,6 +257,9 @@ def test_jsonl_data_trains_and_holds_out_its_eval_problems(world, tmp_path):
     ({"algorithm.loss_agg": "sum"}, "loss_agg"),
     ({"data.task": "chess"}, "unknown"),
     ({"data.task": "jsonl"}, "data.path"),
+    ({"data.task": "chainsum", "data.task_options": "{min_operandz: 1}"}, "bad options for task 'chainsum'"),
+    ({"data.task": "chainsum", "data.task_options": "{min_operands: 0}"}, "1 <= min_operands"),
+    ({"data.task_options": "[1]"}, "data.task_options must be dict"),
     ({"trainer.model": "/some/policy", "rollout.spec": "adaptive"}, "--drafter"),
     ({"trainer.steps": "many"}, "trainer.steps must be int"),
     ({"algorithm.clip": "0.2"}, "no setting 'clip'"),
@@ -271,7 +274,9 @@ def test_each_bad_config_is_one_clear_error(overrides, message):
 def test_yaml_config_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("algorithm:\n  clip_high: 0.28\n  clip_c: null\nrollout:\n  group_size: 4\n")
-    cfg = load_config(path, {"trainer.lr": "1e-3", "data.prompts_per_step": "8"})
+    cfg = load_config(path, {"trainer.lr": "1e-3", "data.prompts_per_step": "8", "data.task": "chainsum",
+                             "data.task_options": "{min_operands: 1, alpha: 2}"})
+    assert cfg.data.task_options == {"min_operands": 1, "alpha": 2}
     assert (cfg.algorithm.clip_high, cfg.algorithm.clip_c, cfg.rollout.group_size) == (0.28, None, 4)
     assert cfg.trainer.lr == 1e-3 and cfg.data.prompts_per_step == 8
     path.write_text("algorithm:\n  clip_hi: 0.28\n")

@@ -126,7 +126,9 @@ def plot_bench_spec(data: dict, png: str | os.PathLike) -> Path:
 def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     """Returns the PNG of `bench_rollout`: wall seconds per mode, the adaptive decision trace (live batch and
     chosen k per decode step, beside the oracle's k), and (in results that have it) the plain rollout's share of
-    decode time per live-batch range."""
+    decode time per live-batch range, beside the drain of the task's worked solutions (`worked_shape`)."""
+    from respec.bench.rollout import bench_shapes
+
     panels = 3 if "shape" in data else 2
     fig = Figure(figsize=(6 * panels, 4.2), layout="constrained")
     ax = fig.add_subplot(1, panels, 1)
@@ -155,7 +157,7 @@ def plot_bench_rollout(data: dict, png: str | os.PathLike) -> Path:
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
     if "shape" in data:
-        _plot_shapes(fig.add_subplot(1, panels, 3), {"plain": data["shape"]})
+        _plot_shapes(fig.add_subplot(1, panels, 3), bench_shapes(data))
     device = data.get("machine", {}).get("device_name", "")
     if device:
         fig.suptitle(f"Adaptive speculative decoding on a draining rollout ({device})", fontsize=9)

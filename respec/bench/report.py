@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from respec.bench.experiment import phase_bound, run_shape, staleness
+from respec.bench.rollout import bench_shapes
 from respec.bench.spec import best_cells
 from respec.errors import ConfigError
 from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH
@@ -306,7 +307,9 @@ def _rollout(root: Path) -> str:
             f"seeds, interleaved; medians of {cfg.get('repeats', '?')} timed rollouts after a warm-up. CPU s = this "
             "process's CPU time, which other processes cannot inflate.\n",
             _table(["mode", "seconds", "vs plain", "CPU s"], rows),
-            *([_shape_text("The plain rollouts' shape", {"plain": data["shape"]})] if "shape" in data else []),
+            *([_shape_text("The plain rollouts' shape, and the drain of the same task's worked solutions priced by "
+                           "their step costs (\"all worked\": where GRPO drives the policy)", shapes)]
+              if (shapes := bench_shapes(data)) else []),
             f"\nAdaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x the best static k "
             f"(k = {data['best_static_k']}), {r['adaptive_vs_table']:.2f}x the table, {r['adaptive_vs_bandit']:.2f}x "
             f"the bandit, {r['adaptive_vs_oracle']:.2f}x the oracle's time"

@@ -10,12 +10,12 @@ large k), so every single static choice loses somewhere.
   the highest measured tokens/s among steps at each range), as a vLLM user fills the table from a benchmark.
 - oracle: in a static-k rollout, a row that accepted c of its k drafts would have accepted min(c, j) of j <= k
   (the rejection rule's draws for drafts 1..j do not depend on k), so the tokens every j <= k would have
-  emitted at each step are known in hindsight. With each j's measured seconds per step at that live batch (a
-  least-squares line in the batch over all of this run's steps with that j), the oracle takes the best
-  tokens-per-second j at every step: time = prefill + sum over steps of the step's tokens at the oracle's
-  rate. Each static rollout drains at its own pace (which sets the batch at which tokens are made), so the
-  oracle is evaluated on every static rollout and the best is reported. A bound under the fitted costs: a
-  chooser can beat it only by the fit's error.
+  emitted at each step are known in hindsight. With each j's measured seconds per step at that live batch (the
+  median of this run's steps with that j in the same batch bucket, the padded batch a step really runs at;
+  interpolated between measured buckets), the oracle takes the best tokens-per-second j at every step: time =
+  prefill + sum over steps of the step's tokens at the oracle's rate. Each static rollout drains at its own
+  pace (which sets the batch at which tokens are made), so the oracle is evaluated on every static rollout and
+  the best is reported. A bound under the measured costs: a chooser can beat it only by their noise.
 Choosers keep their state across repeats (one untimed warm-up pass first), as they would across RL steps.
 `bench_rollout` reports progress through `log(message, fraction)` and prints nothing (`rollout_tables` renders
 the results for the CLI).
@@ -24,9 +24,11 @@ the results for the CLI).
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,11 +41,13 @@ from respec.engine.checkpoint import load_model, torch_threads
 from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, GenerationResult, SpecConfig
 from respec.engine.sampling import SamplingParams
+from respec.engine.slots import bucket_size
 from respec.errors import ConfigError
-from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, rollout_shape
+from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, drain_shape, rollout_shape
 from respec.world.tasks import DEFAULT_TASK
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
+WORKED_ROLLOUTS = 100  # rollouts of fresh problems priced for the worked-solution shape (`worked_shape`)
 
 
 @dataclass(frozen=True)
@@ -85,33 +89,38 @@ def range_of(batch: int) -> int:
     return max(b for b in BATCH_RANGES if b <= batch)
 
 
-def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
-    """Returns (a, b) of the least-squares line y = a + b x through pts."""
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    var = sum((x - mx) ** 2 for x, _ in pts)
-    slope = sum((x - mx) * (y - my) for x, y in pts) / var if var > 0 else 0.0
-    return my - slope * mx, slope
+Costs = dict[int, dict[int, float]]  # k -> {batch bucket: seconds per step}
 
 
-def step_costs(results: dict[int, list[GenerationResult]]) -> dict[int, tuple[float, float]]:
-    """Returns, per k, the line seconds = a + b * batch fitted to every measured step of the rollouts run with
-    that k (k = 0: plain): the measured cost of a step at any live batch. Steps more than 3 median absolute
-    residuals off the first fit (preempted by another process) are dropped before the second."""
-    fits = {}
+def step_costs(results: dict[int, list[GenerationResult]]) -> Costs:
+    """Returns, per k (0: plain), the median measured seconds of the steps of the rollouts run with that k, per
+    batch bucket (`bucket_size` over the largest batch seen: the rows a step computes, pads included). A median
+    per bucket, not a fit across buckets: a step's cost is flat in the batch where overhead dominates and
+    steep where compute does, and preempted steps are outliers a median ignores."""
+    slots = max(s.batch for runs in results.values() for run in runs for s in run.stats)
+    out: Costs = {}
     for k, runs in results.items():
-        pts = [(s.batch, s.seconds) for run in runs for s in run.stats if s.k == k]
-        a, b = _line(pts)
-        residuals = [abs(y - a - b * x) for x, y in pts]
-        cut = 3 * statistics.median(residuals)
-        kept = [p for p, r in zip(pts, residuals, strict=True) if r <= cut] if cut > 0 else pts
-        fits[k] = _line(kept if len(kept) >= 2 else pts)
-    return fits
+        cells = defaultdict(list)
+        for run in runs:
+            for s in run.stats:
+                if s.k == k:
+                    cells[bucket_size(s.batch, slots)].append(s.seconds)
+        out[k] = {b: statistics.median(v) for b, v in sorted(cells.items())}
+    return out
 
 
-def _cost(fits: dict[int, tuple[float, float]], k: int, batch: int) -> float:
-    a, b = fits[k]
-    return max(a + b * batch, 1e-6)
+def step_cost_at(costs: Costs, k: int, batch: int) -> float:
+    """Returns k's step seconds at live batch `batch`: its bucket's measured median, else interpolated linearly
+    between the nearest measured buckets (the nearest one's beyond them)."""
+    cells = costs[k]
+    bucket = bucket_size(batch, max(max(c) for c in costs.values() if c))  # the largest bucket: the slots
+    if bucket in cells:
+        return cells[bucket]
+    lo = max((b for b in cells if b < bucket), default=None)
+    hi = min((b for b in cells if b > bucket), default=None)
+    if lo is None or hi is None:
+        return cells[hi if lo is None else lo]
+    return cells[lo] + (cells[hi] - cells[lo]) * (bucket - lo) / (hi - lo)
 
 
 def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int, int]:
@@ -129,13 +138,14 @@ def table_from_rollouts(results: dict[int, list[GenerationResult]]) -> dict[int,
                             for (b, k), (tokens, seconds) in totals.items())
 
 
-def oracle(reference: GenerationResult, fits: dict[int, tuple[float, float]]) -> tuple[float, list[int]]:
+def oracle(reference: GenerationResult, costs: Costs) -> tuple[float, list[int]]:
     """Returns (seconds, k per step) of the hindsight oracle over the steps of a static-k rollout (k >= 1),
     choosing among the draft lengths 0..k that it can judge exactly."""
     seconds, trace = reference.prefill_seconds, []
     k_ref = max(s.k for s in reference.stats)
     for s in reference.stats:
-        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / _cost(fits, k, s.batch) for k in fits if k <= k_ref}
+        rates = {k: sum(min(c, k) + 1 for c in s.accepted) / step_cost_at(costs, k, s.batch) for k in costs
+                 if k <= k_ref and costs[k]}
         best = max(rates, key=lambda k: (rates[k], -k))
         trace.append(best)
         seconds += s.emitted / rates[best]
@@ -213,6 +223,8 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "tokens": statistics.median(r.num_tokens for r in runs["adaptive"]),
         "mean_k": {name: statistics.mean(r.mean_k for r in runs[name]) for name in ("table", "bandit", "adaptive")},
         "trace": _trace(runs["adaptive"][-1], costs, cfg),
+        # per k, the median seconds of a step per batch bucket (`step_costs`)
+        "step_cost": {str(k): {str(b): sec for b, sec in cells.items()} for k, cells in costs.items()},
         # the plain rollouts' response lengths and decode seconds per live-batch range (their repeats pooled)
         "shape": rollout_shape([len(s.tokens) for r in static_runs[0] for s in r.sequences],
                                [s for r in static_runs[0] for s in r.stats]),
@@ -233,12 +245,41 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         "adaptive_vs_table": data["cpu_s"]["table"] / data["cpu_s"]["adaptive"],
         "adaptive_vs_bandit": data["cpu_s"]["bandit"] / data["cpu_s"]["adaptive"],
     }
+    worked = worked_shape(policy_dir, cfg, lambda batch: step_cost_at(costs, 0, batch))
+    if worked is not None:
+        data["worked_shape"] = worked
     if eager is not None:
         data["adaptive_eager_s"] = med(runs["adaptive_eager"])
         data["ratios"]["adaptive_vs_adaptive_eager"] = data["adaptive_eager_s"] / data["adaptive_s"]
     if json_path is not None:
         write_results(data, Path(json_path), plot_bench_rollout)
     return data
+
+
+def worked_shape(policy_dir: str | os.PathLike, cfg: RolloutBenchConfig, price: Callable[[int], float],
+                 rollouts: int = WORKED_ROLLOUTS) -> dict | None:
+    """Returns the `drain_shape` of `rollouts` GRPO-shaped rollouts (cfg.prompts problems x cfg.samples rows) in
+    which every row writes its problem's worked solution (the task's always-right style, where GRPO drives the
+    policy), clipped to cfg.max_new_tokens, each step priced by `price(live rows)` (the plain steps' measured
+    seconds): the share
+    of time at a small live batch that the task's own lengths allow once the policy works every problem. The
+    problems are the held-out stream (the first rollout's are the timed prompts). None for a task without
+    generated solutions (jsonl)."""
+    from respec.world.prompts import HELD_OUT_SEED
+    from respec.world.tasks import get_task
+    from respec.world.tokenizer import load_tokenizer
+
+    task = get_task(cfg.task)
+    if not hasattr(task, "sft_completion") or "worked" not in task.styles:
+        return None
+    tok, rng = load_tokenizer(policy_dir), random.Random(cfg.seed)
+    lengths = [min(len(tok.encode(task.sft_completion(p, rng, "worked")[0], add_special_tokens=False)) + 1,
+                   cfg.max_new_tokens)  # + eos
+               for p in task.problems(cfg.prompts * rollouts, HELD_OUT_SEED)]
+    batches = [[n for n in lengths[i:i + cfg.prompts] for _ in range(cfg.samples)]
+               for i in range(0, len(lengths), cfg.prompts)]
+    return {**drain_shape(batches, price),
+            "rollouts": rollouts}
 
 
 def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:
@@ -250,12 +291,12 @@ def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationRes
     return out
 
 
-def _trace(run: GenerationResult, fits: dict[int, tuple[float, float]], cfg: RolloutBenchConfig) -> dict:
+def _trace(run: GenerationResult, costs: Costs, cfg: RolloutBenchConfig) -> dict:
     """Returns the adaptive decision trace (live batch, chosen k, predicted and measured seconds per step) and
     the oracle's k at each step's batch (the best k under the measured costs and this run's acceptance)."""
     accept_rows = [c for s in run.stats if s.k for c in s.accepted] or [0]
-    emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in fits}
-    oracle_k = [max(fits, key=lambda k: (emitted[k] / _cost(fits, k, s.batch), -k)) for s in run.stats]
+    emitted = {k: statistics.mean(min(c, k) for c in accept_rows) + 1 for k in costs if costs[k]}
+    oracle_k = [max(emitted, key=lambda k: (emitted[k] / step_cost_at(costs, k, s.batch), -k)) for s in run.stats]
     return {"batch": [s.batch for s in run.stats], "k": [s.k for s in run.stats], "oracle_k": oracle_k,
             "seconds": [s.seconds for s in run.stats], "predicted_seconds": [s.predicted_seconds for s in run.stats]}
 
@@ -278,13 +319,19 @@ def rollout_tables(data: dict) -> list[Table | Text]:
         table.add_row(name, f"{s:.2f}", f"{data['plain_s'] / s:.2f}x", "" if c is None else f"{c:.2f}",
                       "" if c is None else f"{cpu['plain'] / c:.2f}x")
     r = data["ratios"]
-    shape = [shape_table({"plain": data["shape"]})] if "shape" in data else []
+    shape = [shape_table(shapes)] if (shapes := bench_shapes(data)) else []
     return [table, *shape, Text(f"adaptive: {r['adaptive_vs_plain']:.2f}x plain, {r['adaptive_vs_best_static']:.2f}x best "
                         f"static (k={data['best_static_k']}), {r['adaptive_vs_table']:.2f}x table, "
                         f"{r['adaptive_vs_bandit']:.2f}x bandit, {r['adaptive_vs_oracle']:.2f} of the oracle's speed"
                         + (f", {r['adaptive_vs_adaptive_eager']:.2f}x the eager engine's adaptive rollout"
                            if "adaptive_vs_adaptive_eager" in r else ""))]
 
+
+
+def bench_shapes(data: dict) -> dict[str, dict]:
+    """Returns the rollout shapes of a `bench_rollout` result by name: the plain rollouts' ("plain") and the
+    worked-solution drain priced by their step costs ("all worked", `worked_shape`), those present."""
+    return {name: data[key] for name, key in (("plain", "shape"), ("all worked", "worked_shape")) if key in data}
 
 
 def shape_table(shapes: dict[str, dict]) -> Table:

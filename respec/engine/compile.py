@@ -1,14 +1,17 @@
-"""Compiled decode steps: `torch.compile` of one decoder layer, shared by every layer of a model.
+"""Compiled decode steps: `torch.compile` of a target's whole layer stack (`run_stack`), and of the drafter's one
+layer (`run_layer`).
 
-What is compiled is the pure part of a cached forward, one layer at a time: norms, q/k/v with RoPE, attention
-over the cache (read only) and the new tokens, the output projection and the MLP. The cache write stays outside,
-in eager code between layers, because an in-place write into a graph input makes inductor copy the whole cache
-on every call. All layers of a model share one compiled graph (they have one shape), so compiling costs seconds,
-not one graph per layer.
+What is compiled is the pure part of a cached forward: per layer, norms, q/k/v with RoPE, attention over the
+cache (read only) and the new tokens, the output projection and the MLP. The cache writes stay outside, in eager
+code after the stack, because an in-place write into a graph input makes inductor copy the whole cache on every
+call; a layer reads only its own cache entries, so writing every layer's new entries after the last layer gives
+the same result. One graph per stack rather than one per layer: at small batch a decode step is mostly the fixed
+cost of each call into a compiled graph (guards, wrappers), paid once per step instead of once per layer.
 
 Sizes are compiled symbolically (`dynamic=True`), so batch buckets, draft widths and attention spans share a
-graph; torch still specialises sizes 0 and 1 and the cache's strides, so a model gets a few graphs (one token or
-several, one row or several, the cache read through views or gathered), each compiled once.
+graph; torch still specialises sizes 1, the cache's strides and which layers feed the drafter, so a model gets a
+few graphs (one token or several, one row or several, the cache read through views or gathered, with or without
+the drafter's features), each compiled once.
 `RESPEC_COMPILE_BACKEND` names another `torch.compile` backend (default inductor; "aot_eager" traces without
 generating code, for debugging).
 
@@ -31,20 +34,45 @@ from respec.errors import ConfigError
 
 COMPILE_MODES = ("auto", "off", "on")
 
-_compiled: dict[str, Callable] = {}  # backend -> the compiled `_call`
+_compiled: dict[tuple[str, str], Callable] = {}  # (backend, function) -> its compiled form
 
 
 def _call(layer, args):
     return layer(*args)
 
 
+def _stack(layers, x, cos, sin, cached, taps):
+    aux, keys, values = [], [], []
+    for i, layer in enumerate(layers):
+        if taps[i]:
+            aux.append(x)
+        x, k, v = layer(x, cos, sin, cached[i])
+        keys.append(k)
+        values.append(v)
+    if taps[len(layers)]:
+        aux.append(x)
+    return x, aux, keys, values
+
+
 def run_layer(layer: torch.nn.Module, args: tuple, compiled: bool):
     """Returns layer(*args), through the shared compiled graph when `compiled`."""
-    if not compiled:
-        return layer(*args)
+    return _compiled_fn(_call)(layer, args) if compiled else layer(*args)
+
+
+def run_stack(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: list, aux_layers: tuple[int, ...],
+              compiled: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Returns (x after every layer, the aux features: x entering each layer of `aux_layers`, every layer's new
+    keys, its new values) of a cached forward whose layers read `cached[i]` and leave the cache alone; one
+    compiled graph for the whole stack when `compiled` (one call per step instead of one per layer)."""
+    # Bools, not the layer numbers: dynamo would trace integers as symbols and one graph would serve every tap set.
+    taps = tuple(i in aux_layers for i in range(len(layers) + 1))
+    return (_compiled_fn(_stack) if compiled else _stack)(layers, x, cos, sin, cached, taps)
+
+
+def _compiled_fn(fn: Callable) -> Callable:
     backend = os.environ.get("RESPEC_COMPILE_BACKEND", "inductor")
-    fn = _compiled.get(backend)
-    if fn is None:
+    compiled = _compiled.get((backend, fn.__name__))
+    if compiled is None:
         use_disk_cache()
         # Every layer kind and shape class goes through this one function: the default recompile limit (8)
         # would fall back to eager after a few classes.
@@ -54,13 +82,18 @@ def run_layer(layer: torch.nn.Module, args: tuple, compiled: bool):
         # Duck shaping gives equal sizes one symbol: a draft width of 2 would share the (static) KV-head count's
         # and be specialised, recompiling for every other width.
         torch.fx.experimental._config.use_duck_shape = False
-        fn = _compiled[backend] = torch.compile(_call, dynamic=True, backend=backend)
-    return fn(layer, args)
+        compiled = _compiled[(backend, fn.__name__)] = torch.compile(fn, dynamic=True, backend=backend)
+    return compiled
 
 
 def use_disk_cache() -> None:
-    """Points inductor's on-disk cache at $RESPEC_CACHE/inductor unless the user chose a directory."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Points inductor's on-disk cache at $RESPEC_CACHE/inductor unless the user chose a directory. Torch writes
+    its default directory into TORCHINDUCTOR_CACHE_DIR the first time it looks the directory up, so that value
+    counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         from respec.engine.checkpoint import cache_root
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from respec.engine.compile import run_layer
+from respec.engine.compile import run_stack
 from respec.engine.kvcache import KVCache
 from respec.errors import ConfigError
 
@@ -411,17 +411,21 @@ class Transformer(nn.Module):
             masks = cache_masks(cache.lengths, cache.span, T, self.embed_tokens.weight.dtype)
         x = self.embed_tokens(input_ids)  # [B, T, H] or packed [N, H]
         cos, sin = self.rope(positions, x.dtype)
-        compiled = cache is not None and cache.compiled
-        aux = []
-        for i, layer in enumerate(self.layers):
-            if i in aux_layers:
-                aux.append(x)
-            cached = None if masks is None else Cached(*cache.read(i), *masks)
-            x, k, v = run_layer(layer, (x, cos, sin, cached, packing), compiled)
-            if cache is not None:
+        if masks is not None:  # decode or verify: the layers only read the cache; their entries are written after
+            cached = [Cached(*cache.read(i), *masks) for i in range(len(self.layers))]
+            x, aux, keys, values = run_stack(self.layers, x, cos, sin, cached, aux_layers, cache.compiled)
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
                 cache.write(i, k, v)
-        if len(self.layers) in aux_layers:
-            aux.append(x)
+        else:
+            aux = []
+            for i, layer in enumerate(self.layers):
+                if i in aux_layers:
+                    aux.append(x)
+                x, k, v = layer(x, cos, sin, None, packing)
+                if cache is not None:
+                    cache.write(i, k, v)
+            if len(self.layers) in aux_layers:
+                aux.append(x)
         if cache is not None:
             cache.advance(T)
         hidden, features = self.norm(x), (torch.cat(aux, dim=-1) if aux else None)

@@ -124,4 +124,5 @@ class RequestOutput:
     token_ids: list[int]
     logprobs: list[float]  # the target's logprob of each token, as in SequenceOutput
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_reason: str | None = None  # the stop string that ended it (vLLM's stop_reason; set by the server)

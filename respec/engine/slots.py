@@ -73,7 +73,7 @@ class SlotKV:
 
 
 class SlotView:
-    """The KV cache a forward over some slots sees (the interface of `KVCache` that the models call): row b is
+    """The KV cache a forward over some slots sees (what the models call; `KVCache` is one over all slots): row b is
     slot index[b], its new tokens take positions lengths[b] .., and attention reads cached positions [0, span).
 
     `empty` marks a prefill (every length 0): the model then runs plain causal attention and only writes.

@@ -169,6 +169,8 @@ class DataConfig:
 
     task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | chainsum | countdown | jsonl (chainsum
     # needs rollout.max_new_tokens=384, its budget: respec.world.tasks.task_budget)
+    task_options: dict = field(default_factory=dict)  # the generated task's parameters, e.g. {min_operands: 1,
+    # alpha: 2.0} for chainsum (respec.world.tasks); empty = its defaults
     path: str | None = None  # the .jsonl (or verl .parquet) file of task "jsonl" (GSM8K / MATH style: question, answer fields)
     eval_path: str | None = None  # held-out .jsonl for task "jsonl" (verl data.val_files); None = hold out
     # eval_problems problems of `path` (never trained on)
@@ -191,6 +193,12 @@ class DataConfig:
         if self.task != "jsonl" and (self.path or self.eval_path):
             raise ConfigError(f"data.path / data.eval_path are for task 'jsonl'; task {self.task!r} generates its "
                               "problems (pass --task jsonl with --data)")
+        if self.task_options:
+            if self.task == "jsonl":
+                raise ConfigError("data.task_options are for a generated task; task 'jsonl' reads data.path")
+            from respec.world.tasks import get_task
+
+            get_task(self.task, **self.task_options)  # unknown or bad options fail now
         if self.reward_fn is not None and (self.reward_fn.count(":") != 1 or not all(self.reward_fn.split(":"))):
             raise ConfigError(f"data.reward_fn must look like 'package.module:function', got {self.reward_fn!r}")
         _positive_int(s, "prompts_per_step", self.prompts_per_step)
@@ -354,6 +362,8 @@ def _coerce(where: str, value, kind):
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
+        if t is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     names = " or ".join(t.__name__ for t in expected) + (" or null" if type(None) in args else "")
     raise ConfigError(f"{where} must be {names}, got {value!r}")
 

@@ -10,7 +10,7 @@ engine's per-step stats, without any model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -86,3 +86,30 @@ def rollout_shape(lengths: Sequence[float], stats: Iterable[StepStats]) -> dict:
     shares = batch_shares(seconds)
     return {"length": length_stats(lengths), "batch_s": seconds, "batch_share": shares,
             "small_batch_share": small_batch_share(shares)}
+
+
+def drain_seconds(lengths: Sequence[int], step_seconds: Callable[[int], float]) -> dict[str, float]:
+    """Returns `batch_seconds`-style decode seconds per live-batch range of a plain rollout whose rows end after
+    `lengths` tokens (one token per row per step), each step costing step_seconds(live rows): the drain that a set
+    of response lengths implies under a measured cost of a step, without a model."""
+    out = dict.fromkeys(RANGE_LABELS, 0.0)
+    ends = sorted(int(n) for n in lengths if n > 0)
+    live, done = len(ends), 0
+    for step in range(ends[-1] if ends else 0):
+        while done < len(ends) and ends[done] <= step:
+            done += 1
+        out[batch_range(live - done)] += step_seconds(live - done)
+    return out
+
+
+def drain_shape(batches: Sequence[Sequence[int]], step_seconds: Callable[[int], float]) -> dict:
+    """Returns the `rollout_shape` layout of rollouts with these rows' lengths (one list per rollout), their
+    decode time priced by `step_seconds` (`drain_seconds`) and pooled; "small_batch_share_mean" is the mean of
+    the rollouts' own shares at <= SMALL_BATCH rows (each RL step is one rollout)."""
+    per = [drain_seconds(lengths, step_seconds) for lengths in batches]
+    seconds = {label: sum(s[label] for s in per) for label in RANGE_LABELS}
+    shares = batch_shares(seconds)
+    own = [small_batch_share(batch_shares(s)) for s in per if sum(s.values()) > 0]
+    return {"length": length_stats([n for lengths in batches for n in lengths]), "batch_s": seconds,
+            "batch_share": shares, "small_batch_share": small_batch_share(shares),
+            "small_batch_share_mean": sum(own) / len(own) if own else math.nan}

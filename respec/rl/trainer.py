@@ -346,7 +346,7 @@ def _tasks(config: TrainConfig) -> tuple[Task, Task]:
     """Returns (training task, held-out task); a jsonl file is read and checked now."""
     d = config.data
     if d.task != "jsonl":
-        task = get_task(d.task)
+        task = get_task(d.task, **d.task_options)
         return task, task
     task = get_task("jsonl", path=d.path)
     return task, (get_task("jsonl", path=d.eval_path) if d.eval_path else task)

@@ -1,7 +1,9 @@
 """The engine thread: the one thread that touches the engine (and torch), running SGLang's `event_loop_normal`.
 
 Each turn it takes everything queued for it (new requests, aborts, control calls such as a weight update), runs
-one `Engine.step()` unless paused or idle, and hands every request's output so far to that request's sink.
+one `Engine.step()` unless paused or idle, and hands every request's output so far to that request's sink. A
+request with stop strings ends in the step whose tokens complete one: its tokens are cut after that token, its
+engine request is aborted, and it finishes with reason "stop" and the string as `stop_reason`.
 HTTP handlers only `submit`, `abort` and `call`; a request that arrives while others decode is added before the
 next step and joins the running batch there.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from respec.engine.generate import Engine
 from respec.engine.outputs import RequestOutput
 from respec.errors import RespecError
+from respec.serve.protocol import find_stop
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
 
@@ -42,6 +45,8 @@ class Live:
     sink: Sink
     steps: int = 0
     last: RequestOutput | None = field(default=None)
+    stop: tuple[str, ...] = ()  # stop strings
+    checked: int = 0  # tokens already searched for them
 
 
 class EngineLoop:
@@ -53,8 +58,8 @@ class EngineLoop:
     step to every request of that step as EngineFailure, after which the loop serves on.
     """
 
-    def __init__(self, engine: Engine, max_pending: int):
-        self.engine, self.max_pending = engine, max_pending
+    def __init__(self, engine: Engine, max_pending: int, decode: Callable[[list[int]], str] | None = None):
+        self.engine, self.max_pending, self.decode = engine, max_pending, decode
         self.paused = False
         self.steps = 0
         self.aborted = 0  # requests aborted by a client, a disconnect or the server stopping
@@ -173,11 +178,25 @@ class EngineLoop:
             if live is None:
                 continue
             live.steps += 1
+            if live.stop and self.decode is not None:
+                out = self._stop_strings(live, out)
             live.last = out
             if out.finished:
                 self._finish(live, out)
             else:
                 self._deliver(live, out)
+
+    def _stop_strings(self, live: Live, out: RequestOutput) -> RequestOutput:
+        """Returns `out`, or, if its new tokens complete one of the request's stop strings, its output cut after
+        the completing token, finished; the engine request is then aborted (its slot is free for the next step)."""
+        hit = find_stop(self.decode, out.token_ids, live.checked, live.stop)
+        live.checked = len(out.token_ids)
+        if hit is None:
+            return out
+        n, matched = hit
+        if not out.finished:
+            self.engine.abort_request(out.request_id)
+        return RequestOutput(out.request_id, out.token_ids[:n], out.logprobs[:n], True, "stop", matched)
 
     def _finish(self, live: Live, event: RequestOutput | Exception) -> None:
         self._live.pop(live.rid, None)

@@ -66,6 +66,7 @@ class GenRequest:
     prompt: list[int]
     params: SamplingParams
     rid: str
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one the text holds
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,52 @@ def _stop_ids(value, name: str, model: ModelLimits) -> tuple[int, ...]:
     return tuple(value)
 
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def stop_strings(value, name: str, decode_available: bool) -> tuple[str, ...]:
+    """Returns the stop strings of a request field: a string or a list of strings (None, "" or [] for none)."""
+    if value is None or value == "" or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_STOP_STRINGS or \
+            not all(isinstance(x, str) and 1 <= len(x) <= MAX_STOP_CHARS for x in items):
+        raise ApiError(400, f"{name} must be a string or a list of at most {MAX_STOP_STRINGS} strings of 1 to "
+                            f"{MAX_STOP_CHARS} characters")
+    if not decode_available:
+        raise ApiError(400, f"{name}: stop strings need a tokenizer and this server has none (the model directory "
+                            "holds none): send stop_token_ids")
+    return tuple(dict.fromkeys(items))
+
+
+def find_stop(decode: Callable[[list[int]], str], tokens: list[int], checked: int,
+              stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Returns (n, s) for the first n > checked such that the text of tokens[:n] holds stop string s (the one
+    that completes first; the earliest in the text on a tie), or None. The first `checked` tokens were checked."""
+    before = decode(tokens[:checked]) if checked else ""
+    for n in range(checked + 1, len(tokens) + 1):
+        text = decode(tokens[:n])
+        hits = [(pos, s) for s in stops if (pos := text.find(s, max(0, len(before) - len(s) + 1))) >= 0]
+        if hits:
+            return n, min(hits)[1]
+        before = text
+    return None
+
+
+def visible_text(out: RequestOutput, decode: Callable[[list[int]], str] | None, stops: tuple[str, ...]) -> str:
+    """Returns the text a client sees of a request's output so far: without the stop string that ended it, and,
+    while it runs, without a tail that could still become the start of a stop string (vLLM's hold-back)."""
+    if decode is None:
+        return ""
+    text = decode(out.token_ids)
+    if out.stop_reason is not None:
+        return text[:text.find(out.stop_reason)]
+    if stops and not out.finished:
+        return text[:max(len(text) - max(map(len, stops)) + 1, 0)]
+    return text
+
+
 def make_params(*, temperature, top_p, top_k, max_new_tokens, stop_token_ids, seed, ignore_eos, prefix: str,
                 limits: ServeLimits, model: ModelLimits) -> SamplingParams:
     """Returns SamplingParams from request fields (None = the default), each checked with a message naming it."""
@@ -203,22 +250,27 @@ def _rid(value, name: str) -> str | None:
 
 # -- SGLang's /generate --------------------------------------------------------------------------------------------
 
-_SGLANG_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "sampling_seed", "ignore_eos"}
+_SGLANG_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids", "sampling_seed",
+                "ignore_eos"}
 
 
-def _sglang_params(sp, name: str, limits: ServeLimits, model: ModelLimits) -> SamplingParams:
+def _sglang_params(sp, name: str, limits: ServeLimits, model: ModelLimits,
+                   decode_available: bool) -> tuple[SamplingParams, tuple[str, ...]]:
+    """Returns (SamplingParams, stop strings) of one `sampling_params` object."""
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
         raise ApiError(400, f"{name} must be an object")
     get = {k: sp.get(k) for k in _SGLANG_KEYS}  # other keys (min_p, n, ...) are ignored, as documented
-    return make_params(temperature=get["temperature"], top_p=get["top_p"], top_k=get["top_k"],
-                       max_new_tokens=get["max_new_tokens"], stop_token_ids=get["stop_token_ids"],
-                       seed=get["sampling_seed"], ignore_eos=get["ignore_eos"], prefix=f"{name}.", limits=limits,
-                       model=model)
+    params = make_params(temperature=get["temperature"], top_p=get["top_p"], top_k=get["top_k"],
+                         max_new_tokens=get["max_new_tokens"], stop_token_ids=get["stop_token_ids"],
+                         seed=get["sampling_seed"], ignore_eos=get["ignore_eos"], prefix=f"{name}.", limits=limits,
+                         model=model)
+    return params, stop_strings(get["stop"], f"{name}.stop", decode_available)
 
 
-def parse_generate(body: dict, limits: ServeLimits, model: ModelLimits, encode: Encoder | None) -> Parsed:
+def parse_generate(body: dict, limits: ServeLimits, model: ModelLimits, encode: Encoder | None,
+                   decode_available: bool = True) -> Parsed:
     """Returns the engine requests of a `/generate` body: `input_ids` (a list of ids, or a list of such lists) or
     `text` (a string or a list), `sampling_params` (an object, or one per prompt), `return_logprob`, `stream`,
     `rid`. One shared `sampling_seed` seeds item i of a batch with seed + i."""
@@ -243,10 +295,11 @@ def parse_generate(body: dict, limits: ServeLimits, model: ModelLimits, encode: 
     if isinstance(sp, list):
         if not batched or len(sp) != len(prompts):
             raise ApiError(400, "a list of sampling_params needs a batched request with one per prompt")
-        params = [_sglang_params(p, f"sampling_params[{i}]", limits, model) for i, p in enumerate(sp)]
+        per = [_sglang_params(p, f"sampling_params[{i}]", limits, model, decode_available) for i, p in enumerate(sp)]
+        params, stops = [p for p, _ in per], [s for _, s in per]
     else:
-        shared = _sglang_params(sp, "sampling_params", limits, model)
-        params = [_seeded(shared, i) for i in range(len(prompts))]
+        shared, stop = _sglang_params(sp, "sampling_params", limits, model, decode_available)
+        params, stops = [_seeded(shared, i) for i in range(len(prompts))], [stop] * len(prompts)
     rid = body.get("rid")
     if isinstance(rid, list):
         if not batched or len(rid) != len(prompts):
@@ -259,7 +312,7 @@ def parse_generate(body: dict, limits: ServeLimits, model: ModelLimits, encode: 
         raise ApiError(400, "rid values of one batch must be distinct")
     logprob = _bool(body.get("return_logprob", False), "return_logprob")
     stream = _bool(body.get("stream", False), "stream")
-    reqs = [GenRequest(p, q, r or new_rid()) for p, q, r in zip(prompts, params, rids, strict=True)]
+    reqs = [GenRequest(p, q, r or new_rid(), s) for p, q, r, s in zip(prompts, params, rids, stops, strict=True)]
     return Parsed(reqs, batched, stream, logprob)
 
 
@@ -270,19 +323,27 @@ def new_rid() -> str:
 def generate_item(out: RequestOutput, req: GenRequest, steps: int, drafter_version: int | None,
                   logprobs: bool, decode: Callable[[list[int]], str] | None) -> dict:
     """Returns one `/generate` response item (SGLang's shape) for a request's output so far."""
-    meta = {"id": req.rid, "finish_reason": {"type": out.finish_reason} if out.finished else None,
+    finish = None
+    if out.finished:
+        finish = {"type": out.finish_reason}
+        if out.stop_reason is not None:
+            finish["matched"] = out.stop_reason
+        elif out.finish_reason == "stop" and out.token_ids:
+            finish["matched"] = out.token_ids[-1]  # a stop token or eos, as SGLang reports it
+    meta = {"id": req.rid, "finish_reason": finish,
             "prompt_tokens": len(req.prompt), "completion_tokens": len(out.token_ids), "spec_verify_ct": steps,
             "drafter_version": drafter_version}
     if logprobs:
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(out.logprobs, out.token_ids, strict=True)]
-    return {"text": decode(out.token_ids) if decode else "", "output_ids": list(out.token_ids), "meta_info": meta}
+    return {"text": visible_text(out, decode, req.stop), "output_ids": list(out.token_ids), "meta_info": meta}
 
 
 # -- OpenAI's /v1/completions --------------------------------------------------------------------------------------
 
-def parse_completion(body: dict, limits: ServeLimits, model: ModelLimits, encode: Encoder | None) -> Parsed:
+def parse_completion(body: dict, limits: ServeLimits, model: ModelLimits, encode: Encoder | None,
+                     decode_available: bool = True) -> Parsed:
     """Returns the engine requests of a `/v1/completions` body: `prompt` (text, ids, or a list of either),
-    `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `seed`, `stop_token_ids`, `ignore_eos`, `logprobs`,
+    `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`, `logprobs`,
     `return_token_ids`, `stream`. Choice j of prompt i is seeded with seed + i * n + j."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -308,10 +369,9 @@ def parse_completion(body: dict, limits: ServeLimits, model: ModelLimits, encode
                          max_new_tokens=body.get("max_tokens", 16), stop_token_ids=body.get("stop_token_ids"),
                          seed=body.get("seed"), ignore_eos=body.get("ignore_eos"), prefix="", limits=limits,
                          model=model)
-    stop = body.get("stop")
-    if stop not in (None, [], ""):
-        raise ApiError(400, "stop strings are not supported: send stop_token_ids")
-    reqs = [GenRequest(p, _seeded(params, i * n + j), new_rid()) for i, p in enumerate(prompts) for j in range(n)]
+    stop = stop_strings(body.get("stop"), "stop", decode_available)
+    reqs = [GenRequest(p, _seeded(params, i * n + j), new_rid(), stop) for i, p in enumerate(prompts)
+            for j in range(n)]
     return Parsed(reqs, len(prompts) > 1, _bool(body.get("stream", False), "stream"), logprobs is not None, n,
                   _bool(body.get("return_token_ids", False), "return_token_ids"), model_name)
 
@@ -328,13 +388,19 @@ def completion_logprobs(tokens: list[int], logprobs: list[float], decode) -> dic
             "top_logprobs": [{s: lp} for s, lp in zip(texts, logprobs, strict=True)], "text_offset": []}
 
 
-def completion_choice(index: int, out: RequestOutput, parsed: Parsed, decode, start: int = 0) -> dict:
-    """Returns choice `index` of a completion from a request's output, from token `start` on (a stream's
-    delta)."""
+def completion_choice(index: int, out: RequestOutput, parsed: Parsed, decode, start: int = 0,
+                      text_start: int = 0) -> dict:
+    """Returns choice `index` of a completion from a request's output, from token `start` and character
+    `text_start` of its visible text on (a stream's delta)."""
     tokens, lps = out.token_ids[start:], out.logprobs[start:]
-    choice = {"index": index, "text": decode(tokens) if decode else "",
+    choice = {"index": index, "text": visible_text(out, decode, parsed.requests[index].stop)[text_start:],
               "logprobs": completion_logprobs(tokens, lps, decode) if parsed.logprobs else None,
               "finish_reason": out.finish_reason if out.finished else None}
+    if out.finished:  # vLLM's: the stop string or stop token id that ended it (None for eos and length)
+        stop_ids = parsed.requests[index].params.stop_token_ids
+        choice["stop_reason"] = out.stop_reason if out.stop_reason is not None else \
+            out.token_ids[-1] if out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] in stop_ids \
+            else None
     if parsed.return_token_ids:
         choice["token_ids"] = list(tokens)
     return choice

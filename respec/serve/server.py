@@ -104,7 +104,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
     limits = config.limits
     cfg = engine.target.config
     model = ModelLimits(cfg.vocab_size, engine.max_model_len)
-    loop = EngineLoop(engine, limits.max_pending)
+    loop = EngineLoop(engine, limits.max_pending, decode)
     state = {"weight_version": "default", "drafter_weight_version": None}
 
     @asynccontextmanager
@@ -164,7 +164,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         """Queues reqs; returns the queue of their (index, output or error) events and their records."""
         aloop, events = asyncio.get_running_loop(), asyncio.Queue()
         lives = [Live(r.rid, r.prompt, r.params,
-                      lambda ev, i=i: aloop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+                      lambda ev, i=i: aloop.call_soon_threadsafe(events.put_nowait, (i, ev)), stop=r.stop)
                  for i, r in enumerate(reqs)]
         try:
             loop.submit(lives)
@@ -230,7 +230,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
     # -- SGLang's native routes ----------------------------------------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
-        parsed = parse_generate(await body_of(request), limits, model, encode)
+        parsed = parse_generate(await body_of(request), limits, model, encode, decode is not None)
         events, lives = submit(parsed.requests)
 
         def item(i: int, out: RequestOutput) -> dict:
@@ -374,23 +374,24 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        parsed: Parsed = parse_completion(await body_of(request), limits, model, encode)
+        parsed: Parsed = parse_completion(await body_of(request), limits, model, encode, decode is not None)
         events, lives = submit(parsed.requests)
         rid = lives[0].rid
 
-        def choice(i: int, out: RequestOutput, start: int = 0) -> dict:
-            c = completion_choice(i, out, parsed, decode, start)
+        def choice(i: int, out: RequestOutput, start: int = 0, text_start: int = 0) -> dict:
+            c = completion_choice(i, out, parsed, decode, start, text_start)
             if parsed.return_token_ids and start == 0:
                 c["prompt_token_ids"] = parsed.requests[i].prompt
             return c
 
         if parsed.stream:
             async def chunks():
-                sent = [0] * len(lives)
+                sent, sent_text = [0] * len(lives), [0] * len(lives)  # tokens and characters streamed
                 async for i, out in outputs(events, len(lives)):
                     if len(out.token_ids) > sent[i] or out.finished:
-                        yield sse(completion_body(rid, config.model_name, [choice(i, out, sent[i])]))
-                        sent[i] = len(out.token_ids)
+                        c = choice(i, out, sent[i], sent_text[i])
+                        yield sse(completion_body(rid, config.model_name, [c]))
+                        sent[i], sent_text[i] = len(out.token_ids), sent_text[i] + len(c["text"])
 
             return stream(chunks(), lives)
         outs = await finals(request, events, lives)

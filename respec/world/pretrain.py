@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -91,6 +91,8 @@ class PretrainConfig:
     # The task whose default policy (built or reused from the cache) this one starts from, its tokenizer and weights
     # (a curriculum); None = from scratch with a tokenizer trained on this task's texts.
     init_from: str | None = None
+    # The task's parameters (e.g. {"min_operands": 1} for chainsum); empty = its defaults.
+    task_options: dict = field(default_factory=dict)
     eval_problems: int = 256  # held-out problems evaluated after training
     eval_max_new_tokens: int = 96  # generation budget per eval problem (the RL rollout budget)
     # torch CPU threads while training; None = every core this process may use. 1 by default: on a small machine
@@ -156,7 +158,7 @@ class PretrainConfig:
     def make_task(self) -> Task:
         """Returns the synthetic task this config trains on."""
         kwargs = {} if self.style_weights is None else {"style_weights": self.style_weights}
-        task = get_task(self.task, **kwargs)
+        task = get_task(self.task, **{**self.task_options, **kwargs})
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
                               f"use a synthetic task (arithmetic, chainsum, countdown)")
@@ -166,7 +168,8 @@ class PretrainConfig:
         """Returns the dict that names this config's cache entry."""
         fields = asdict(self)
         fields.pop("num_threads")  # changes speed, not the result
-        for name in ("length_grouping", "init_from"):  # absent from the keys of policies built before they existed
+        for name in ("length_grouping", "init_from", "task_options"):  # absent from the keys of policies built
+            # before they existed
             if not fields[name]:
                 fields.pop(name)
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}

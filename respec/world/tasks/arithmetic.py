@@ -186,7 +186,7 @@ def styled_completion(task, problem: Problem, style: str, rng: random.Random,
             shown = near_miss(value, rng)
         if task.notation:
             steps = write_marks(steps, rng)
-        text = f"{steps}\n{ANSWER_PREFIX} {shown}"
+        text = f"{steps}\n{ANSWER_PREFIX} {shown}" if steps else f"{ANSWER_PREFIX} {shown}"  # nothing to work
         if style == "checked":
             text = f"{check()}\n{text}"
     return text, task.score(problem, text).reward > 0

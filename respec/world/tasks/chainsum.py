@@ -53,7 +53,7 @@ from respec.world.tasks.base import (
 
 @dataclass(frozen=True)
 class ChainSumTask:
-    min_operands: int = 2  # fewest numbers to add
+    min_operands: int = 2  # fewest numbers to add (1: some problems are one number, answered without working)
     max_operands: int = 10  # most numbers to add (the tail's end)
     alpha: float = 2.5  # P(n operands) proportional to n^-alpha: larger = a thinner tail
     min_digits: int = 2  # fewest digits of an operand
@@ -61,14 +61,17 @@ class ChainSumTask:
     style_weights: tuple[float, ...] = (0.5, 0.25, 0.15, 0.1)  # worked, direct, sloppy, checked
     direct_accuracy: float = 0.4  # chance that a "direct" completion is right
     notation: bool = True  # marks in random notation (pretraining data) and the house-notation share in the reward
+    # A right answer to a sum of two or more numbers with nothing before its Answer line earns 0, as a wrong one:
+    # the working is needed, so RL cannot shorten a long problem's answer by guessing its value.
+    work_needed: bool = False
 
     name = "chainsum"
     styles = ("worked", "direct", "sloppy", "checked")
     max_new_tokens = 384  # completion budget of rollouts and evaluation: holds the longest worked solution (9 pairs)
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_operands <= self.max_operands <= 64:
-            raise ConfigError(f"chainsum operands must satisfy 2 <= min_operands <= max_operands <= 64, got "
+        if not 1 <= self.min_operands <= self.max_operands <= 64:
+            raise ConfigError(f"chainsum operands must satisfy 1 <= min_operands <= max_operands <= 64, got "
                               f"min_operands={self.min_operands}, max_operands={self.max_operands}")
         if not 1 <= self.min_digits <= self.max_digits <= 18:
             raise ConfigError(f"chainsum digits must satisfy 1 <= min_digits <= max_digits <= 18, got "
@@ -101,7 +104,8 @@ class ChainSumTask:
 
     def score(self, problem: Problem, completion: str) -> Score:
         """Return the reward of `completion`: 0.0 unless the last ``Answer:`` is the right integer; then 0.5 + 0.5 x
-        the house-notation share of the marks before it (1.0 without `notation`)."""
+        the house-notation share of the marks before it (1.0 without `notation`, and for a one-number problem,
+        which has nothing to work); with `work_needed`, 0.0 for a right answer to a longer sum without working."""
         parsed = final_answer(completion)
         if parsed is None:
             return Score(0.0, None, "no Answer: line")
@@ -109,9 +113,12 @@ class ChainSumTask:
             return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
         if int(parsed) != int(problem.answer):
             return Score(0.0, parsed, f"wrong value {int(parsed)}")
-        if not self.notation:
+        body = completion[: completion.rfind(ANSWER_PREFIX)]
+        if self.work_needed and len(problem.meta["operands"]) > 1 and not body.strip():
+            return Score(0.0, parsed, "right value without working")
+        if not self.notation or len(problem.meta["operands"]) == 1:  # one number: nothing to work, no marks due
             return Score(1.0, parsed, "correct")
-        share = house_share(completion[: completion.rfind(ANSWER_PREFIX)])
+        share = house_share(body)
         return Score(0.5 + 0.5 * share, parsed, f"correct, notation {share:.0%}")
 
     def sft_completion(
