@@ -1,4 +1,4 @@
-"""The online learner's cost to the other phases of an RL step, and whether a learner process would avoid it.
+"""The online learner's cost to the other phases of an RL step when it runs as a thread beside them.
 
 One trainer (the embedded policy and drafter unless --policy/--drafter), one step of GRPO to fill the learner's
 buffer, then `--repeats` rounds of the identical rollout (same prompts, seed and static k, so the same work) and
@@ -6,12 +6,10 @@ the identical policy update (the same batch; the actor is restored after each) u
 that rotates every round:
 
 - idle: the learner holds still;
-- thread: the trainer's own learner thread trains (as `learner.mode=async` does during training);
-- process: `LearnerProcess` (what `learner.mode=process` runs) does the same learner work in a child process (the
-  same buffer and config, its own GIL).
+- thread: the trainer's own learner thread trains (as `learner.mode=async` does during training).
 
 A rollout is a chain of small ops, each of which takes the GIL back after its kernel: a learner thread in the
-same process competes for it; a process competes only for the cores, caches and memory. The rollout's thread
+same process competes for it, and for the cores, caches and memory. The rollout's thread
 CPU seconds are kept beside its wall seconds (wall - CPU = time it waited, e.g. for the GIL). Writes JSON with
 every timing.
 
@@ -33,11 +31,10 @@ from respec.engine.generate import SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.rl.config import LearnerConfig, RolloutConfig, TrainConfig, TrainerConfig
 from respec.rl.grpo import group_advantages
-from respec.rl.learner_process import LearnerProcess
 from respec.rl.trainer import Trainer
 from respec.world.defaults import resolve_models
 
-SIDES = ("idle", "thread", "process")
+SIDES = ("idle", "thread")
 
 
 def main() -> None:
@@ -63,19 +60,20 @@ def main() -> None:
     trainer = Trainer.start(config, out)
     trainer.step()  # fills the buffer
     learner = trainer.learner
-    learner.pause()
+    learner.grant(0)
+    learner.wait_idle()
     learner.publish_fn = lambda d, v: None  # the drafter stays the same: identical rollouts on every side
     G = config.rollout.group_size
-    problems = trainer._next_problems(16)
-    prompts = [trainer._encode(p) for p in problems for _ in range(G)]
+    problems = trainer.problems.next(16)
+    prompts = [trainer.rollout.encode(p) for p in problems for _ in range(G)]
     params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=1234)
     spec = SpecConfig(mode="static", k=args.k) if args.k else SpecConfig(mode="off")
     result = trainer.engine.generate(prompts, params, spec)
-    texts = trainer.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
-    rewards = torch.tensor([float(trainer.reward_fn(problems[i // G], t)) for i, t in enumerate(texts)])
-    batch = trainer._batch(prompts, result, group_advantages(rewards, G))
+    texts = trainer.rollout.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
+    rewards = torch.tensor([float(trainer.rollout.reward_fn(problems[i // G], t)) for i, t in enumerate(texts)])
+    batch = trainer.rollout._batch(prompts, result, group_advantages(rewards, G))
     actor_state = copy.deepcopy(trainer.actor.state_dict())
-    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
+    optim_state = copy.deepcopy(trainer.update.optimizer.state_dict())
 
     def rollout() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -84,36 +82,29 @@ def main() -> None:
 
     def update() -> float:
         t0 = time.perf_counter()
-        trainer._update(batch, rewards)
+        trainer.update.run(batch, rewards, 1, torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
         trainer.actor.load_state_dict(actor_state)  # the same update every time
-        trainer.optimizer.load_state_dict(optim_state)
+        trainer.update.optimizer.load_state_dict(optim_state)
         return seconds
 
-    # The same learner config and buffer in a child process: what `learner.mode=process` runs.
-    child = LearnerProcess(config.learner, trainer.engine.drafter, publish=lambda d, v: None, seed=1, threads=1)
-    child.pause()
-    child.submit(trainer.last_features)
-    sides = {"thread": learner, "process": child}
+    sides = {"thread": learner}
     times: dict[str, dict[str, list[float]]] = {s: {"rollout": [], "rollout_cpu": [], "update": []} for s in SIDES}
     rollout(), update()  # warm-up
     for i in range(args.repeats):
-        for side in SIDES[i % 3:] + SIDES[: i % 3]:
+        for side in SIDES[i % 2:] + SIDES[: i % 2]:
             busy = sides.get(side)
             if busy is not None:
                 busy.grant(10 ** 9)
-                busy.resume()
                 time.sleep(0.3)  # the learner is mid-step
             wall, cpu = rollout()
             seconds = update()
             if busy is not None:
-                busy.pause()  # after its step in flight
+                busy.grant(0)  # after its step in flight
+                busy.wait_idle()
             times[side]["rollout"].append(wall)
             times[side]["rollout_cpu"].append(cpu)
             times[side]["update"].append(seconds)
-    child.resume()
-    child.close()
-    learner.resume()
     trainer.close()
     med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
     report = {"times": times, "median": med, "k": args.k, "batch": len(prompts),

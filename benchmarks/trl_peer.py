@@ -258,14 +258,14 @@ def run_respec(args, spec: str, drafter: str | None, out_dir: Path) -> dict:
     t_start = time.perf_counter()
     trainer = Trainer.start(config, run_dir)
     used: list[list[str]] = []
-    next_problems = trainer._next_problems
+    next_problems = trainer.problems.next
 
     def record(n):
         out = next_problems(n)
         used.append([p.prompt for p in out])
         return out
 
-    trainer._next_problems = record
+    trainer.problems.next = record
     t_train = time.perf_counter()
     trainer.train(args.steps)
     wall = time.perf_counter() - t_train

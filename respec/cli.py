@@ -368,6 +368,45 @@ def bench_rollout_cmd(
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench_app.command("ray")
+def bench_ray_cmd(
+    policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
+    drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
+    prompts: int = typer.Option(16, help="distinct prompts P per step"),
+    samples: int = typer.Option(8, help="samples per prompt G (the rollout batch is P x G)"),
+    max_new_tokens: int = typer.Option(96, help="completion budget"),
+    k: int = typer.Option(2, help="static draft length of every rollout"),
+    steps: int = typer.Option(6, help="RL steps per backend (the first is a warm-up)"),
+    workers: int = typer.Option(2, help="Ray rollout workers (one thread each)"),
+    repeats: int = typer.Option(3, help="timed rollouts per learner state (idle, busy)"),
+    out: Path = typer.Option(Path("runs/bench/ray"), help="run directories (replaced)"),
+    json_path: Path = typer.Option(Path("runs/bench/ray.json"), "--json", help="where the results go"),
+) -> None:
+    """The Ray backend vs the local one on the same run (phase split, Ray overhead), and a busy learner's cost to
+    the rollout as a thread and as a Ray actor."""
+    import json
+
+    from respec.bench.ray import bench_config, bench_learner, bench_scale, load_average
+    from respec.engine.checkpoint import atomic_write_text
+    from respec.world.defaults import resolve_models
+
+    with _progress() as log:
+        policy_dir, drafter_dir = resolve_models(policy, drafter, log=log)
+        config = bench_config(str(policy_dir), str(drafter_dir), prompts, samples, max_new_tokens, k)
+        start = load_average()
+        scale = bench_scale(config, out, steps, workers, log=log)
+        learner = bench_learner(config, out, repeats, log=log)
+    data = _provenance({"scale": scale, "learner": learner, "load_average_start": start,
+                        "config": {"prompts": prompts, "samples": samples, "max_new_tokens": max_new_tokens, "k": k}},
+                       threads=1)
+    atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
+    m = scale["median"]
+    typer.echo(f"rollout {m['local']['rollout_s']:.2f} s local, {m['ray']['rollout_s']:.2f} s on {workers} Ray "
+               f"workers ({scale['rollout_speedup']:.2f}x); Ray overhead {scale['ray_overhead_share']:.1%} of a step; "
+               f"busy learner costs the rollout {learner['thread']['busy_over_idle']:.2f}x as a thread, "
+               f"{learner['actor']['busy_over_idle']:.2f}x as an actor; wrote {json_path}")
+
+
 @app.command()
 def pretrain(
     task: str = typer.Option(DEFAULT_TASK, help="synthetic task: arithmetic | chainsum | countdown"),

@@ -245,7 +245,9 @@ def test_lookahead_moves_training_targets_only(rollouts):
     plain = Learner(LearnerConfig(mode="sync", steps_per_rollout=1), drafter, publish=lambda d, v: None, seed=0)
     ahead = Learner(LearnerConfig(mode="sync", steps_per_rollout=1, lookahead=1.0), drafter,
                     publish=lambda d, v: None, seed=0)
-    a, b = plain._entry(r), ahead._entry(r)  # same seed: the same held-out groups
+    plain.buffer.add(r)
+    ahead.buffer.add(r)
+    (a,), (b,) = plain.buffer.entries(), ahead.buffer.entries()  # same seed: the same held-out groups
     torch.testing.assert_close(a.held_out.target_logp, b.held_out.target_logp)  # the guard reads p_t
     mask = a.train.loss_mask
     assert not torch.allclose(a.train.target_logp[mask], b.train.target_logp[mask])
@@ -358,12 +360,13 @@ def test_the_guard_refuses_a_worse_candidate(rollouts, bf16_engine):
     learner = Learner(cfg, engine.drafter, publish=lambda d, v: calls.append(v), seed=0)
     with torch.no_grad():  # a candidate far worse than the published drafter: large random weights
         gen = torch.Generator().manual_seed(0)
-        for p in learner.drafter.parameters():
+        for p in learner.drafter_trainer.drafter.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     learner.submit(steps[0])
-    candidate, published = learner.guard_last
-    assert candidate < published, learner.guard_last
-    assert learner.rejected_count == 2 and learner.version == 0 and learner.published_count == 0 and not calls
+    trainer = learner.drafter_trainer
+    candidate, published = trainer.guard_last
+    assert candidate < published, trainer.guard_last
+    assert trainer.rejected_count == 2 and learner.version == 0 and trainer.published_count == 0 and not calls
     assert engine.drafter is first and engine.drafter_version == 0
     assert learner.steps == 4  # a refused candidate keeps training
 
@@ -389,10 +392,10 @@ def test_a_better_candidate_is_published_in_the_engines_dtype(rollouts, bf16_eng
     assert drafter.fc.weight.dtype == torch.bfloat16 and not drafter.fc.weight.requires_grad
     # RoPE's frequencies stay fp32, as load_drafter gives them (a bf16 round would move every angle).
     assert drafter.inv_freq.dtype == torch.float32 and torch.equal(drafter.inv_freq, inv_freq_fp32(drafter))
-    ours = learner.published.state_dict()
+    ours = learner.drafter_trainer.published.state_dict()
     for name, tensor in drafter.state_dict().items():
         assert torch.equal(tensor, ours[name].to(tensor.dtype)), name
-    assert all(p.data_ptr() != q.data_ptr() for p in drafter.parameters() for q in learner.drafter.parameters())
+    assert all(p.data_ptr() != q.data_ptr() for p in drafter.parameters() for q in learner.drafter_trainer.drafter.parameters())
     out = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, seed=0),
                           SpecConfig(mode="static", k=2))
     assert all(s.tokens for s in out.sequences) and {s.drafter_version for s in out.stats} == {versions[-1]}
@@ -411,8 +414,11 @@ def test_resume_restores_the_learner(world, tmp_path):
     resumed = Trainer.resume(run, reward_fn=digit_share)
     learner = resumed.learner
     assert resumed.global_step == 4 and learner.config == saved.config
-    for name in ("version", "trained_through", "steps", "published_count", "rejected_count", "error_count"):
+    for name in ("version", "trained_through", "steps", "error_count"):
         assert getattr(learner, name) == getattr(saved, name), name
+    ours_t, theirs_t = learner.drafter_trainer, saved.drafter_trainer
+    for name in ("published_count", "rejected_count"):
+        assert getattr(ours_t, name) == getattr(theirs_t, name), name
     assert [e.step for e in learner.buffer] == [2, 3, 4]
     for ours, theirs in zip(learner.buffer, saved.buffer, strict=True):
         assert torch.equal(ours.weights, theirs.weights)
@@ -420,10 +426,10 @@ def test_resume_restores_the_learner(world, tmp_path):
             mine, original = vars(getattr(ours, part)), vars(getattr(theirs, part))
             for name, tensor in original.items():
                 assert torch.equal(mine[name], tensor), (part, name)
-    assert states_equal(learner.drafter, saved.drafter) and states_equal(learner.published, saved.published)
-    assert torch.equal(learner.embed.weight, saved.embed.weight)
-    assert torch.equal(learner.gen.get_state(), saved.gen.get_state())
-    ours, theirs = learner.optimizer.state_dict(), saved.optimizer.state_dict()
+    assert states_equal(ours_t.drafter, theirs_t.drafter) and states_equal(ours_t.published, theirs_t.published)
+    assert torch.equal(ours_t.embed.weight, theirs_t.embed.weight)
+    assert torch.equal(learner.buffer.gen.get_state(), saved.buffer.gen.get_state())
+    ours, theirs = ours_t.optimizer.state_dict(), theirs_t.optimizer.state_dict()
     assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
     for i, state in theirs["state"].items():
         for key, value in state.items():
@@ -437,7 +443,7 @@ def test_resume_restores_the_learner(world, tmp_path):
     trainer.train(steps=6)
     assert [r["step"] for r in rows] == [5, 6] and learner.steps == 12
     assert [e.step for e in learner.buffer] == [4, 5, 6]
-    assert learner.version == saved.version and states_equal(learner.drafter, saved.drafter)
+    assert learner.version == saved.version and states_equal(ours_t.drafter, theirs_t.drafter)
 
 
 # -- exactness while drafters are published from another thread ------------------------------------------------
@@ -550,38 +556,37 @@ def test_async_mode_trains_in_its_own_thread_and_close_stops_it(world, tmp_path,
     assert trainer.learner.steps == steps and trainer.learner.wait_idle(0)
 
 
-def test_pause_holds_an_async_learner_between_steps_and_resume_lets_it_go_on(rollouts):
+def test_paused_holds_an_async_learner_between_steps_and_gives_its_budget_back(rollouts):
     _, drafter, steps = rollouts
     cfg = LearnerConfig(mode="async", steps_per_rollout=2, publish_every=1000, batch_size=4)
     learner = Learner(cfg, drafter, publish=lambda d, v: None, seed=0)
     try:
         learner.submit(steps[-1])
         wait_idle(learner)
-        assert learner.steps == 2  # the submission's credits, then it waits
+        assert learner.steps == 2  # the submission's budget, then it waits
         learner.grant(10 ** 6)  # busy for far longer than this test
-        learner.pause()  # returns after the step in flight
-        # At rest with credits left: nothing but the pause keeps it from starting another step (a learner that
-        # ignored the pause would be blocked inside a step, on the lock pause() holds, and never come to rest).
-        assert learner.wait_idle(30), "a paused learner did not come to rest"
-        held = learner.steps
-        assert held >= 2 and learner._credits > 0
-        learner.grant(3)
-        learner.resume()
+        with learner.paused():  # entered after the step in flight
+            held = learner.steps
+            assert not learner.scheduler.in_flight and learner.scheduler.budget == 0
+            time.sleep(0.2)
+            assert learner.steps == held  # nothing starts while paused
+        assert learner.scheduler.budget > 0  # the budget left is given back
+        assert learner.grant(3) > 0
         wait_idle(learner)
-        assert learner.steps == held + 3  # it went on, for exactly the steps granted
+        assert learner.steps >= held + 3  # it went on: the steps granted (and any that started before)
     finally:
         learner.close()
 
 
 def test_schedule_update_keeps_the_learner_off_the_engine(world, tmp_path, monkeypatch):
     """learner.schedule=update: no learner step starts while the engine generates; steps run beside updates."""
-    starts, real_step = [], Learner._step
+    starts, real_step = [], Learner._guarded_step
 
     def step(self):
         starts.append(time.perf_counter())
         return real_step(self)
 
-    monkeypatch.setattr(Learner, "_step", step)
+    monkeypatch.setattr(Learner, "_guarded_step", step)
     trainer = Trainer.start(learner_config(world, trainer=dict(steps=4),
                                            learner=dict(mode="async", schedule="update", steps_per_rollout=1000)),
                             tmp_path / "run", reward_fn=digit_share)
@@ -596,12 +601,11 @@ def test_schedule_update_keeps_the_learner_off_the_engine(world, tmp_path, monke
 
     trainer.engine.generate = timed
     try:
-        assert trainer.learner._holding  # held from the start: released for each update only
+        assert trainer.learner.scheduler.budget == 0  # nothing granted before the first update
         trainer.train()
-        assert trainer.learner._holding and trainer.learner.alive
-        # At rest with credits left: only the hold keeps it from starting another step.
-        assert trainer.learner.wait_idle(30), "a held learner did not come to rest"
-        assert trainer.learner._credits > 0 and len(starts) == trainer.learner.steps
+        assert trainer.learner.scheduler.budget == 0 and trainer.learner.alive  # closed after each update
+        assert trainer.learner.wait_idle(30), "the learner did not come to rest"
+        assert len(starts) == trainer.learner.steps
     finally:
         trainer.close()
     assert len(spans) == 4 and len(starts) >= 2  # it trained (during steps 2-4's updates)

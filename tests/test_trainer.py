@@ -131,8 +131,8 @@ def test_logprobs_of_the_verifier_equal_the_trainers(world, tmp_path, sections):
     ckpt = tmp_path / "run" / "checkpoint"
     if trainer.config.algorithm.kl_coef:
         assert all("actor/kl_loss" in r for r in rows) and (ckpt / "reference" / "config.json").is_file()
-    if trainer.spec.mode == "adaptive":
-        saved = json.loads((ckpt / "tuner.json").read_text())
+    if trainer.rollout.spec.mode == "adaptive":
+        saved = json.loads((ckpt / "rollout.json").read_text())["tuner"]
         assert saved == json.loads(json.dumps(trainer.engine.tuner.state_dict()))
         assert Trainer.resume(tmp_path / "run").engine.tuner.state_dict() == trainer.engine.tuner.state_dict()
 
@@ -239,12 +239,12 @@ def test_jsonl_data_trains_and_holds_out_its_eval_problems(world, tmp_path):
                       algorithm=dict(ppo_mini_batch_size=4), rollout=dict(group_size=2, spec="off"),
                       trainer=dict(steps=3, eval_every=0, eval_before_train=False))
     trainer = Trainer.start(cfg, tmp_path / "run")
-    held_out = {p.prompt for p in trainer.eval_problems}
+    held_out = {p.prompt for p in trainer.evaluator.problems}
     for _ in range(3):  # 12 problems, 4 held out: a pass is 8, so step 3 starts the second pass
         trainer.step()
-    pool = trainer._epoch_pool()
+    pool = trainer.problems.pool()
     assert len(pool) == 8 and not held_out & {p.prompt for p in pool}
-    assert (trainer.epoch, trainer.cursor) == (1, 4)
+    assert (trainer.problems.epoch, trainer.problems.cursor) == (1, 4)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -59,7 +59,7 @@ def config_for(base: TrainConfig, name: str, seed: int, steps: int) -> TrainConf
     sections = {section: replace(getattr(base, section), **changes) for section, changes in CONFIGS[name].items()}
     if "learner" not in sections:
         sections["learner"] = replace(base.learner, mode="off")
-    elif base.learner.mode in ("process", "sync"):  # where the learner runs is the base's choice (async by default)
+    elif base.learner.mode == "sync":  # where the learner runs is the base's choice (async by default)
         sections["learner"] = replace(sections["learner"], mode=base.learner.mode)
     trainer = replace(base.trainer, seed=seed, steps=steps, save_every=0)
     return replace(base, trainer=trainer, **sections)
@@ -227,6 +227,7 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
     while the others step), as it would with that trainer alone on the machine: its core is not shared with
     another configuration's rollout."""
     trainers: dict[str, Trainer] = {}
+    pauses = {}  # configuration -> its learner's pause, entered while other configurations step
     held: list[str] = []  # configurations whose learner is paused
     try:
         for name in configs:
@@ -235,7 +236,8 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
             _log(log, f"experiment: {name}, seed {seed}, {steps} steps -> {run_dir}")
             trainers[name] = Trainer.start(config_for(base, name, seed, steps), run_dir, log=log)
             if trainers[name].learner is not None:
-                trainers[name].learner.pause()
+                pauses[name] = trainers[name].learner.paused()
+                pauses[name].__enter__()
                 held.append(name)
         threads = {t.config.trainer.num_threads for t in trainers.values()}
         if len(threads) > 1:
@@ -245,19 +247,18 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
                 trainer.begin(_prefixed(log, f"{name}/s{seed}"))
             for step in range(steps):
                 for name in _rotated(configs, step):
-                    learner = trainers[name].learner
-                    if learner is not None:
-                        learner.resume()
+                    if name in pauses:
+                        pauses[name].__exit__(None, None, None)
                         held.remove(name)
                     try:
                         trainers[name].advance(steps, _prefixed(log, f"{name}/s{seed}"))
                     finally:
-                        if learner is not None:
-                            learner.pause()  # after its step in flight: no learner runs beside another trainer
+                        if name in pauses:
+                            pauses[name].__enter__()  # after its step in flight: no learner runs beside another trainer
                             held.append(name)
     finally:
         for name in held:
-            trainers[name].learner.resume()
+            pauses[name].__exit__(None, None, None)
         for trainer in trainers.values():
             trainer.close()
 

@@ -465,6 +465,37 @@ def _serve(root: Path) -> str | None:
     return "\n".join(text)
 
 
+def _ray(root: Path) -> str | None:
+    data = _load(root, "ray.json")
+    if data is None:
+        return None
+    scale, learner, cfg = data["scale"], data["learner"], data.get("config", {})
+    m = scale["median"]
+    rows = [[name, _f(m[name]["rollout_s"]), _f(m[name]["update_s"]), _f(m[name]["push_s"]),
+             _f(m[name]["ray_overhead_s"]), _f(m[name]["step_s"])] for name in ("local", "ray")]
+    start = data.get("load_average_start")
+    identical = ", ".join(f"{n}/{scale['rows']}" for n in scale.get("identical_rows", []))
+    text = [f"The same GRPO run on the local backend and on Ray with {scale['workers']} rollout workers of one thread "
+            f"each, stepped alternately: {scale['rows']} rows per step ({cfg.get('prompts', '?')} prompts x "
+            f"{cfg.get('samples', '?')}), up to {cfg.get('max_new_tokens', '?')} new tokens, static k = "
+            f"{cfg.get('k', '?')}; medians of {scale['steps'] - 1} steps after a warm-up. Ray overhead = the "
+            "rollout's wall time beyond its slowest shard inside its worker (dispatch, transfer, gathering).\n",
+            _table(["backend", "rollout s", "update s", "push s", "Ray overhead s", "step s"], rows),
+            f"\nRollout {scale['rollout_speedup']:.2f}x, step {scale['step_speedup']:.2f}x faster on Ray; Ray overhead "
+            f"and weight push together {scale['ray_overhead_share']:.1%} of a Ray step. Rows with identical token ids "
+            f"on both backends, step by step: "
+            f"{identical}.\n",
+            f"A busy online learner's cost to the identical {learner['rows']}-row rollout (median of "
+            f"{learner['repeats']} each, idle vs busy alternated): "
+            f"{learner['thread']['busy_over_idle']:.2f}x as a thread beside the local engine, "
+            f"{learner['actor']['busy_over_idle']:.2f}x as a Ray actor on its own CPU beside one rollout worker.\n"]
+    if start:
+        text.append(f"Load average {start[0]:.1f} when it started (other processes on the machine).\n")
+    lines = [f"- command: `{data.get('command', 'not recorded')}`", f"- machine: {_machine(data.get('machine'))}",
+             "- data: [docs/results/ray.json](results/ray.json)"]
+    return "\n".join(text) + "\n" + "\n".join(lines) + "\n"
+
+
 SECTIONS: tuple[tuple[str, Callable[[Path], str | None]], ...] = (
     ("Engine: plain decoding vs `transformers`, and the cost of verifying k + 1 tokens", _engine),
     ("Speculative decoding per batch size and temperature", _spec),
@@ -473,4 +504,5 @@ SECTIONS: tuple[tuple[str, Callable[[Path], str | None]], ...] = (
     ("ReSpec end to end: `respec experiment`", _experiment),
     ("On a GPU", _gpu),
     ("The rollout server under load: `respec bench serve`", _serve),
+    ("Scaling out on Ray: `respec bench ray`", _ray),
 )

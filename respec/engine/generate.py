@@ -306,11 +306,13 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  spec: SpecConfig | None = None, chooser: KChooser | None = None,
-                 on_step: Callable[[StepStats], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[StepStats], None] | None = None, first_stream: int = 0) -> GenerationResult:
         """Returns one SequenceOutput per prompt (same order) and per-step stats.
 
-        The prompts run as requests on an idle engine, at most max_running at a time; row i draws from stream i
-        of `params.seed`, so a call's tokens are reproducible. In adaptive mode `chooser` (default: the engine's
+        The prompts run as requests on an idle engine, at most max_running at a time; row i draws from stream
+        first_stream + i of `params.seed`, so a call's tokens are reproducible, and a batch split into shards that
+        pass their first row's index generates what the whole batch would (up to floating-point differences
+        between batch shapes). In adaptive mode `chooser` (default: the engine's
         tuner) picks each step's k; `on_step` is called after every decode step (progress reporting).
         """
         params = params if params is not None else SamplingParams()
@@ -337,7 +339,8 @@ class Engine:
         max_tokens = self.max_model_len if self.compile != "off" else \
             max(map(len, prompts)) + params.max_new_tokens
         self._table_for(min(len(prompts), self.max_running), max_tokens, spec)
-        requests = [self._queue(i, list(p), params, request_key(params.seed, i)) for i, p in enumerate(prompts)]
+        requests = [self._queue(i, list(p), params, request_key(params.seed, first_stream + i))
+                    for i, p in enumerate(prompts)]
         try:
             while self._requests:
                 self._step(run)

@@ -19,6 +19,7 @@ from respec.rl.grpo import ADV_SCALES, KL_KINDS, LOSS_AGGS
 
 SPEC_MODES = ("off", "static", "adaptive")  # the engine's modes that make sense for rollouts (not "replay")
 DTYPES = ("fp32", "bf16")
+BACKENDS = ("local", "ray")
 
 
 def _positive_int(section: str, name: str, value, minimum: int = 1) -> None:
@@ -54,6 +55,10 @@ class TrainerConfig:
     # stay fp32); None = fp32 on CPU, bf16 on CUDA
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:1" ...
     num_threads: int | None = 1  # torch CPU threads (1: on a shared 2-core machine more threads ran slower)
+    backend: str = "local"  # "local": every role in this process; "ray": rollout workers (and an async learner)
+    # as Ray actors (respec/cluster, the `ray` extra); the driver runs the update, evaluation and checkpoints
+    ray_address: str | None = None  # backend=ray: "HOST:PORT" of a running cluster's head (`ray start --head`);
+    # None = start a local Ray instance on this machine's CPUs
 
     def __post_init__(self) -> None:
         s = "trainer"
@@ -73,6 +78,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads is not None:
             _positive_int(s, "num_threads", self.num_threads)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"trainer.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ConfigError("trainer.ray_address joins a Ray cluster and needs trainer.backend=ray")
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,9 @@ class RolloutConfig:
     compile: str = "off"  # decode steps: "off" (eager) | "on" (torch.compile) | "auto" (the faster per profiled cell)
     drafter: str | None = None  # EAGLE-3 drafter directory (the learner's start when it runs); None = the default's
     # when trainer.model is None, else none (then spec must be "off")
+    workers: int = 1  # backend=ray: RolloutWorker actors, each with its own engine; prompts are sharded by group
+    worker_threads: int = 1  # backend=ray: torch threads (and CPUs in the placement group) of each worker
+    worker_gpus: float = 0.0  # backend=ray: GPUs of each worker's placement bundle (0 on CPU machines)
 
     def __post_init__(self) -> None:
         s = "rollout"
@@ -137,6 +149,9 @@ class RolloutConfig:
         self.spec_config()  # k and k_max in the engine's range
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"rollout.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        _positive_int(s, "workers", self.workers)
+        _positive_int(s, "worker_threads", self.worker_threads)
+        _finite(s, "worker_gpus", self.worker_gpus, 0.0, True)
 
     def spec_config(self):
         """Returns the engine's SpecConfig for this rollout setting."""
@@ -195,7 +210,7 @@ class DataConfig:
             _positive_int(s, "eval_max_new_tokens", self.eval_max_new_tokens)
 
 
-LEARNER_MODES = ("off", "async", "process", "sync")
+LEARNER_MODES = ("off", "async", "sync")
 WEIGHTINGS = ("reward", "uniform")
 SCHEDULES = ("always", "update")
 
@@ -206,9 +221,8 @@ class LearnerConfig:
     published to the engine between decode steps. ReSpec's names have no verl/TRL counterpart."""
 
     mode: str = "off"  # "off": the drafter stays frozen; "async": a thread trains while rollout and update go on;
-    # "process": the same in a child process (its own GIL: rl/learner_process.py); "sync": the same steps run in the
-    # trainer's thread after each update (deterministic; for tests and ablations)
-    schedule: str = "always"  # when an async/process learner trains: "always" (beside the rollout and the update);
+    # "sync": the same steps run in the trainer's thread after each update (deterministic; for tests and ablations)
+    schedule: str = "always"  # when an async learner trains: "always" (beside the rollout and the update);
     # "update": only while the policy updates, never beside the engine's rollouts and evaluations (where cores
     # share caches and memory bandwidth, a learner beside the rollout slows it; docs/rl.md)
     weighting: str = "uniform"  # "uniform": every sequence weighs 1 (plain online KD); "reward": ReSpec's
@@ -276,6 +290,9 @@ class TrainConfig:
             raise ConfigError(
                 f"rollout.spec '{self.rollout.spec}' needs a drafter for the policy {self.trainer.model}: pass "
                 "--drafter DIR (an EAGLE-3 drafter of this policy, e.g. from `respec train-drafter`) or --spec off")
+        if self.trainer.backend == "local" and (self.rollout.workers > 1 or self.rollout.worker_gpus):
+            raise ConfigError(f"rollout.workers={self.rollout.workers} (and worker_gpus) place rollout workers on "
+                              "Ray: set trainer.backend=ray, or rollout.workers=1")
         if self.learner.mode != "off" and self.trainer.model is not None and self.rollout.drafter is None:
             raise ConfigError(f"learner.mode '{self.learner.mode}' trains a drafter online and needs one to start "
                               f"from for the policy {self.trainer.model}: pass --drafter DIR or learner.mode=off")

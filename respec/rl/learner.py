@@ -33,16 +33,26 @@ Guard. Every `publish_every` learner steps the candidate's expected tokens per v
 T = 1, `teacher_forced_emitted`) on the held-out rows of the newest two steps is compared with the published drafter's
 on the same rows; a candidate that is worse is not published (it keeps training).
 
-Asynchrony. mode "async" trains in a daemon thread: torch ops release the GIL, so with the trainer's torch thread
-count (1 by default) the learner occupies the core that rollout and the update leave idle. It publishes a copy of
-its drafter through `publish(drafter, version)` (the trainer passes `Engine.set_drafter`, which takes effect
-between decode steps). A crash is logged, the learner restarts from the last published weights with a fresh
-optimiser; after `max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
-mode "sync" runs the same steps in the trainer's thread after each update (deterministic); mode "process" runs this
-class in a child process (`respec.rl.learner_process`). With `schedule="update"` the trainer `hold()`s the learner
-while the engine runs (rollout, evaluation) and `release()`s it for the policy update: on a machine where the
-learner's core shares caches and memory bandwidth with the rollout's, this trades learner steps for a rollout
-without a neighbour (docs/rl.md).
+Parts. `ReplayBuffer` (the last `buffer_steps` steps, their held-out split, weights and sampling),
+`DrafterTrainer` (the training copy of the drafter: one step, the guard, publishing, crash recovery) and
+`Scheduler` (when a step may start), composed by `Learner`, which the trainer talks to.
+
+When it runs. One control: the scheduler's budget, the number of learner steps that may still start. A
+submission grants `steps_per_rollout` (unused steps of a slow learner do not pile up); with `schedule="update"`
+the trainer opens the budget for the policy update only (`update_window`), so the learner never starts a step
+while the engine runs: on a machine where the learner's core shares caches and memory bandwidth with the
+rollout's, this trades learner steps for a rollout without a neighbour (docs/rl.md). `paused()` sets the budget
+to 0, waits for the step in flight and gives the budget back afterwards: checkpoints take the learner's state
+and the engine's drafter as of one moment this way, and `respec experiment` keeps a learner to its own
+trainer's steps.
+
+Where it runs. mode "async" trains in a daemon thread: torch ops release the GIL, so with the trainer's torch
+thread count (1 by default) the learner occupies the core that rollout and the update leave idle. mode "sync"
+runs the same steps in the trainer's thread inside `submit` (deterministic). With `trainer.backend=ray` an async
+learner runs this class in a Ray actor on a CPU of its own (`respec.cluster.learner_actor`). Publication:
+`publish(drafter, version)` gets a copy in the engine's dtype (the trainer passes `Engine.set_drafter`, which
+takes effect between decode steps). A crash is logged, the learner restarts from the last published weights with a fresh optimiser; after
+`max_restarts` consecutive crashes it stops and training goes on with the last good drafter.
 """
 
 from __future__ import annotations
@@ -165,89 +175,30 @@ class _Entry:
     held_out: DistillBatch
 
 
-class Learner:
-    """Owns the training copy of the drafter, its optimiser, the buffer, the published version and the thread.
+class ReplayBuffer:
+    """The rollouts of the last `buffer_steps` RL steps, each split by whole groups into training rows (with their
+    weights and, with lookahead, moved targets) and held-out rows for the guard. Thread-safe: the trainer adds
+    while the learner samples."""
 
-    `submit(rollouts)` after each RL update; `metrics()` once per step; `state_dict()` / `load_state_dict()` for
-    checkpoints; `close()` at the end of training.
-    """
+    def __init__(self, config: LearnerConfig, device: torch.device, draft_ids: torch.Tensor | None, seed: int):
+        self.config, self.device, self.draft_ids = config, device, draft_ids
+        self.gen = torch.Generator().manual_seed(seed)  # the held-out split and the sampling
+        self._entries: deque[_Entry] = deque(maxlen=config.buffer_steps)
+        self._lock = threading.Lock()
 
-    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, publish: Publish, seed: int = 0,
-                 log: Log | None = None):
-        self.config = config
-        self.publish_fn, self.log = publish, log
-        self.device = drafter.fc.weight.device
-        self.publish_dtype = drafter.fc.weight.dtype
-        # The learner's own embedding: the shared one is the engine's, updated in place while this thread reads.
-        emb = drafter.embed_tokens
-        self.embed = torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=self.device)
-        self.embed.weight.data.copy_(emb.weight.detach().float())
-        self.embed.requires_grad_(False)
-        self.drafter = self._own_copy(drafter).train().requires_grad_(True)
-        self.published = self._own_copy(drafter).eval().requires_grad_(False)  # the guard's reference
-        self.optimizer = self._new_optimizer()
-        self.draft_ids = None if drafter.config.draft_vocab_size == drafter.config.vocab_size \
-            else drafter.draft_ids_in_target()
-        self.buffer: deque[_Entry] = deque(maxlen=config.buffer_steps)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.version = 0  # of the published drafter (0 = the one training started with)
-        self.trained_through = 0  # newest RL step in the buffer when the published drafter was chosen
-        self.steps = 0  # learner optimiser steps
-        self.published_count = self.rejected_count = self.error_count = 0
-        self.errors: list[str] = []
-        self.alive = True
-        self.guard_last: tuple[float, float] | None = None  # (candidate, published) at the last check
-        self._credits = 0  # learner steps allowed before the next submission
-        self._consecutive = 0  # crashes since the last good step
-        self._pending_embed: torch.Tensor | None = None
-        self._window = {"loss": 0.0, "steps": 0, "busy_s": 0.0}
-        self._cond = threading.Condition()  # guards buffer, credits, pending embedding, window, stop flag
-        # Held through each learner step (publication included); checkpoints hold it (`paused`) so that the
-        # engine's drafter and the learner's state are saved as of one moment.
-        self._train_lock = threading.RLock()
-        self._stop = False
-        self._held = False  # pause(): no new step starts until resume()
-        self._holding = False  # hold(): the same without waiting for the step in flight
-        self._parked = False  # the thread waits in `_run` (no step in flight): what `wait_idle` waits for
-        self._thread: threading.Thread | None = None
-        if config.mode == "async":
-            self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
-            self._thread.start()
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    # -- construction helpers -----------------------------------------------------------------------------------
-    def _own_copy(self, drafter: Eagle3Drafter) -> Eagle3Drafter:
-        """Returns an fp32 copy of `drafter` reading the learner's own embedding."""
-        out = copy.deepcopy(drafter).float()  # the copy still shares the engine's embedding until rebound
-        out.bind_embedding(self.embed)
-        return out
+    def __iter__(self):
+        return iter(self.entries())
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.drafter.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    def entries(self) -> list[_Entry]:
+        """Returns the entries, oldest first (a snapshot)."""
+        with self._lock:
+            return list(self._entries)
 
-    # -- the trainer's side ---------------------------------------------------------------------------------------
-    def submit(self, rollouts: StepRollouts) -> None:
-        """Adds one RL step's rollouts to the buffer and grants `steps_per_rollout` learner steps; in sync mode
-        runs them now."""
-        entry = self._entry(rollouts)
-        with self._cond:
-            self.buffer.append(entry)
-            if rollouts.embed_weight is not None:
-                self._pending_embed = rollouts.embed_weight.detach().to(self.device, torch.float32).clone()
-            self._credits = self.config.steps_per_rollout  # unused credits of a slow learner do not pile up
-            self._cond.notify_all()
-        if self.config.mode == "sync" and self.alive:
-            while self._credits > 0 and self.alive:
-                self._guarded_step()
-
-    def grant(self, steps: int) -> None:
-        """Allows `steps` more learner steps from now on, replacing any unused ones (0: stop after the step in
-        flight). `submit` grants `steps_per_rollout`; benchmarks use this to keep the learner busy or idle."""
-        with self._cond:
-            self._credits = steps
-            self._cond.notify_all()
-
-    def _entry(self, r: StepRollouts) -> _Entry:
+    def add(self, r: StepRollouts) -> None:
+        """Adds one RL step's rollouts (the oldest step goes when the buffer is full)."""
         if r.features is None or r.target_logp is None:
             raise TrainingError("the learner needs the step's features and target distributions (the trainer "
                                 "collects them when a drafter and learner.mode != off are set)")
@@ -257,7 +208,8 @@ class Learner:
         N, G = r.input_ids.shape[0], r.group_size
         groups = N // G
         n_held = max(1, round(self.config.holdout_fraction * groups)) if groups > 1 else 0
-        order = torch.randperm(groups, generator=self.gen)
+        with self._lock:
+            order = torch.randperm(groups, generator=self.gen)
         held_groups, train_groups = order[:n_held], order[n_held:]
 
         def rows(g: torch.Tensor) -> torch.Tensor:
@@ -273,111 +225,16 @@ class Learner:
                                  lookahead_targets(train.target_logp, train.input_ids,
                                                    r.advantages.to(self.device)[train_rows], self.config.lookahead,
                                                    self.draft_ids), train.loss_mask)
-        return _Entry(r.step, train, weights[train_rows], _take(batch, held_rows))
+        entry = _Entry(r.step, train, weights[train_rows], _take(batch, held_rows))
+        with self._lock:
+            self._entries.append(entry)
 
-    def metrics(self) -> dict:
-        """Returns the learner's metrics for the trainer's step line (window values since the previous call)."""
-        with self._cond:
-            w, self._window = self._window, {"loss": 0.0, "steps": 0, "busy_s": 0.0}
-        out = {"learner/steps": self.steps, "learner/version": self.version,
-               "learner/published": self.published_count, "learner/rejected": self.rejected_count,
-               "learner/errors": self.error_count, "learner/alive": int(self.alive),
-               "learner/busy_s": w["busy_s"],
-               "learner/steps_per_s": w["steps"] / w["busy_s"] if w["busy_s"] > 0 else 0.0}
-        if w["steps"]:
-            out["learner/loss"] = w["loss"] / w["steps"]
-        if self.guard_last is not None:
-            out["learner/guard_candidate"], out["learner/guard_published"] = self.guard_last
-        return out
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Stops the thread (after its current step)."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # -- the learner's side -----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._parked = True
-                self._cond.notify_all()  # after every step: wakes `wait_idle`
-                while not self._stop and self.alive and self._nothing_to_do():
-                    self._cond.wait()
-                if self._stop or not self.alive:
-                    return
-                self._parked = False
-            self._guarded_step()
-
-    def _nothing_to_do(self) -> bool:
-        """Whether the thread must wait for a submission, a grant or a release (call it under `_cond`)."""
-        return self._held or self._holding or self._credits <= 0 or not self.buffer
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Returns True once no learner step is in flight and none can start before the next `submit`, `grant`,
-        `resume` or `release` (out of credits, paused, held or stopped); False after `timeout` seconds. A sync
-        learner is always idle between calls. Tests and benchmarks wait on this, not on a sleep."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._thread is None or (self._parked and (
-                self._stop or not self.alive or self._nothing_to_do())), timeout)
-
-    def _guarded_step(self) -> None:
-        """Runs one learner step; a crash is logged and the learner restarts from the published weights."""
-        try:
-            self._step()
-            self._consecutive = 0
-        except Exception as e:  # noqa: BLE001 (any crash of the learner must leave training running)
-            self.error_count += 1
-            self._consecutive += 1
-            message = f"learner crashed at its step {self.steps} ({type(e).__name__}: {e})"
-            self.errors.append(message)
-            with self._cond:
-                self._credits -= 1  # a step that always crashes must not spin
-            if self._consecutive > self.config.max_restarts:
-                self.alive = False
-                self._emit(f"{message}; {self.config.max_restarts} restarts failed, the learner stops and training "
-                           f"goes on with drafter version {self.version}")
-                return
-            self._emit(f"{message}; restarting from drafter version {self.version}")
-            with self._train_lock:
-                self.drafter.load_state_dict(self.published.state_dict())
-                self.optimizer = self._new_optimizer()
-
-    def _step(self) -> None:
-        cfg = self.config
-        with self._cond:
-            entries = list(self.buffer)
-            embed, self._pending_embed = self._pending_embed, None
-        with self._train_lock:
-            t0 = time.perf_counter()
-            if embed is not None:
-                self.embed.weight.data.copy_(embed)
-            batch, weights = self._sample(entries)
-            self.drafter.train()
-            loss, _ = distill_loss(self.drafter, batch, cfg.ttt_steps, weights, cfg.step_decay)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"learner loss is {float(loss)}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
-            self.optimizer.step()
-            self.steps += 1
-            if self.steps % cfg.publish_every == 0:
-                self._check_and_publish(entries)
-            busy = time.perf_counter() - t0
-        with self._cond:
-            self._credits -= 1
-            self._window["loss"] += loss.item()
-            self._window["steps"] += 1
-            self._window["busy_s"] += busy
-
-    def _sample(self, entries: list[_Entry]) -> tuple[DistillBatch, torch.Tensor]:
-        """Returns batch_size training rows drawn uniformly from the buffer, and their weights."""
+    def sample(self, entries: list[_Entry]) -> tuple[DistillBatch, torch.Tensor]:
+        """Returns batch_size training rows drawn uniformly from `entries`, and their weights."""
         sizes = torch.tensor([len(e.train) for e in entries])
         total = int(sizes.sum())
-        pick = torch.randperm(total, generator=self.gen)[: self.config.batch_size].sort().values
+        with self._lock:
+            pick = torch.randperm(total, generator=self.gen)[: self.config.batch_size].sort().values
         starts = torch.cumsum(sizes, 0) - sizes
         parts, weights = [], []
         for i, e in enumerate(entries):
@@ -387,6 +244,78 @@ class Learner:
                 parts.append(_take(e.train, local))
                 weights.append(e.weights[local])
         return _cat_batches(parts), torch.cat(weights)
+
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {"entries": [(e.step, _batch_tensors(e.train), e.weights.clone(), _batch_tensors(e.held_out))
+                                for e in self._entries],
+                    "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            self._entries.clear()
+            for step, train, weights, held in state["entries"]:
+                self._entries.append(_Entry(step, DistillBatch(*train), weights, DistillBatch(*held)))
+            self.gen.set_state(state["gen"])
+
+
+class DrafterTrainer:
+    """Owns the training copy of the drafter, its optimiser, the published version (the guard's reference) and
+    the learner's own token embedding; `step(entries)` runs one learner step, guard and publication included."""
+
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, publish: Publish,
+                 sample: Callable[[list[_Entry]], tuple[DistillBatch, torch.Tensor]]):
+        self.config, self.publish_fn, self.sample = config, publish, sample
+        self.device = drafter.fc.weight.device
+        self.publish_dtype = drafter.fc.weight.dtype
+        # The learner's own embedding: the shared one is the engine's, updated in place while the learner reads.
+        emb = drafter.embed_tokens
+        self.embed = torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=self.device)
+        self.embed.weight.data.copy_(emb.weight.detach().float())
+        self.embed.requires_grad_(False)
+        self.drafter = self._own_copy(drafter).train().requires_grad_(True)
+        self.published = self._own_copy(drafter).eval().requires_grad_(False)
+        self.optimizer = self._new_optimizer()
+        self.version = 0  # of the published drafter (0 = the one training started with)
+        self.trained_through = 0  # newest RL step in the buffer when the published drafter was chosen
+        self.steps = 0  # learner optimiser steps
+        self.published_count = self.rejected_count = 0
+        self.guard_last: tuple[float, float] | None = None  # (candidate, published) at the last check
+
+    def _own_copy(self, drafter: Eagle3Drafter) -> Eagle3Drafter:
+        """Returns an fp32 copy of `drafter` reading the learner's own embedding."""
+        out = copy.deepcopy(drafter).float()  # the copy still shares the engine's embedding until rebound
+        out.bind_embedding(self.embed)
+        return out
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step(self, entries: list[_Entry], embed: torch.Tensor | None) -> float:
+        """Runs one optimiser step on a sample of `entries` (with the policy's newest embedding, if given), and
+        every publish_every steps the guard; returns the loss."""
+        cfg = self.config
+        if embed is not None:
+            self.embed.weight.data.copy_(embed)
+        batch, weights = self.sample(entries)
+        self.drafter.train()
+        loss, _ = distill_loss(self.drafter, batch, cfg.ttt_steps, weights, cfg.step_decay)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"learner loss is {float(loss)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % cfg.publish_every == 0:
+            self._check_and_publish(entries)
+        return loss.item()
+
+    def restart(self) -> None:
+        """Goes back to the published weights with a fresh optimiser (after a crash)."""
+        self.drafter.load_state_dict(self.published.state_dict())
+        self.optimizer = self._new_optimizer()
 
     def _check_and_publish(self, entries: list[_Entry]) -> None:
         """The guard: publishes the candidate if its expected emitted per step on the newest held-out rows is at
@@ -404,74 +333,272 @@ class Learner:
         self.version += 1
         self.trained_through = entries[-1].step
         self.published_count += 1
+        self.publish_fn(self.publication(), self.version)
+
+    def publication(self) -> Eagle3Drafter:
+        """Returns a copy of the published drafter in the engine's dtype."""
         out = copy.deepcopy(self.published).to(self.device, self.publish_dtype)
         out.inv_freq = inv_freq_fp32(out)  # .to(bf16) rounds RoPE's frequencies; init/load_drafter keep them fp32
-        self.publish_fn(out, self.version)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"drafter": {k: v.clone() for k, v in self.drafter.state_dict().items()},
+                "published": {k: v.clone() for k, v in self.published.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "embed": self.embed.weight.detach().clone(),
+                "counters": {"version": self.version, "trained_through": self.trained_through, "steps": self.steps,
+                             "published": self.published_count, "rejected": self.rejected_count}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drafter.load_state_dict(state["drafter"])
+        self.published.load_state_dict(state["published"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.embed.weight.data.copy_(state["embed"])
+        c = state["counters"]
+        self.version, self.trained_through, self.steps = c["version"], c["trained_through"], c["steps"]
+        self.published_count, self.rejected_count = c["published"], c["rejected"]
+
+
+class Scheduler:
+    """Says when a learner step may start: while its budget (steps that may still start) is positive and there is
+    something to train on. The budget is the one control; `paused()` and `update_window` are made of it."""
+
+    def __init__(self, config: LearnerConfig, has_work: Callable[[], bool]):
+        self.config, self.has_work = config, has_work
+        self.budget = 0
+        self.in_flight = False
+        self.stopped = False
+        self.cond = threading.Condition()
+
+    def grant(self, steps: int) -> int:
+        """Lets `steps` more learner steps start from now on, replacing the budget left (0: none after the step in
+        flight); returns the budget it replaced."""
+        with self.cond:
+            left, self.budget = self.budget, steps
+            self.cond.notify_all()
+            return left
+
+    def submitted(self) -> None:
+        """A step's rollouts arrived: under schedule "always", grants steps_per_rollout."""
+        if self.config.schedule == "always":
+            self.grant(self.config.steps_per_rollout)
+
+    def update_window(self, open_: bool) -> None:
+        """The policy update starts (True) or ends (False): under schedule "update", the learner's only window."""
+        if self.config.schedule == "update":
+            self.grant(self.config.steps_per_rollout if open_ else 0)
+
+    def acquire(self) -> bool:
+        """Blocks until a step may start, then takes one from the budget and returns True; False once stopped."""
+        with self.cond:
+            while not self.stopped and (self.budget <= 0 or not self.has_work()):
+                self.cond.wait()
+            if self.stopped:
+                return False
+            self.budget -= 1
+            self.in_flight = True
+            return True
+
+    def finished(self) -> None:
+        """The step in flight ended (done or crashed)."""
+        with self.cond:
+            self.in_flight = False
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Returns True once no step is in flight and none may start (no budget, nothing to train on, or stopped);
+        False after timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.in_flight and (self.budget <= 0 or self.stopped
+                                                                      or not self.has_work()), timeout)
+
+    def wait_step(self, timeout: float | None = None) -> bool:
+        """Returns True once no step is in flight; False after timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.in_flight, timeout)
+
+
+class Learner:
+    """The online learner: a `ReplayBuffer`, a `DrafterTrainer` and a `Scheduler`, and the thread that runs
+    learner steps (mode "async"; "sync" runs them inside `submit`).
+
+    `submit(rollouts)` after each RL update; `metrics()` once per step; `paused()` around anything that must see
+    the learner at rest; `state_dict()` / `load_state_dict()` for checkpoints; `close()` at the end of training.
+    """
+
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, publish: Publish, seed: int = 0,
+                 log: Log | None = None):
+        self.config, self.log = config, log
+        draft_ids = None if drafter.config.draft_vocab_size == drafter.config.vocab_size \
+            else drafter.draft_ids_in_target()
+        self.draft_ids = draft_ids
+        self.buffer = ReplayBuffer(config, drafter.fc.weight.device, draft_ids, seed)
+        self.drafter_trainer = DrafterTrainer(config, drafter, publish, self.buffer.sample)
+        self.scheduler = Scheduler(config, lambda: len(self.buffer) > 0)
+        self.error_count = 0
+        self.errors: list[str] = []
+        self.alive = True
+        self._consecutive = 0  # crashes since the last good step
+        self._pending_embed: torch.Tensor | None = None
+        self._window = {"loss": 0.0, "steps": 0, "busy_s": 0.0}
+        self._lock = threading.Lock()  # one step, or one state_dict / load_state_dict, at a time
+        self._thread: threading.Thread | None = None
+        if config.mode == "async":
+            self._thread = threading.Thread(target=self._run, name="respec-learner", daemon=True)
+            self._thread.start()
+
+    # -- what the trainer reads --------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.drafter_trainer.version
+
+    @property
+    def trained_through(self) -> int:
+        return self.drafter_trainer.trained_through
+
+    @property
+    def steps(self) -> int:
+        return self.drafter_trainer.steps
+
+    @property
+    def publish_fn(self) -> Publish:
+        return self.drafter_trainer.publish_fn
+
+    @publish_fn.setter
+    def publish_fn(self, fn: Publish) -> None:
+        self.drafter_trainer.publish_fn = fn
+
+    # -- the trainer's side ---------------------------------------------------------------------------------------
+    def submit(self, rollouts: StepRollouts) -> None:
+        """Adds one RL step's rollouts to the buffer and tells the scheduler; in sync mode runs the granted steps
+        now."""
+        self.buffer.add(rollouts)
+        if rollouts.embed_weight is not None:
+            with self.scheduler.cond:
+                self._pending_embed = rollouts.embed_weight.detach().to(self.buffer.device, torch.float32).clone()
+        self.scheduler.submitted()
+        if self.config.mode == "sync":
+            while self.alive and self.scheduler.budget > 0 and self.scheduler.acquire():
+                self._guarded_step()
+
+    def grant(self, steps: int) -> int:
+        """`Scheduler.grant`: lets `steps` more learner steps start (0: none after the step in flight); returns
+        the budget it replaced. Benchmarks use it to keep the learner busy or idle."""
+        return self.scheduler.grant(steps)
+
+    def update_window(self, open_: bool) -> None:
+        """`Scheduler.update_window`: the trainer calls it around each policy update."""
+        self.scheduler.update_window(open_)
+
+    def paused(self):
+        """Returns a context in which no learner step runs: the budget is set to 0, the step in flight (if any)
+        ends, and the budget left is given back on exit."""
+        return _Paused(self.scheduler)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Returns True once no learner step is in flight and none can start before the next submission or grant
+        (out of budget or stopped); False after `timeout` seconds. Tests and benchmarks wait on this, not on a
+        sleep."""
+        return self._thread is None or not self._thread.is_alive() or self.scheduler.wait_idle(timeout)
+
+    def metrics(self) -> dict:
+        """Returns the learner's metrics for the trainer's step line (window values since the previous call)."""
+        with self.scheduler.cond:
+            w, self._window = self._window, {"loss": 0.0, "steps": 0, "busy_s": 0.0}
+        t = self.drafter_trainer
+        out = {"learner/steps": t.steps, "learner/version": t.version,
+               "learner/published": t.published_count, "learner/rejected": t.rejected_count,
+               "learner/errors": self.error_count, "learner/alive": int(self.alive),
+               "learner/busy_s": w["busy_s"],
+               "learner/steps_per_s": w["steps"] / w["busy_s"] if w["busy_s"] > 0 else 0.0}
+        if w["steps"]:
+            out["learner/loss"] = w["loss"] / w["steps"]
+        if t.guard_last is not None:
+            out["learner/guard_candidate"], out["learner/guard_published"] = t.guard_last
+        return out
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the thread (after its current step)."""
+        self.scheduler.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the learner's side -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while self.alive and self.scheduler.acquire():
+            self._guarded_step()
+
+    def _guarded_step(self) -> None:
+        """Runs one learner step; a crash is logged and the learner restarts from the published weights."""
+        try:
+            with self._lock:
+                t0 = time.perf_counter()
+                with self.scheduler.cond:
+                    embed, self._pending_embed = self._pending_embed, None
+                loss = self.drafter_trainer.step(self.buffer.entries(), embed)
+                busy = time.perf_counter() - t0
+            self._consecutive = 0
+            with self.scheduler.cond:
+                self._window["loss"] += loss
+                self._window["steps"] += 1
+                self._window["busy_s"] += busy
+        except Exception as e:  # noqa: BLE001 (any crash of the learner must leave training running)
+            self._crashed(e)
+        finally:
+            self.scheduler.finished()
+
+    def _crashed(self, e: Exception) -> None:
+        self.error_count += 1
+        self._consecutive += 1
+        version = self.drafter_trainer.version
+        message = f"learner crashed at its step {self.drafter_trainer.steps} ({type(e).__name__}: {e})"
+        self.errors.append(message)
+        if self._consecutive > self.config.max_restarts:
+            self.alive = False
+            self.scheduler.stop()
+            self._emit(f"{message}; {self.config.max_restarts} restarts failed, the learner stops and training "
+                       f"goes on with drafter version {version}")
+            return
+        self._emit(f"{message}; restarting from drafter version {version}")
+        with self._lock:
+            self.drafter_trainer.restart()
 
     def _emit(self, message: str) -> None:
         if self.log is not None:
             self.log(message)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def pause(self) -> None:
-        """Stops the learner until `resume()`: no new step starts, and this returns once the step in flight (if
-        any) has ended. A driver that runs several trainers in turn (`respec experiment`) keeps each learner to
-        its own trainer's steps this way; the lock alone would not, as a waiting thread is not served first."""
-        with self._cond:
-            self._held = True
-        self._train_lock.acquire()
-
-    def resume(self) -> None:
-        """Undoes `pause()`."""
-        self._train_lock.release()
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-    def hold(self) -> None:
-        """Lets no new learner step start until `release()`, without waiting for the step in flight: the
-        trainer's `learner.schedule=update` keeps the learner off the cores while the engine runs."""
-        with self._cond:
-            self._holding = True
-
-    def release(self) -> None:
-        """Undoes `hold()`."""
-        with self._cond:
-            self._holding = False
-            self._cond.notify_all()
-
-    def paused(self) -> threading.RLock:
-        """Returns the lock to hold (`with learner.paused(): ...`) while nothing may be trained or published."""
-        return self._train_lock
-
     def state_dict(self) -> dict:
         """Returns everything a resumed run needs to continue the learner (waits for its current step)."""
-        with self._train_lock, self._cond:
-            return {"drafter": {k: v.clone() for k, v in self.drafter.state_dict().items()},
-                    "published": {k: v.clone() for k, v in self.published.state_dict().items()},
-                    "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                    "embed": self.embed.weight.detach().clone(),
-                    "buffer": [(e.step, _batch_tensors(e.train), e.weights.clone(), _batch_tensors(e.held_out))
-                               for e in self.buffer],
-                    "gen": self.gen.get_state(),
-                    "counters": {"version": self.version, "trained_through": self.trained_through,
-                                 "steps": self.steps, "published": self.published_count,
-                                 "rejected": self.rejected_count, "errors": self.error_count}}
+        with self._lock:
+            return {**self.drafter_trainer.state_dict(), "buffer": self.buffer.state_dict(),
+                    "errors": self.error_count}
 
     def load_state_dict(self, state: dict) -> None:
-        with self._train_lock, self._cond:
-            self.drafter.load_state_dict(state["drafter"])
-            self.published.load_state_dict(state["published"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.embed.weight.data.copy_(state["embed"])
-            self.buffer.clear()
-            for step, train, weights, held in state["buffer"]:
-                self.buffer.append(_Entry(step, DistillBatch(*train), weights, DistillBatch(*held)))
-            self.gen.set_state(state["gen"])
-            c = state["counters"]
-            self.version, self.trained_through, self.steps = c["version"], c["trained_through"], c["steps"]
-            self.published_count, self.rejected_count, self.error_count = c["published"], c["rejected"], c["errors"]
-            self._credits = 0  # the next submission grants steps
+        with self._lock:
+            self.drafter_trainer.load_state_dict(state)
+            self.buffer.load_state_dict(state["buffer"])
+            self.error_count = state["errors"]
+        self.scheduler.grant(0)  # the next submission grants steps
+
+
+class _Paused:
+    """`Learner.paused()`'s context: budget 0 and the step in flight ended inside, the budget left given back after."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler, self.left = scheduler, 0
+
+    def __enter__(self) -> None:
+        self.left = self.scheduler.grant(0)
+        self.scheduler.wait_step()
+
+    def __exit__(self, *exc) -> None:
+        self.scheduler.grant(self.left)
 
 
 def _take(batch: DistillBatch, rows: torch.Tensor) -> DistillBatch:

@@ -1,0 +1,140 @@
+"""`respec bench ray`: what the Ray backend buys on the machine at hand, in one run.
+
+Scale. The same RL run (seeds, data, 128-row rollouts by default, static k) on the local backend and on Ray
+with `workers` rollout workers of one thread each, stepped alternately (a shared host's drift reaches both
+alike); per step the rows whose token ids are identical on both backends, the relative difference of the
+step's metrics, the phase split (rollout, update, push, learner), the Ray overhead (the rollout's wall time
+beyond its slowest shard: dispatch, transfer, gathering; and the weight push) and the step. Reported: medians
+after the first (warm-up) step, the rollout speedup, the overhead's share of a Ray step.
+
+Learner. The cost of a busy online learner to the rollout, measured as `benchmarks/learner_overhead.py` does:
+the identical rollout (same prompts, seed, static k, the drafter held fixed) with the learner idle and with it
+training flat out, alternated. Once with the learner as a thread beside the local engine (`learner.mode=async`,
+local backend), once as a Ray actor on its own CPU beside one rollout worker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from respec.engine.generate import SpecConfig
+from respec.engine.sampling import SamplingParams
+from respec.rl.config import (
+    AlgorithmConfig,
+    DataConfig,
+    RolloutConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from respec.rl.trainer import Trainer
+
+Log = Callable[[str], None]
+PHASES = ("rollout_s", "update_s", "push_s", "learner_s", "step_s", "ray_overhead_s")
+SAME = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm")  # compared per step
+
+
+def bench_config(policy: str, drafter: str, prompts: int, group: int, max_new_tokens: int, k: int) -> TrainConfig:
+    """Returns the benchmark's run: `prompts` x `group` rows per step, static k, no evaluation or checkpoints."""
+    return TrainConfig(
+        trainer=TrainerConfig(model=policy, steps=1000, eval_every=0, eval_before_train=False, save_every=0),
+        algorithm=AlgorithmConfig(ppo_mini_batch_size=4),
+        rollout=RolloutConfig(group_size=group, max_new_tokens=max_new_tokens, spec="static", k=k, drafter=drafter),
+        data=DataConfig(prompts_per_step=prompts, eval_problems=8))
+
+
+def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: Log | None = None) -> dict:
+    """Returns per-step phase seconds of the local and the Ray backend stepped alternately, with medians after
+    the first step, the rollout speedup and the Ray overhead's share of a Ray step."""
+    on_ray = replace(config, trainer=replace(config.trainer, backend="ray"),
+                     rollout=replace(config.rollout, workers=workers))
+    trainers = {"local": _start(config, out / "local"), "ray": _start(on_ray, out / "ray")}
+    rows: dict[str, list[dict]] = {name: [] for name in trainers}
+    tokens: dict[str, list[list[list[int]]]] = {name: [] for name in trainers}
+    try:
+        for step in range(steps):
+            for name in (("local", "ray") if step % 2 == 0 else ("ray", "local")):
+                row = trainers[name].step()
+                rows[name].append({**{p: row.get(f"timing/{p}", 0.0) for p in PHASES},
+                                   **{k: row[k] for k in SAME if k in row}})
+                tokens[name].append(rollout_rows(trainers[name]))
+                _log(log, f"scale {name} step {step + 1}/{steps}: rollout {row['timing/rollout_s']:.2f} s, step "
+                          f"{row['timing/step_s']:.2f} s")
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+    med = {name: {p: statistics.median(r[p] for r in rs[1:] or rs) for p in PHASES} for name, rs in rows.items()}
+    identical = [sum(a == b for a, b in zip(x, y, strict=True)) for x, y in zip(*tokens.values(), strict=True)]
+    ray_step = med["ray"]["step_s"]
+    return {"steps": steps, "workers": workers, "rows": config.data.prompts_per_step * config.rollout.group_size,
+            "per_step": rows, "median": med, "identical_rows": identical,
+            "metric_rel_diff": {k: [abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in
+                                    zip(rows["local"], rows["ray"], strict=True)] for k in SAME},
+            "rollout_speedup": med["local"]["rollout_s"] / med["ray"]["rollout_s"],
+            "step_speedup": med["local"]["step_s"] / ray_step,
+            "ray_overhead_share": (med["ray"]["ray_overhead_s"] + med["ray"]["push_s"]) / ray_step}
+
+
+def bench_learner(config: TrainConfig, out: Path, repeats: int, log: Log | None = None) -> dict:
+    """Returns the rollout's seconds with the learner idle and busy (alternated, `repeats` each) for the thread
+    learner (local backend) and the actor learner (Ray, one rollout worker), and each busy / idle ratio."""
+    learner = replace(config.learner, mode="async", steps_per_rollout=1, publish_every=10 ** 6)
+    sides = {"thread": replace(config, learner=learner),
+             "actor": replace(config, learner=learner, trainer=replace(config.trainer, backend="ray"),
+                              rollout=replace(config.rollout, workers=1))}
+    result = {}
+    for side, cfg in sides.items():
+        trainer = _start(cfg, out / f"learner-{side}")
+        try:
+            trainer.step()  # fills the learner's buffer
+            trainer.learner.publish_fn = lambda d, v: None  # the drafter stays: identical rollouts on both sides
+            problems = trainer.problems.next(cfg.data.prompts_per_step)
+            prompts = [trainer.rollout.encode(p) for p in problems for _ in range(cfg.rollout.group_size)]
+            params = SamplingParams(temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=1234)
+            spec = SpecConfig(mode="static", k=cfg.rollout.k)
+            generate = (trainer.workers or trainer.engine).generate
+            times: dict[str, list[float]] = {"idle": [], "busy": []}
+            trainer.learner.grant(0)
+            trainer.learner.wait_idle(120)
+            generate(prompts, params, spec)  # warm-up
+            for i in range(2 * repeats):
+                state = ("idle", "busy")[(i + i // 2) % 2]  # idle busy busy idle ...: neither always goes first
+                if state == "busy":
+                    trainer.learner.grant(10 ** 9)
+                    time.sleep(0.3)  # the learner is mid-step
+                t0 = time.perf_counter()
+                generate(prompts, params, spec)
+                times[state].append(time.perf_counter() - t0)
+                trainer.learner.grant(0)
+                trainer.learner.wait_idle(120)
+                _log(log, f"learner {side} {state}: rollout {times[state][-1]:.2f} s")
+        finally:
+            trainer.close()
+        med = {s: statistics.median(t) for s, t in times.items()}
+        result[side] = {"seconds": times, "median": med, "busy_over_idle": med["busy"] / med["idle"]}
+    return {"repeats": repeats, "rows": len(prompts), **result}
+
+
+def rollout_rows(trainer: Trainer) -> list[list[int]]:
+    """Returns the last step's rows (prompt + completion ids) as the update saw them."""
+    f = trainer.last_features
+    return [row[: int(n)].tolist() for row, n in zip(f.input_ids, f.loss_mask.sum(1) + f.prompt_lens, strict=True)]
+
+
+def _start(config: TrainConfig, run_dir: Path) -> Trainer:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return Trainer.start(config, run_dir)
+
+
+def _log(log: Log | None, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
