@@ -132,7 +132,7 @@ def main() -> None:
         params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
         modes = {"plain": SpecConfig(mode="off"), **{f"k={k}": SpecConfig(mode="static", k=k) for k in ks}}
         totals: dict[str, list[float]] = defaultdict(list)
-        for r in range(args.repeats + 1):  # round 0 warms up and is not counted
+        for r in range(args.repeats + 1):  # repeat 0 warms up and is not counted
             for name, spec in modes.items():
                 timers.mode = name if r else "warm-up"
                 t0 = time.perf_counter()
