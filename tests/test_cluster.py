@@ -136,7 +136,9 @@ def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world
         os.kill(victim, signal.SIGKILL)
         step3.join(120)
         row = rows[-1]
-        assert row["step"] == 3 and row["rollout/redispatched"] == 1 and row["rollout/workers_live"] == 1
+        assert row["step"] == 3 and row["rollout/redispatched"] == 1
+        # the restarted worker may have loaded the weights and rejoined by the time the step's metrics are taken
+        assert row["rollout/workers_live"] in (1, 2)
         tokens = rollout_rows(trainer)
         assert len(tokens) == len(expected[2])  # every row once
         assert sum(a == b for a, b in zip(tokens, expected[2], strict=True)) >= 0.9 * len(tokens)
