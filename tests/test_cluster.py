@@ -234,6 +234,8 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
     assert scale["rollout_speedup"] > 0 and 0 <= scale["ray_overhead_share"] < 1
     assert len(scale["identical_rows"]) == 2 and scale["identical_rows"][0] >= 14  # of 16 rows
     assert all(r["ray_overhead_s"] == 0 for r in scale["per_step"]["local"])
+    bound = scale["shard_bound"]  # the full rollout against each of its 2 shards of whole groups alone
+    assert len(bound["shard_s"]) == 2 and bound["speedup"] == pytest.approx(bound["full_s"] / max(bound["shard_s"]))
     learner = bench_learner(config, tmp_path, repeats=1)
     assert {"thread", "actor"} <= set(learner) and all(len(learner[s]["seconds"]["busy"]) == 1 for s in
                                                        ("thread", "actor"))
@@ -241,3 +243,4 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
                                                    "config": {"prompts": 4, "samples": 4}}))
     text = _ray(tmp_path)
     assert "Rollout" in text and "as a Ray actor" in text and "| ray |" in text and "identical token ids" in text
+    assert "could be at most" in text

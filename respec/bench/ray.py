@@ -5,7 +5,10 @@ with `workers` rollout workers of one thread each, stepped alternately (a shared
 alike); per step the rows whose token ids are identical on both backends, the relative difference of the
 step's metrics, the phase split (rollout, update, push, learner), the Ray overhead (the rollout's wall time
 beyond its slowest shard: dispatch, transfer, gathering; and the weight push) and the step. Reported: medians
-after the first (warm-up) step, the rollout speedup, the overhead's share of a Ray step.
+after the first (warm-up) step, the rollout speedup, the overhead's share of a Ray step, and the bound of the
+speedup on this machine and world: one step's rollout on the local engine against each of its shards (whole
+groups, as the workers get them) run alone on the same engine, i.e. what `workers` engines on cores of their own
+could do at best, with no Ray in between.
 
 Learner. The cost of a busy online learner to the rollout, measured as `benchmarks/learner_overhead.py` does:
 the identical rollout (same prompts, seed, static k, the drafter held fixed) with the learner idle and with it
@@ -65,6 +68,9 @@ def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: L
                 tokens[name].append(rollout_rows(trainers[name]))
                 _log(log, f"scale {name} step {step + 1}/{steps}: rollout {row['timing/rollout_s']:.2f} s, step "
                           f"{row['timing/step_s']:.2f} s")
+        bound = shard_bound(trainers["local"], config, workers, repeats=3)
+        _log(log, f"shards alone: full rollout {bound['full_s']:.2f} s, slowest of {workers} shards "
+                  f"{max(bound['shard_s']):.2f} s: at most {bound['speedup']:.2f}x")
     finally:
         for trainer in trainers.values():
             trainer.close()
@@ -77,7 +83,31 @@ def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: L
                                     zip(rows["local"], rows["ray"], strict=True)] for k in SAME},
             "rollout_speedup": med["local"]["rollout_s"] / med["ray"]["rollout_s"],
             "step_speedup": med["local"]["step_s"] / ray_step,
-            "ray_overhead_share": (med["ray"]["ray_overhead_s"] + med["ray"]["push_s"]) / ray_step}
+            "ray_overhead_share": (med["ray"]["ray_overhead_s"] + med["ray"]["push_s"]) / ray_step,
+            "shard_bound": bound}
+
+
+def shard_bound(trainer: Trainer, config: TrainConfig, workers: int, repeats: int) -> dict:
+    """Returns {"full_s", "shard_s", "speedup"}: the median seconds of one step's rollout (the next problems,
+    fixed seed, the run's static k) on `trainer`'s engine, of each of its `workers` shards of whole groups alone on
+    the same engine (run alternately with the full one), and full / slowest shard: the rollout speedup that
+    `workers` engines on cores of their own would reach with nothing between them."""
+    problems = trainer.problems.next(config.data.prompts_per_step)
+    group = config.rollout.group_size
+    prompts = [trainer.rollout.encode(p) for p in problems for _ in range(group)]
+    per = -(-len(problems) // workers) * group  # rows per shard: whole groups
+    shards = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=4321)
+    spec = SpecConfig(mode="static", k=config.rollout.k) if config.rollout.spec == "static" else SpecConfig(mode="off")
+    times: list[list[float]] = [[] for _ in range(len(shards) + 1)]
+    for r in range(repeats + 1):  # the first pass warms up
+        for i, batch in enumerate([prompts, *shards]):
+            t0 = time.perf_counter()
+            trainer.engine.generate(batch, params, spec)
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    full, *shard = [statistics.median(t) for t in times]
+    return {"full_s": full, "shard_s": shard, "speedup": full / max(shard)}
 
 
 def bench_learner(config: TrainConfig, out: Path, repeats: int, log: Log | None = None) -> dict:

@@ -485,6 +485,9 @@ def _ray(root: Path) -> str | None:
             f"and weight push together {scale['ray_overhead_share']:.1%} of a Ray step. Rows with identical token ids "
             f"on both backends, step by step: "
             f"{identical}.\n",
+            *([f"The bound on this machine and world: one step's rollout took {b['full_s']:.2f} s on the local engine "
+               f"and its slowest shard alone {max(b['shard_s']):.2f} s, so {scale['workers']} engines on cores of "
+               f"their own could be at most {b['speedup']:.2f}x faster.\n"] if (b := scale.get("shard_bound")) else []),
             f"A busy online learner's cost to the identical {learner['rows']}-row rollout (median of "
             f"{learner['repeats']} each, idle vs busy alternated): "
             f"{learner['thread']['busy_over_idle']:.2f}x as a thread beside the local engine, "
