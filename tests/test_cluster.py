@@ -145,8 +145,11 @@ def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world
 
         # The restarted worker joins once it has loaded the current policy (and drafter).
         wait_until(lambda: (pool._admit_rejoined(block=False), len(pool.live) == 2)[1], "the worker to rejoin")
-        versions = {(s["policy_version"], s["drafter_version"]) for s in pool.status()}
-        assert versions == {(pool.policy[0], 0)} and victim not in {s["pid"] for s in pool.status()}
+        # `status` runs in the workers' control group, beside their queued tasks: it may answer before the newest
+        # `load` has run (a rollout is queued behind it; the next step's rows, equal to the local run's, show it).
+        wait_until(lambda: {(s["policy_version"], s["drafter_version"]) for s in pool.status()} == {(pool.policy[0], 0)},
+                   "every worker to hold the current policy", timeout=60, poll_s=0.2)
+        assert victim not in {s["pid"] for s in pool.status()}
         row = trainer.step()
         assert row["rollout/workers_live"] == 2
         assert sum(a == b for a, b in zip(rollout_rows(trainer), expected[3], strict=True)) >= 0.9 * len(tokens)
