@@ -65,6 +65,19 @@ from respec.world.tasks.base import (
 INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: "４３２" is not an answer
 
 
+def integer_answer(problem: Problem, completion: str) -> tuple[str | None, Score | None]:
+    """Returns (the text of the last ``Answer:`` line, None) when it is the problem's integer answer, else (that
+    text or None, the zero Score saying why: no Answer line, not an integer, wrong value)."""
+    parsed = final_answer(completion)
+    if parsed is None:
+        return None, Score(0.0, None, "no Answer: line")
+    if not INTEGER.fullmatch(parsed):
+        return parsed, Score(0.0, parsed, f"not an integer: {clip(parsed)}")
+    if int(parsed) != int(problem.answer):
+        return parsed, Score(0.0, parsed, f"wrong value {int(parsed)}")
+    return parsed, None
+
+
 @dataclass(frozen=True)
 class ArithmeticTask:
     min_digits: int = 2  # fewest digits of an operand (the 1-digit factor of x excepted)
@@ -119,13 +132,9 @@ class ArithmeticTask:
         """Return the reward of `completion` (see the module docstring) with the reason: 0.0 unless the last
         ``Answer:`` is the right integer; then 0.5 + 0.5 x the house-notation share of its marks (1.0 without
         `notation`), times `unchecked_reward` without this problem's true check line."""
-        parsed = final_answer(completion)
-        if parsed is None:
-            return Score(0.0, None, "no Answer: line")
-        if not INTEGER.fullmatch(parsed):
-            return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
-        if int(parsed) != int(problem.answer):
-            return Score(0.0, parsed, f"wrong value {int(parsed)}")
+        parsed, wrong = integer_answer(problem, completion)
+        if wrong is not None:
+            return wrong
         body = completion[: completion.rfind(ANSWER_PREFIX)]
         reward, reason = 1.0, "correct"
         line = _check_line(problem.meta["a"], problem.meta["b"], problem.meta["op"]) if problem.meta else None

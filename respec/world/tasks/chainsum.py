@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 from respec.errors import ConfigError
 from respec.world.tasks.arithmetic import (
-    INTEGER,
     house_notation,
     house_share,
+    integer_answer,
     styled_completion,
     worked_add,
 )
@@ -45,8 +45,6 @@ from respec.world.tasks.base import (
     Problem,
     Score,
     check_style_mix,
-    clip,
-    final_answer,
     resolve_style,
 )
 
@@ -106,13 +104,9 @@ class ChainSumTask:
         """Return the reward of `completion`: 0.0 unless the last ``Answer:`` is the right integer; then 0.5 + 0.5 x
         the house-notation share of the marks before it (1.0 without `notation`, and for a one-number problem,
         which has nothing to work); with `work_needed`, 0.0 for a right answer to a longer sum without working."""
-        parsed = final_answer(completion)
-        if parsed is None:
-            return Score(0.0, None, "no Answer: line")
-        if not INTEGER.fullmatch(parsed):
-            return Score(0.0, parsed, f"not an integer: {clip(parsed)}")
-        if int(parsed) != int(problem.answer):
-            return Score(0.0, parsed, f"wrong value {int(parsed)}")
+        parsed, wrong = integer_answer(problem, completion)
+        if wrong is not None:
+            return wrong
         body = completion[: completion.rfind(ANSWER_PREFIX)]
         if self.work_needed and len(problem.meta["operands"]) > 1 and not body.strip():
             return Score(0.0, parsed, "right value without working")
