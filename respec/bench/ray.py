@@ -87,18 +87,26 @@ def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: L
             "shard_bound": bound}
 
 
+def fixed_rollout(trainer: Trainer, config: TrainConfig, seed: int) -> tuple[list[list[int]], SamplingParams,
+                                                                             SpecConfig]:
+    """Returns one step's rollout to time again and again: the run's next problems as P x G prompts, sampling at
+    T = 1 from `seed`, and the run's static k (plain decoding when the run is not static)."""
+    problems = trainer.problems.next(config.data.prompts_per_step)
+    prompts = [trainer.rollout.encode(p) for p in problems for _ in range(config.rollout.group_size)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=seed)
+    spec = SpecConfig(mode="static", k=config.rollout.k) if config.rollout.spec == "static" else SpecConfig(mode="off")
+    return prompts, params, spec
+
+
 def shard_bound(trainer: Trainer, config: TrainConfig, workers: int, repeats: int) -> dict:
     """Returns {"full_s", "shard_s", "speedup"}: the median seconds of one step's rollout (the next problems,
     fixed seed, the run's static k) on `trainer`'s engine, of each of its `workers` shards of whole groups alone on
     the same engine (run alternately with the full one), and full / slowest shard: the rollout speedup that
     `workers` engines on cores of their own would reach with nothing between them."""
-    problems = trainer.problems.next(config.data.prompts_per_step)
+    prompts, params, spec = fixed_rollout(trainer, config, seed=4321)
     group = config.rollout.group_size
-    prompts = [trainer.rollout.encode(p) for p in problems for _ in range(group)]
-    per = -(-len(problems) // workers) * group  # rows per shard: whole groups
+    per = -(-len(prompts) // group // workers) * group  # rows per shard: whole groups
     shards = [prompts[i:i + per] for i in range(0, len(prompts), per)]
-    params = SamplingParams(temperature=1.0, max_new_tokens=config.rollout.max_new_tokens, seed=4321)
-    spec = SpecConfig(mode="static", k=config.rollout.k) if config.rollout.spec == "static" else SpecConfig(mode="off")
     times: list[list[float]] = [[] for _ in range(len(shards) + 1)]
     for r in range(repeats + 1):  # the first pass warms up
         for i, batch in enumerate([prompts, *shards]):
@@ -123,10 +131,7 @@ def bench_learner(config: TrainConfig, out: Path, repeats: int, log: Log | None 
         try:
             trainer.step()  # fills the learner's buffer
             trainer.learner.publish_fn = lambda d, v: None  # the drafter stays: identical rollouts on both sides
-            problems = trainer.problems.next(cfg.data.prompts_per_step)
-            prompts = [trainer.rollout.encode(p) for p in problems for _ in range(cfg.rollout.group_size)]
-            params = SamplingParams(temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=1234)
-            spec = SpecConfig(mode="static", k=cfg.rollout.k)
+            prompts, params, spec = fixed_rollout(trainer, cfg, seed=1234)
             generate = (trainer.workers or trainer.engine).generate
             times: dict[str, list[float]] = {"idle": [], "busy": []}
             trainer.learner.grant(0)
