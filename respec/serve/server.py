@@ -106,9 +106,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
     model = ModelLimits(cfg.vocab_size, engine.max_model_len)
     loop = EngineLoop(engine, limits.max_pending, decode)
     state = {"weight_version": "default", "drafter_weight_version": None}
+    mailbox: list[Mailbox] = []  # engine-thread events to the event loop: made when the app starts on one
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        mailbox.append(Mailbox(asyncio.get_running_loop()))  # the event loop that serves the handlers
         loop.start()
         yield
         loop.stop()
@@ -160,13 +162,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         return parse_json(b"".join(chunks), limits)
 
     # -- requests to the engine thread ---------------------------------------------------------------------------
-    mailbox: list[Mailbox] = []  # made on the first request, on the server's event loop
-
     def submit(reqs: list[GenRequest]) -> tuple[asyncio.Queue, list[Live]]:
         """Queues reqs; returns the queue of their (index, output or error) events and their records."""
-        if not mailbox:
-            mailbox.append(Mailbox(asyncio.get_running_loop()))
-        post, events = mailbox[0].post, asyncio.Queue()
+        post, events = mailbox[-1].post, asyncio.Queue()
         lives = [Live(r.rid, r.prompt, r.params, lambda ev, i=i: post(events, (i, ev)), stop=r.stop)
                  for i, r in enumerate(reqs)]
         try:
