@@ -402,7 +402,8 @@ def bench_ray_cmd(
     atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
     m = scale["median"]
     typer.echo(f"rollout {m['local']['rollout_s']:.2f} s local, {m['ray']['rollout_s']:.2f} s on {workers} Ray "
-               f"workers ({scale['rollout_speedup']:.2f}x); Ray overhead {scale['ray_overhead_share']:.1%} of a step; "
+               f"workers ({scale['rollout_speedup']:.2f}x; {workers} plain processes at once: "
+               f"{scale['shard_bound']['concurrent_speedup']:.2f}x); Ray overhead {scale['ray_overhead_share']:.1%} of a step; "
                f"busy learner costs the rollout {learner['thread']['busy_over_idle']:.2f}x as a thread, "
                f"{learner['actor']['busy_over_idle']:.2f}x as an actor; wrote {json_path}")
 

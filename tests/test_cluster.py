@@ -17,6 +17,7 @@ from test_trainer import digit_share, read_metrics, run_cli, tiny_config, wait_u
 
 import respec.cluster.ray_cluster
 from respec.bench.ray import rollout_rows
+from respec.cluster.ray_cluster import SYSTEM_CONFIG
 from respec.errors import ConfigError
 from respec.rl.config import load_config
 from respec.rl.trainer import Trainer
@@ -30,7 +31,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance of 2 CPUs for this module's runs."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=SYSTEM_CONFIG)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -120,6 +121,7 @@ def test_local_and_ray_give_the_same_run_and_a_killed_worker_loses_nothing(world
             for key in ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm"):
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-5), key
         assert rows[-1]["rollout/workers_live"] == 2 and rows[-1]["timing/ray_overhead_s"] >= 0
+        assert {s["niceness"] for s in trainer.workers.status()} == {os.nice(0)}  # not 15 behind the driver
 
         # Step 3: one worker's process is killed by a signal while it generates.
         pool = trainer.workers
@@ -239,6 +241,8 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
     assert all(r["ray_overhead_s"] == 0 for r in scale["per_step"]["local"])
     bound = scale["shard_bound"]  # the full rollout against each of its 2 shards of whole groups alone
     assert len(bound["shard_s"]) == 2 and bound["speedup"] == pytest.approx(bound["full_s"] / max(bound["shard_s"]))
+    together = bound["concurrent_shard_s"]  # the same shards at the same time, a plain process each
+    assert len(together) == 3 and all(len(r) == 2 and min(r) > 0 for r in together)
     learner = bench_learner(config, tmp_path, repeats=1)
     assert {"thread", "actor"} <= set(learner) and all(len(learner[s]["seconds"]["busy"]) == 1 for s in
                                                        ("thread", "actor"))
@@ -246,4 +250,4 @@ def test_bench_ray_measures_both_backends_and_both_learners(world, tmp_path, clu
                                                    "config": {"prompts": 4, "samples": 4}}))
     text = _ray(tmp_path)
     assert "Rollout" in text and "as a Ray actor" in text and "| ray |" in text and "identical token ids" in text
-    assert "could be at most" in text
+    assert "could be at most" in text and "this machine's cores allow" in text

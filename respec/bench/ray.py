@@ -6,9 +6,11 @@ alike); per step the rows whose token ids are identical on both backends, the re
 step's metrics, the phase split (rollout, update, push, learner), the Ray overhead (the rollout's wall time
 beyond its slowest shard: dispatch, transfer, gathering; and the weight push) and the step. Reported: medians
 after the first (warm-up) step, the rollout speedup, the overhead's share of a Ray step, and the bound of the
-speedup on this machine and world: one step's rollout on the local engine against each of its shards (whole
-groups, as the workers get them) run alone on the same engine, i.e. what `workers` engines on cores of their own
-could do at best, with no Ray in between.
+speedup on this machine and world, twice: one step's rollout on the local engine against each of its shards (whole
+groups, as the workers get them) run alone on the same engine, i.e. what `workers` engines on cores that do not
+slow each other could do with no Ray in between; and against the same shards run at the same time, each in a
+plain process of its own with one thread (no Ray), i.e. what `workers` engines on this machine's cores reach
+when they share its caches, memory bandwidth and host, as Ray's workers must.
 
 Learner. The cost of a busy online learner to the rollout, measured as `benchmarks/learner_overhead.py` does:
 the identical rollout (same prompts, seed, static k, the drafter held fixed) with the learner idle and with it
@@ -18,6 +20,8 @@ local backend), once as a Ray actor on its own CPU beside one rollout worker.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -26,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from respec.engine.generate import SpecConfig
+import torch
+
+from respec.engine.checkpoint import torch_threads
+from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.rl.config import (
     AlgorithmConfig,
@@ -39,6 +46,7 @@ from respec.rl.trainer import Trainer
 
 Log = Callable[[str], None]
 PHASES = ("rollout_s", "update_s", "push_s", "learner_s", "step_s", "ray_overhead_s")
+BOUND_TIMEOUT_S = 600.0  # a shard process that does not answer in this time has failed
 SAME = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm")  # compared per step
 
 
@@ -51,6 +59,17 @@ def bench_config(policy: str, drafter: str, prompts: int, group: int, max_new_to
         data=DataConfig(prompts_per_step=prompts, eval_problems=8))
 
 
+def _run_threads(bench: Callable[..., dict]) -> Callable[..., dict]:
+    """Runs a benchmark of `config` (its first argument) with the run's torch threads (trainer.num_threads), as
+    `respec train` does: Ray's workers have their own count, the local backend would otherwise take every core."""
+    @functools.wraps(bench)
+    def run(config: TrainConfig, *args, **kwargs) -> dict:
+        with torch_threads(config.trainer.num_threads):
+            return bench(config, *args, **kwargs)
+    return run
+
+
+@_run_threads
 def bench_scale(config: TrainConfig, out: Path, steps: int, workers: int, log: Log | None = None) -> dict:
     """Returns per-step phase seconds of the local and the Ray backend stepped alternately, with medians after
     the first step, the rollout speedup and the Ray overhead's share of a Ray step."""
@@ -99,10 +118,13 @@ def fixed_rollout(trainer: Trainer, config: TrainConfig, seed: int) -> tuple[lis
 
 
 def shard_bound(trainer: Trainer, config: TrainConfig, workers: int, repeats: int) -> dict:
-    """Returns {"full_s", "shard_s", "speedup"}: the median seconds of one step's rollout (the next problems,
-    fixed seed, the run's static k) on `trainer`'s engine, of each of its `workers` shards of whole groups alone on
-    the same engine (run alternately with the full one), and full / slowest shard: the rollout speedup that
-    `workers` engines on cores of their own would reach with nothing between them."""
+    """Returns {"full_s", "shard_s", "speedup", "concurrent_shard_s", "concurrent_speedup"}: the median seconds
+    of one step's rollout (the next problems, fixed seed, the run's static k) on `trainer`'s engine, of each of its
+    `workers` shards of whole groups alone on the same engine (run alternately with the full one), and full /
+    slowest shard: the rollout speedup that `workers` engines on cores that do not slow each other would reach with
+    nothing between them; then the shards' seconds per repeat run at the same time in plain processes
+    (`concurrent_shards`) and full / the median of the slowest: the speedup this machine allows `workers` engines
+    with no Ray between them."""
     prompts, params, spec = fixed_rollout(trainer, config, seed=4321)
     group = config.rollout.group_size
     per = -(-len(prompts) // group // workers) * group  # rows per shard: whole groups
@@ -115,9 +137,54 @@ def shard_bound(trainer: Trainer, config: TrainConfig, workers: int, repeats: in
             if r:
                 times[i].append(time.perf_counter() - t0)
     full, *shard = [statistics.median(t) for t in times]
-    return {"full_s": full, "shard_s": shard, "speedup": full / max(shard)}
+    together = concurrent_shards(trainer.engine, shards, params, spec, per, repeats)
+    slowest = statistics.median(max(r) for r in together)
+    return {"full_s": full, "shard_s": shard, "speedup": full / max(shard), "concurrent_shard_s": together,
+            "concurrent_speedup": full / slowest}
 
 
+def concurrent_shards(engine: Engine, shards: list[list[list[int]]], params: SamplingParams, spec: SpecConfig,
+                      rows_per_shard: int, repeats: int) -> list[list[float]]:
+    """Returns, per repeat, the seconds of each shard generated at the same time as the others, each in a plain
+    child process of its own (one torch thread, a copy of `engine`'s models, the streams it would draw in one
+    engine); every child warms up once first, and every repeat starts them together."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(len(shards) + 1)
+    times = ctx.Queue()
+    procs = [ctx.Process(target=_generate_shard, daemon=True,
+                         args=(engine.target, engine.drafter, engine.compile, batch, params, spec, i * rows_per_shard,
+                               repeats, start, times, i))
+             for i, batch in enumerate(shards)]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in range(repeats):
+            start.wait(timeout=BOUND_TIMEOUT_S)
+        got = [times.get(timeout=BOUND_TIMEOUT_S) for _ in range(repeats * len(shards))]
+    finally:
+        for proc in procs:
+            proc.join(timeout=BOUND_TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+    out = [[0.0] * len(shards) for _ in range(repeats)]
+    for r, i, seconds in got:
+        out[r][i] = seconds
+    return out
+
+
+def _generate_shard(target, drafter, compile: str, prompts, params, spec, first_stream: int, repeats: int,
+                    start, times, index: int) -> None:
+    torch.set_num_threads(1)
+    engine = Engine(target, drafter, compile=compile)
+    engine.generate(prompts, params, spec, first_stream=first_stream)  # warm-up
+    for r in range(repeats):
+        start.wait(timeout=BOUND_TIMEOUT_S)
+        t0 = time.perf_counter()
+        engine.generate(prompts, params, spec, first_stream=first_stream)
+        times.put((r, index, time.perf_counter() - t0))
+
+
+@_run_threads
 def bench_learner(config: TrainConfig, out: Path, repeats: int, log: Log | None = None) -> dict:
     """Returns the rollout's seconds with the learner idle and busy (alternated, `repeats` each) for the thread
     learner (local backend) and the actor learner (Ray, one rollout worker), and each busy / idle ratio."""

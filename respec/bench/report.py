@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -487,7 +488,13 @@ def _ray(root: Path) -> str | None:
             f"{identical}.\n",
             *([f"The bound on this machine and world: one step's rollout took {b['full_s']:.2f} s on the local engine "
                f"and its slowest shard alone {max(b['shard_s']):.2f} s, so {scale['workers']} engines on cores of "
-               f"their own could be at most {b['speedup']:.2f}x faster.\n"] if (b := scale.get("shard_bound")) else []),
+               f"their own that do not slow each other could be at most {b['speedup']:.2f}x faster"
+               + (f"; run at the same time, each in a plain process of its own (no Ray), the shards took "
+                  f"{statistics.median(max(r) for r in b['concurrent_shard_s']):.2f} s (slowest, median of "
+                  f"{len(b['concurrent_shard_s'])}), so this machine's cores allow {scale['workers']} engines "
+                  f"{b['concurrent_speedup']:.2f}x, and Ray's workers reach "
+                  f"{scale['rollout_speedup'] / b['concurrent_speedup']:.2f} of that" if "concurrent_speedup" in b
+                  else "") + ".\n"] if (b := scale.get("shard_bound")) else []),
             f"A busy online learner's cost to the identical {learner['rows']}-row rollout (median of "
             f"{learner['repeats']} each, idle vs busy alternated): "
             f"{learner['thread']['busy_over_idle']:.2f}x as a thread beside the local engine, "

@@ -20,6 +20,10 @@ from respec.rl.config import TrainConfig
 CONNECT_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection in this time is unreachable
 PLACEMENT_TIMEOUT_S = 120.0
 FREE_WAIT_S = 15.0
+# Ray runs its worker processes at niceness 15 by default, so anything else on a machine (a learner thread, another
+# job) takes the cores from the rollout workers, which are the run's critical path: a Ray this module starts runs
+# them at the driver's niceness. A cluster started with `ray start` needs RAY_worker_niceness=0 in the environment of each `ray start`.
+SYSTEM_CONFIG = {"worker_niceness": 0}
 _runs = {"open": 0, "started_ray": False}  # runs of this process on Ray; whether one of them started it
 
 
@@ -100,7 +104,7 @@ def _init(address: str | None) -> bool:
     if address is not None:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=False, _system_config=SYSTEM_CONFIG)
     return True
 
 

@@ -96,8 +96,9 @@ class RolloutWorker:
 
     @ray.method(concurrency_group="control")
     def status(self) -> dict:
-        """Returns the process id, whether a rollout is in flight and its decode steps so far, and the versions."""
-        return {"pid": os.getpid(), "generating": self.generating, "decode_steps": self.decode_steps,
+        """Returns the process id and its niceness, whether a rollout is in flight and its decode steps so far, and
+        the versions."""
+        return {"pid": os.getpid(), "niceness": os.nice(0), "generating": self.generating, "decode_steps": self.decode_steps,
                 "policy_version": self.policy_version, "drafter_version": self.engine.drafter_version}
 
 
