@@ -85,6 +85,17 @@ def test_ray_missing_or_unreachable_is_one_line_and_the_run_dir_is_kept(world, t
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and not ray.is_initialized()
 
 
+def test_interleaved_runs_share_a_local_ray_in_turn(world):
+    """The experiment's configurations hold their placement groups together but step one at a time: the local
+    Ray it starts has the CPUs they ask together, and stops after them."""
+    from respec.cluster.ray_cluster import time_shared
+
+    configs = [on_ray(ray_config(world), workers=2), on_ray(ray_config(world), workers=1, mode="async")]
+    with time_shared(configs):
+        assert ray.cluster_resources()["CPU"] == max(2 + 1 + 1, os.cpu_count())
+    assert not ray.is_initialized()
+
+
 def test_more_workers_than_cpus_is_one_line(world, tmp_path, cluster):
     with pytest.raises(ConfigError, match=r"rollout.workers=3 x 1 CPU = 3 CPUs, but the Ray cluster has 2"):
         Trainer.start(on_ray(ray_config(world), workers=3), tmp_path / "run")

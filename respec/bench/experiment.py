@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from respec.bench.plot import read_metrics
+from respec.cluster.ray_cluster import time_shared
 from respec.engine.checkpoint import atomic_write_text, torch_threads
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
@@ -225,7 +226,14 @@ def _run_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, config
     """Runs one seed of every configuration, one RL step of each in turn (the order rotates every step), in
     this process. A learner trains only while its own trainer steps (it is paused, after its step in flight,
     while the others step), as it would with that trainer alone on the machine: its core is not shared with
-    another configuration's rollout."""
+    another configuration's rollout. On Ray (without a cluster address) the configurations' placement groups
+    share this machine's cores in turn (`time_shared`)."""
+    with time_shared([config_for(base, name, seed, steps) for name in configs]):
+        _step_interleaved(base, out, steps, seed, configs, log)
+
+
+def _step_interleaved(base: TrainConfig, out: Path, steps: int, seed: int, configs: tuple[str, ...],
+                      log: Log | None) -> None:
     trainers: dict[str, Trainer] = {}
     pauses = {}  # configuration -> its learner's pause, entered while other configurations step
     held: list[str] = []  # configurations whose learner is paused

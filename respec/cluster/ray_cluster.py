@@ -10,9 +10,13 @@ driver (update, evaluation, checkpoints) stays outside the group, in the process
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
+import os
 import socket
 import time
+from collections.abc import Iterator
 
 from respec.errors import ConfigError
 from respec.rl.config import TrainConfig
@@ -106,6 +110,32 @@ def _init(address: str | None) -> bool:
     else:
         ray.init(include_dashboard=False, log_to_driver=False, _system_config=SYSTEM_CONFIG)
     return True
+
+
+@contextlib.contextmanager
+def time_shared(configs: list[TrainConfig]) -> Iterator[None]:
+    """Runs the block on a local Ray with as many CPUs (GPUs) as `configs`' bundles ask together, at least this
+    machine's: for runs that each hold a placement group for their whole life but step one at a time (the
+    experiment's interleaved configurations), so that their workers share the cores in turn. A no-op when no
+    config is on Ray, one joins a cluster (`trainer.ray_address`: it must fit them all), or Ray already runs."""
+    on_ray = [c for c in configs if c.trainer.backend == "ray"]
+    if not on_ray or any(c.trainer.ray_address for c in on_ray):
+        yield
+        return
+    check_installed()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    asked = {r: sum(b.get(r, 0.0) for c in on_ray for b in bundles(c)) for r in ("CPU", "GPU")}
+    ray.init(num_cpus=max(math.ceil(asked["CPU"]), os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False, _system_config=SYSTEM_CONFIG,
+             **({"num_gpus": math.ceil(asked["GPU"])} if asked["GPU"] else {}))
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class Cluster:
