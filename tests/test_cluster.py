@@ -204,6 +204,24 @@ def test_a_dead_learner_actor_leaves_rollouts_on_the_last_drafter(world, tmp_pat
         trainer.close()
 
 
+def test_each_workers_tuner_evidence_is_checkpointed_and_resumed(world, tmp_path, cluster):
+    config = on_ray(ray_config(world, trainer=dict(steps=1), rollout=dict(max_new_tokens=24, spec="adaptive")))
+    trainer = Trainer.start(config, tmp_path / "run", reward_fn=digit_share)
+    try:
+        trainer.train()  # one step; checkpoints at its end
+        states = trainer.workers.tuner_states()
+    finally:
+        trainer.close()
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "rollout.json").read_text())["tuners"]
+    assert len(saved) == 2 and all(s is not None and sum(s["tried"]) > 0 for s in saved)
+    assert saved == json.loads(json.dumps(states)) and saved[0] != saved[1]  # each worker's own shards
+    resumed = Trainer.resume(tmp_path / "run")
+    try:
+        assert resumed.workers.tuner_states() == states
+    finally:
+        resumed.close()
+
+
 # -- a killed driver -------------------------------------------------------------------------------------------
 
 def test_a_killed_driver_resumes_as_the_local_backend_does(world, tmp_path, cluster):

@@ -11,6 +11,9 @@ order they are sent). A published drafter goes out the same way to `set_drafter`
 group of its own, beside a rollout in flight: the engine swaps it in between two decode steps (SD is exact with
 any drafter). `WeightTransport` is the one seam for another transport (an NCCL broadcast between GPU workers).
 
+Tuner. In adaptive mode every worker's engine learns its own acceptance evidence from its shards; the run's
+checkpoint holds one tuner state per worker, and a resumed run gives worker i state i.
+
 Faults. A worker whose process dies mid-rollout fails its call: its shard goes back to the queue and runs on the
 next free live worker, so the step completes with every row exactly once. Ray restarts the dead actor (up to
 `MAX_RESTARTS`); the pool sends it the current policy and drafter and keeps it out of rollouts until that load has
@@ -69,6 +72,16 @@ class RolloutWorker:
         if drafter is not None:
             self._swap(drafter, drafter_version)
         return self.policy_version, self.engine.drafter_version
+
+    def tuner_state(self) -> dict | None:
+        """Returns the adaptive tuner's state (None before the first adaptive rollout)."""
+        tuner = self.engine.tuner
+        return tuner.state_dict() if tuner is not None and hasattr(tuner, "state_dict") else None
+
+    @ray.method(max_task_retries=-1)
+    def load_tuner_state(self, state: dict, k_max: int) -> None:
+        """Gives the engine an adaptive tuner with `state` (before its next rollout)."""
+        self.engine.default_tuner(k_max).load_state_dict(state)
 
     @ray.method(concurrency_group="control", max_task_retries=-1)
     def set_drafter(self, drafter: torch.nn.Module, version: int | None) -> None:
@@ -182,6 +195,25 @@ class WorkerPool:
         self.drafter = (version, handle)
         for i in self.live | set(self.rejoining):
             self.workers[i].set_drafter.remote(handle, version)
+
+    def tuner_states(self) -> list[dict | None]:
+        """Returns each worker's adaptive tuner state (None: no tuner yet, or the worker is not live)."""
+        refs = {i: self.workers[i].tuner_state.remote() for i in sorted(self.live)}
+        states: list[dict | None] = [None] * len(self.workers)
+        for i, ref in refs.items():
+            try:
+                states[i] = ray.get(ref)
+            except RayActorError:
+                pass
+        return states
+
+    def load_tuner_states(self, states: list[dict | None], k_max: int) -> None:
+        """Gives worker i tuner state i (of a run with as many workers; else the states in turn), loaded before its
+        next rollout; None entries leave a worker to start its own."""
+        for i, worker in enumerate(self.workers):
+            state = states[i % len(states)] if states else None
+            if state is not None:
+                worker.load_tuner_state.remote(state, k_max)
 
     def status(self) -> list[dict | None]:
         """Returns each worker's `RolloutWorker.status()`, None for one that does not answer."""

@@ -135,15 +135,26 @@ class Rollout:
                           old_logp.to(dev), mask.to(dev), advantages)
 
     def state_dict(self) -> dict:
-        """Returns the adaptive tuner's state (its acceptance evidence), {} in other modes."""
+        """Returns the adaptive tuner's state (its acceptance evidence) as {"tuner": state}, or with rollout
+        workers {"tuners": [state or None per worker]}; {} in other modes."""
+        if self.spec.mode != "adaptive":
+            return {}
+        if self.workers is not None:
+            return {"tuners": self.workers.tuner_states()}
         tuner = self.engine.tuner
-        if self.spec.mode == "adaptive" and tuner is not None and hasattr(tuner, "state_dict"):
-            return {"tuner": tuner.state_dict()}
-        return {}
+        return {"tuner": tuner.state_dict()} if tuner is not None and hasattr(tuner, "state_dict") else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if "tuner" in state and self.spec.mode == "adaptive":
-            self.engine.default_tuner(self.spec.k_max).load_state_dict(state["tuner"])
+        """Loads `state_dict()`'s tuner states, also across backends (every worker gets a local run's tuner; a
+        local run gets the first worker's)."""
+        if self.spec.mode != "adaptive":
+            return
+        states = state.get("tuners") or ([state["tuner"]] if "tuner" in state else [])
+        if self.workers is not None:
+            self.workers.load_tuner_states(states, self.spec.k_max)
+        elif any(s is not None for s in states):
+            first = next(s for s in states if s is not None)
+            self.engine.default_tuner(self.spec.k_max).load_state_dict(first)
 
 
 def _score_metrics(rewards: torch.Tensor, advantages: torch.Tensor, batch: TrainBatch, G: int) -> dict[str, float]:
