@@ -115,6 +115,30 @@ class SlotView:
         keys.index_put_(where, k)
         values.index_put_(where, v)
 
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns every layer's `read`, stacked: keys and values [L, B, Hkv, span, D] (one gather, not one per
+        layer, when the slots are not 0..B-1)."""
+        keys, values = self.kv.k[:, :, :, : self.span], self.kv.v[:, :, :, : self.span]  # [L, S, Hkv, span, D]
+        if self.contiguous:
+            B = len(self.index)
+            return keys[:, :B], values[:, :B]
+        return keys.index_select(1, self.index), values.index_select(1, self.index)
+
+    def write_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes every layer's k, v [L, B, Hkv, T, D] at each row's positions, in one write each."""
+        L, B, H, T, D = k.shape
+        pos = self.positions(T)  # [B, T]
+        if self.contiguous:
+            idx = pos[None, :, None, :, None].expand(L, B, H, T, D)
+            self.kv.k[:, :B].scatter_(3, idx, k)
+            self.kv.v[:, :B].scatter_(3, idx, v)
+            return
+        dev = k.device
+        where = (torch.arange(L, device=dev)[:, None, None, None], self.index[None, :, None, None],
+                 torch.arange(H, device=dev)[None, None, :, None], pos[None, :, None, :])
+        self.kv.k.index_put_(where, k)
+        self.kv.v.index_put_(where, v)
+
     def advance(self, T: int) -> None:
         self.lengths = self.lengths + T
 
