@@ -134,6 +134,7 @@ def test_generate_batched_and_stream(client, target, drafter):
     assert lengths == sorted(lengths)  # cumulative
     info = client.get("/get_server_info").json()  # the engine thread's counters
     assert info["decode_rows"] >= info["decode_steps"] >= 1 and info["decode_seconds"] > 0
+    assert 0 < info["decode_cpu_seconds"] <= info["decode_seconds"] + 0.05 and info["event_loop_cpu_seconds"] > 0
 
 
 def test_outputs_merge_what_queued_behind_each_other():

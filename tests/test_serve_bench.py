@@ -34,7 +34,8 @@ def _check_levels(data: dict, specs: tuple[str, ...], clients: tuple[int, ...], 
         assert sum(lv["finish"].values()) == lv["requests"]
         # the server's counters over the level, and the clients' CPU
         assert lv["steps"] >= 1 and 1 <= lv["mean_batch"] <= lv["clients"]
-        assert 0 < lv["engine_busy_share"] <= 1.05 and 0 < lv["client_cpu_share"]
+        assert 0 < lv["engine_busy_share"] <= 1.05 and 0 < lv["client_cpu_share"] and 0 < lv["http_cpu_share"]
+        assert 0 < lv["engine_on_cpu_share"] <= 1.05
 
 
 def test_serving_in_thread_frees_port_and_threads(target):

@@ -443,7 +443,8 @@ def _serve(root: Path) -> str | None:
     rows = [[lv["spec"], str(lv["clients"]), str(lv["requests"]), _f(lv["tokens_per_s"], ".0f"),
              _f(lv["latency_p50_s"]), _f(lv["latency_p99_s"]), _f(lv["ttft_p50_s"], ".3f"),
              _f(lv["ttft_p99_s"], ".3f"), _f(lv.get("mean_batch"), ".1f"),
-             _f(None if "client_cpu_share" not in lv else 100 * lv["client_cpu_share"], ".0f", "%")]
+             *(_f(None if key not in lv else 100 * lv[key], ".0f", "%") for key in ("http_cpu_share",
+                                                                                   "client_cpu_share"))]
             for lv in levels]
     text = [f"`respec serve` in-process on a loopback port, one server per spec setting ({', '.join(specs)}), "
             f"{data.get('max_running', '?')} slots; C clients stream `/generate` at once, "
@@ -451,10 +452,11 @@ def _serve(root: Path) -> str | None:
             f"at T = {cfg.get('temperature', '?')}, up to {cfg.get('max_new_tokens', '?')} new tokens, stop at eos; "
             f"one untimed warm-up request per server. tokens/s = generated tokens / wall time of the level; "
             f"latency is end to end, TTFT the first streamed event holding a token; batch = requests advanced per "
-            f"decode step on the server; client CPU = the load-generating clients' CPU time as a share of all the "
-            f"machine's cores over the level.\n",
+            f"decode step on the server; HTTP CPU = the server's event loop thread's CPU time, client CPU = the "
+            f"load-generating clients' threads' CPU time, each as a share of all the machine's cores over the "
+            f"level.\n",
             _table(["spec", "clients", "requests", "tokens/s", "latency p50 s", "latency p99 s", "TTFT p50 s",
-                    "TTFT p99 s", "batch", "client CPU"], rows, right_from=1)]
+                    "TTFT p99 s", "batch", "HTTP CPU", "client CPU"], rows, right_from=1)]
     by = {(lv["spec"], lv["clients"]): lv for lv in levels}
     if "off" in specs:
         ratios = [f"{s} {by[(s, c)]['tokens_per_s'] / by[('off', c)]['tokens_per_s']:.2f}x at {c} "
@@ -478,11 +480,12 @@ def _serve(root: Path) -> str | None:
                     + " of that bound. Mean live batch per decode step (server / closed loop / all queued): "
                     + ", ".join(f"{lv['spec']} {lv['mean_batch']:.1f} / {lv['closed_loop_mean_batch']:.1f} / "
                                 f"{lv['offline_mean_batch']:.1f}" for lv in bound)
-                    + "; the engine thread was inside a step for "
+                    + ". The engine thread was inside a step for "
                     + ", ".join(f"{lv['spec']} {lv['engine_busy_share']:.0%}" for lv in bound)
-                    + " of the level's wall time, beside clients taking "
-                    + ", ".join(f"{lv['spec']} {lv['client_cpu_share']:.0%}" for lv in bound)
-                    + " of the machine's cores.")
+                    + " of the level's wall time and on a core for "
+                    + ", ".join(f"{lv['spec']} {lv['engine_on_cpu_share']:.0%}" for lv in bound)
+                    + " of that (the rest it waited for the interpreter lock, which the HTTP event loop in the same "
+                      "process holds while it runs Python, or for a core).")
     text.append("\n" + _source(data, "serve.json"))
     return "\n".join(text)
 

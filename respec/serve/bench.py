@@ -204,20 +204,24 @@ def offline_level(engine: Engine, prompts: list[list[int]], clients: int, cfg: S
 
 def _counters(client: httpx.Client) -> dict:
     info = client.get("/get_server_info").json()
-    return {k: info[k] for k in ("decode_steps", "decode_rows", "decode_seconds")}
+    return {k: info[k] for k in ("decode_steps", "decode_rows", "decode_seconds", "decode_cpu_seconds",
+                                 "event_loop_cpu_seconds")}
 
 
 def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
                 cfg: ServeBenchConfig | None = None, log: Log | None = None) -> dict:
     """Returns {"config", "levels": [{"spec", "clients", "tokens", "wall_s", "tokens_per_s", "latency_p50_s",
     "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "client_cpu_share", "steps", "mean_batch", "engine_busy_share",
-    ...}], "servers": {spec: server info}}: for each spec setting, `make_engine(spec)` served on a loopback port,
-    warmed up with one request, then every concurrency level; `steps`, `mean_batch` (requests advanced per decode
-    step) and `engine_busy_share` (the engine thread's time inside steps over the level's wall time) come from
-    the server's counters. Each server is stopped (its threads joined) before the next starts; then the largest
-    level's requests run offline on the same engine, all queued at once (`offline_tokens_per_s`, `vs_offline`)
-    and in the clients' arrival pattern (`closed_loop_tokens_per_s`, `vs_closed_loop`: the server against its
-    bound; `closed_loop_vs_offline`: the bound against all queued at once)."""
+    "engine_on_cpu_share", "http_cpu_share", ...}], "servers": {spec: server info}}: for each spec setting,
+    `make_engine(spec)` served on a loopback port, warmed up with one request, then every concurrency level.
+    From the server's counters: `steps`, `mean_batch` (requests advanced per decode step), `engine_busy_share`
+    (the engine thread's time inside steps over the level's wall time), `engine_on_cpu_share` (its CPU time over
+    its time inside steps: the rest it waited for the interpreter lock or a core) and `http_cpu_share` (the event
+    loop thread's CPU time, as a share of all the machine's cores over the level). Each server is stopped (its
+    threads joined) before the next starts; then the largest level's requests run offline on the same engine,
+    all queued at once (`offline_tokens_per_s`, `vs_offline`) and in the clients' arrival pattern
+    (`closed_loop_tokens_per_s`, `vs_closed_loop`: the server against its bound; `closed_loop_vs_offline`: the
+    bound against all queued at once)."""
     cfg = cfg or ServeBenchConfig()
     log = log or _no_progress
     if not prompts or any(not p for p in prompts):
@@ -239,9 +243,12 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
                 before = _counters(client)
                 level = run(url, prompts, clients, cfg)
                 after = _counters(client)
-                steps = after["decode_steps"] - before["decode_steps"]
-                level.update(steps=steps, mean_batch=(after["decode_rows"] - before["decode_rows"]) / max(steps, 1),
-                             engine_busy_share=(after["decode_seconds"] - before["decode_seconds"]) / level["wall_s"])
+                delta = {k: after[k] - before[k] for k in after}
+                steps = delta["decode_steps"]
+                level.update(steps=steps, mean_batch=delta["decode_rows"] / max(steps, 1),
+                             engine_busy_share=delta["decode_seconds"] / level["wall_s"],
+                             engine_on_cpu_share=delta["decode_cpu_seconds"] / max(delta["decode_seconds"], 1e-9),
+                             http_cpu_share=delta["event_loop_cpu_seconds"] / (level["wall_s"] * (os.cpu_count() or 1)))
                 levels.append({"spec": spec, **level})
                 done += 1
             info = client.get("/get_server_info").json()

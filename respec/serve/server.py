@@ -305,7 +305,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
                 "drafter_weight_version": state["drafter_weight_version"],
                 "weight_version": state["weight_version"], "paused": loop.paused,
                 "unfinished_requests": loop.pending, "aborted_requests": loop.aborted,
-                "decode_steps": loop.steps, "decode_rows": loop.rows, "decode_seconds": loop.step_seconds}
+                "decode_steps": loop.steps, "decode_rows": loop.rows, "decode_seconds": loop.step_seconds,
+                "decode_cpu_seconds": loop.step_cpu_seconds,
+                "event_loop_cpu_seconds": time.thread_time()}  # handlers run on the event loop's thread
 
     @app.get("/get_weight_version")
     async def weight_version():
