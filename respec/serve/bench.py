@@ -170,8 +170,8 @@ def run_level_in_subprocess(url: str, prompts: list[list[int]], clients: int, cf
 
 def offline_level(engine: Engine, prompts: list[list[int]], clients: int, cfg: ServeBenchConfig,
                   closed_loop: bool = False) -> dict:
-    """Returns {"tokens", "tokens_per_s", "steps", "mean_batch"} of the requests of a level of `clients` clients (same
-    prompts, seeds and parameters as `run_level` sends) run offline through `engine.add_request` / `step`.
+    """Returns {"tokens", "tokens_per_s", "steps", "mean_batch"} of the requests of a level of `clients` clients
+    (same prompts, seeds and parameters as `run_level` sends) run offline through `engine.add_request` / `step`.
 
     closed_loop=False: all requests queued at once, so a freed slot is refilled at the next step until the queue
     runs dry. closed_loop=True: the clients' arrival pattern without transport: each client's next request is
@@ -244,11 +244,11 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
                 level = run(url, prompts, clients, cfg)
                 after = _counters(client)
                 delta = {k: after[k] - before[k] for k in after}
-                steps = delta["decode_steps"]
+                steps, wall = delta["decode_steps"], level["wall_s"]
                 level.update(steps=steps, mean_batch=delta["decode_rows"] / max(steps, 1),
-                             engine_busy_share=delta["decode_seconds"] / level["wall_s"],
+                             engine_busy_share=delta["decode_seconds"] / wall,
                              engine_on_cpu_share=delta["decode_cpu_seconds"] / max(delta["decode_seconds"], 1e-9),
-                             http_cpu_share=delta["event_loop_cpu_seconds"] / (level["wall_s"] * (os.cpu_count() or 1)))
+                             http_cpu_share=delta["event_loop_cpu_seconds"] / (wall * (os.cpu_count() or 1)))
                 levels.append({"spec": spec, **level})
                 done += 1
             info = client.get("/get_server_info").json()
