@@ -74,6 +74,7 @@ def test_bench_serve_tiny(target, drafter):
         assert level["vs_closed_loop"] == level["tokens_per_s"] / level["closed_loop_tokens_per_s"]
         assert level["closed_loop_vs_offline"] == level["closed_loop_tokens_per_s"] / level["offline_tokens_per_s"]
         assert 1 <= level["closed_loop_mean_batch"] <= 2 and 1 <= level["offline_mean_batch"] <= 2
+        assert 0 < level["closed_loop_on_cpu_share"] <= 1.05
         assert all("vs_offline" not in lv for lv in data["levels"] if lv["clients"] == 1)
 
 
@@ -113,5 +114,6 @@ def test_cli_bench_serve_and_results_section(tiny_world, tmp_path):
     page = render_results(out.parent)
     assert "## The rollout server under load" in page and "Throughput of SD vs off: adaptive" in page
     assert "in the clients' arrival pattern" in page and "of that bound" in page and "| client CPU |" in page
+    assert "offline in the closed loop it was on a core" in page
     (out.parent / "serve.json").unlink()
     assert "rollout server under load" not in render_results(out.parent)

@@ -485,7 +485,10 @@ def _serve(root: Path) -> str | None:
                     + " of the level's wall time and on a core for "
                     + ", ".join(f"{lv['spec']} {lv['engine_on_cpu_share']:.0%}" for lv in bound)
                     + " of that (the rest it waited for the interpreter lock, which the HTTP event loop in the same "
-                      "process holds while it runs Python, or for a core).")
+                      "process holds while it runs Python, or for a core)"
+                    + ("; offline in the closed loop it was on a core "
+                       + ", ".join(f"{lv['spec']} {lv['closed_loop_on_cpu_share']:.0%}" for lv in bound)
+                       + " of the time" if all("closed_loop_on_cpu_share" in lv for lv in bound) else "") + ".")
     text.append("\n" + _source(data, "serve.json"))
     return "\n".join(text)
 

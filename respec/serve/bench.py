@@ -170,8 +170,10 @@ def run_level_in_subprocess(url: str, prompts: list[list[int]], clients: int, cf
 
 def offline_level(engine: Engine, prompts: list[list[int]], clients: int, cfg: ServeBenchConfig,
                   closed_loop: bool = False) -> dict:
-    """Returns {"tokens", "tokens_per_s", "steps", "mean_batch"} of the requests of a level of `clients` clients
-    (same prompts, seeds and parameters as `run_level` sends) run offline through `engine.add_request` / `step`.
+    """Returns {"tokens", "tokens_per_s", "steps", "mean_batch", "on_cpu_share"} of the requests of a level of
+    `clients` clients (same prompts, seeds and parameters as `run_level` sends) run offline through
+    `engine.add_request` / `step`; on_cpu_share is this thread's CPU time over the wall time (the rest it waited for
+    a core: the machine's other load).
 
     closed_loop=False: all requests queued at once, so a freed slot is refilled at the next step until the queue
     runs dry. closed_loop=True: the clients' arrival pattern without transport: each client's next request is
@@ -188,7 +190,7 @@ def offline_level(engine: Engine, prompts: list[list[int]], clients: int, cfg: S
 
     for i in range(0, n, per) if closed_loop else range(n):
         add(i)
-    tokens, steps, rows, t0 = 0, 0, 0, time.perf_counter()
+    tokens, steps, rows, t0, cpu0 = 0, 0, 0, time.perf_counter(), time.thread_time()
     while engine.has_unfinished_requests():
         outs = engine.step()
         steps, rows = steps + 1, rows + len(outs)
@@ -198,8 +200,9 @@ def offline_level(engine: Engine, prompts: list[list[int]], clients: int, cfg: S
                 i = int(out.request_id.rsplit("-", 1)[1])
                 if closed_loop and (i + 1) % per:  # client i // per sends its next request
                     add(i + 1)
-    return {"tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0), "steps": steps,
-            "mean_batch": rows / max(steps, 1)}
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps, "mean_batch": rows / max(steps, 1),
+            "on_cpu_share": (time.thread_time() - cpu0) / wall}
 
 
 def _counters(client: httpx.Client) -> dict:
@@ -221,7 +224,8 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
     threads joined) before the next starts; then the largest level's requests run offline on the same engine,
     all queued at once (`offline_tokens_per_s`, `vs_offline`) and in the clients' arrival pattern
     (`closed_loop_tokens_per_s`, `vs_closed_loop`: the server against its bound; `closed_loop_vs_offline`: the
-    bound against all queued at once)."""
+    bound against all queued at once; `closed_loop_on_cpu_share`: the engine's share of time on a core there,
+    against which `engine_on_cpu_share` shows what the server's own threads took from it)."""
     cfg = cfg or ServeBenchConfig()
     log = log or _no_progress
     if not prompts or any(not p for p in prompts):
@@ -262,7 +266,8 @@ def bench_serve(make_engine: Callable[[str], Engine], prompts: list[list[int]],
         level = next(lv for lv in levels if lv["spec"] == spec and lv["clients"] == clients)
         offline, closed = (offline_level(engine, prompts, clients, cfg, closed_loop=c) for c in (False, True))
         level.update(offline_tokens_per_s=offline["tokens_per_s"], offline_mean_batch=offline["mean_batch"],
-                     closed_loop_tokens_per_s=closed["tokens_per_s"], closed_loop_mean_batch=closed["mean_batch"])
+                     closed_loop_tokens_per_s=closed["tokens_per_s"], closed_loop_mean_batch=closed["mean_batch"],
+                     closed_loop_on_cpu_share=closed["on_cpu_share"])
         level.update(vs_offline=level["tokens_per_s"] / level["offline_tokens_per_s"],
                      vs_closed_loop=level["tokens_per_s"] / level["closed_loop_tokens_per_s"],
                      closed_loop_vs_offline=level["closed_loop_tokens_per_s"] / level["offline_tokens_per_s"])
