@@ -2,6 +2,7 @@
 loopback socket, seeded tokens equal the engine's own, concurrent clients join a running batch, malformed
 requests are 4xx and leave the server serving, the API key, disconnects free slots, weight updates."""
 
+import asyncio
 import contextlib
 import json
 import random
@@ -17,9 +18,10 @@ import uvicorn
 from respec.engine.checkpoint import save_model
 from respec.engine.drafter import init_drafter, save_drafter
 from respec.engine.generate import Engine, SpecConfig
+from respec.engine.outputs import RequestOutput
 from respec.engine.sampling import SamplingParams
 from respec.serve.protocol import ServeLimits
-from respec.serve.server import ServeConfig, create_app
+from respec.serve.server import ServeConfig, create_app, outputs
 
 V = 48
 MAX_LEN = 96
@@ -130,6 +132,29 @@ def test_generate_batched_and_stream(client, target, drafter):
     assert events[-1]["output_ids"] == items[0]["output_ids"]
     lengths = [len(e["output_ids"]) for e in events]
     assert lengths == sorted(lengths)  # cumulative
+    info = client.get("/get_server_info").json()  # the engine thread's counters
+    assert info["decode_rows"] >= info["decode_steps"] >= 1 and info["decode_seconds"] > 0
+    assert 0 < info["decode_cpu_seconds"] <= info["decode_seconds"] + 0.05 and info["event_loop_cpu_seconds"] > 0
+
+
+def test_outputs_merge_what_queued_behind_each_other():
+    """A handler that fell behind gets each request's latest output once (each holds all its tokens so far), in
+    the order the requests first advanced; the flag marks the output after which all have finished."""
+    def out(rid, tokens, finished=False):
+        return RequestOutput(rid, tokens, [0.0] * len(tokens), finished, "length" if finished else None)
+
+    async def drain(items, n):
+        queue = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+        return [(i, ev.token_ids, last) async for i, ev, last in outputs(queue, n)]
+
+    behind = [(1, out("b", [5])), (0, out("a", [1])), (1, out("b", [5, 6])), (0, out("a", [1, 2], True)),
+              (1, out("b", [5, 6, 7], True))]
+    assert asyncio.run(drain(behind, 2)) == [(1, [5, 6, 7], False), (0, [1, 2], True)]
+    assert asyncio.run(drain(behind[:1] + behind[3:], 2)) == [(1, [5, 6, 7], False), (0, [1, 2], True)]
+    with pytest.raises(ValueError):
+        asyncio.run(drain([(0, out("a", [1])), (1, ValueError("boom"))], 2))
 
 
 def test_openai_client(server, target, drafter):

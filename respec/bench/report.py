@@ -132,6 +132,8 @@ def render_summary(results_dir: str | Path) -> str:
             value = f"{top['tokens_per_s'] / by[('off', most)]['tokens_per_s']:.2f}x"
             if "vs_offline" in top:
                 value += f"; {top['vs_offline']:.2f}x offline"
+            if "closed_loop_vs_offline" in top:
+                value += f" (the clients' arrival pattern allows {top['closed_loop_vs_offline']:.2f}x)"
             add(f"Rollout server at {most} clients: adaptive SD vs off; vs the same requests offline", value,
                 SECTIONS[6][0], serve)
     if not rows:
@@ -441,15 +443,21 @@ def _serve(root: Path) -> str | None:
     specs = list(dict.fromkeys(lv["spec"] for lv in levels))
     rows = [[lv["spec"], str(lv["clients"]), str(lv["requests"]), _f(lv["tokens_per_s"], ".0f"),
              _f(lv["latency_p50_s"]), _f(lv["latency_p99_s"]), _f(lv["ttft_p50_s"], ".3f"),
-             _f(lv["ttft_p99_s"], ".3f")] for lv in levels]
+             _f(lv["ttft_p99_s"], ".3f"), _f(lv.get("mean_batch"), ".1f"),
+             *(_f(None if key not in lv else 100 * lv[key], ".0f", "%") for key in ("http_cpu_share",
+                                                                                   "client_cpu_share"))]
+            for lv in levels]
     text = [f"`respec serve` in-process on a loopback port, one server per spec setting ({', '.join(specs)}), "
             f"{data.get('max_running', '?')} slots; C clients stream `/generate` at once, "
             f"{cfg.get('requests_per_client', '?')} requests each back to back, held-out prompts of the embedded task "
             f"at T = {cfg.get('temperature', '?')}, up to {cfg.get('max_new_tokens', '?')} new tokens, stop at eos; "
             f"one untimed warm-up request per server. tokens/s = generated tokens / wall time of the level; "
-            f"latency is end to end, TTFT the first streamed event holding a token.\n",
+            f"latency is end to end, TTFT the first streamed event holding a token; batch = requests advanced per "
+            f"decode step on the server; HTTP CPU = the server's event loop thread's CPU time, client CPU = the "
+            f"load-generating clients' threads' CPU time, each as a share of all the machine's cores over the "
+            f"level.\n",
             _table(["spec", "clients", "requests", "tokens/s", "latency p50 s", "latency p99 s", "TTFT p50 s",
-                    "TTFT p99 s"], rows, right_from=1)]
+                    "TTFT p99 s", "batch", "HTTP CPU", "client CPU"], rows, right_from=1)]
     by = {(lv["spec"], lv["clients"]): lv for lv in levels}
     if "off" in specs:
         ratios = [f"{s} {by[(s, c)]['tokens_per_s'] / by[('off', c)]['tokens_per_s']:.2f}x at {c} "
@@ -462,6 +470,26 @@ def _serve(root: Path) -> str | None:
     if offline:
         text.append(f"\nServer throughput vs the same requests offline on the same engine (`Engine.add_request` / "
                     f"`step`, all queued at once): {', '.join(offline)}.")
+    bound = [lv for lv in levels if "vs_closed_loop" in lv]
+    if bound:
+        text.append("\nWhat a server fed by these clients can reach at best: the same requests offline in the "
+                    "clients' arrival pattern (a client's next request queued the moment its previous one finishes, "
+                    "no transport; the level ends in a drain of the longest clients' last requests) reach "
+                    + ", ".join(f"{lv['spec']} {lv['closed_loop_vs_offline']:.2f}x" for lv in bound)
+                    + " of all queued at once, so the server reaches "
+                    + ", ".join(f"{lv['spec']} {lv['vs_closed_loop']:.2f}x" for lv in bound)
+                    + " of that bound. Mean live batch per decode step (server / closed loop / all queued): "
+                    + ", ".join(f"{lv['spec']} {lv['mean_batch']:.1f} / {lv['closed_loop_mean_batch']:.1f} / "
+                                f"{lv['offline_mean_batch']:.1f}" for lv in bound)
+                    + ". The engine thread was inside a step for "
+                    + ", ".join(f"{lv['spec']} {lv['engine_busy_share']:.0%}" for lv in bound)
+                    + " of the level's wall time and on a core for "
+                    + ", ".join(f"{lv['spec']} {lv['engine_on_cpu_share']:.0%}" for lv in bound)
+                    + " of that (the rest it waited for the interpreter lock, which the HTTP event loop in the same "
+                      "process holds while it runs Python, or for a core)"
+                    + ("; offline in the closed loop it was on a core "
+                       + ", ".join(f"{lv['spec']} {lv['closed_loop_on_cpu_share']:.0%}" for lv in bound)
+                       + " of the time" if all("closed_loop_on_cpu_share" in lv for lv in bound) else "") + ".")
     text.append("\n" + _source(data, "serve.json"))
     return "\n".join(text)
 

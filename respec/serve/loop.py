@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +63,9 @@ class EngineLoop:
         self.engine, self.max_pending, self.decode = engine, max_pending, decode
         self.paused = False
         self.steps = 0
+        self.rows = 0  # requests advanced, summed over steps: rows / steps is the mean live batch
+        self.step_seconds = 0.0  # wall time inside Engine.step
+        self.step_cpu_seconds = 0.0  # the engine thread's CPU time in them (the rest: waiting for the GIL or a core)
         self.aborted = 0  # requests aborted by a client, a disconnect or the server stopping
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, Live] = {}  # engine thread only
@@ -161,6 +165,7 @@ class EngineLoop:
                                              True, "abort"))
 
     def _step(self) -> None:
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             outs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - one failed step must not end the server
@@ -173,6 +178,9 @@ class EngineLoop:
                 self._finish(self._live[rid], failure)
             return
         self.steps += 1
+        self.rows += len(outs)
+        self.step_seconds += time.perf_counter() - t0
+        self.step_cpu_seconds += time.thread_time() - cpu0
         for out in outs:
             live = self._live.get(out.request_id)
             if live is None:

@@ -47,6 +47,7 @@ from respec.serve.protocol import (
 Decoder = Callable[[list[int]], str]
 Encoder = Callable[[str], list[int]]
 HEALTH_PROMPT = [0]  # /health_generate's one-token probe
+DONE = "data: [DONE]\n\n"  # the end mark of an SSE stream (SGLang's and OpenAI's)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,27 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         await self.check(scope, receive, send, self.app)
+
+
+async def outputs(events: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, RequestOutput, bool]]:
+    """Yields (index, output so far, whether all n requests have now finished) until all n finished; raises the
+    first request's error. Outputs of one request queued behind each other are merged into the latest (each
+    holds all its tokens so far): a handler that fell a step behind sends one event for it, not two."""
+    left = n
+    while left:
+        latest: dict[int, RequestOutput] = {}  # insertion order: the order the requests first advanced in
+        item = await events.get()
+        while True:
+            i, ev = item
+            if isinstance(ev, Exception):
+                raise ev
+            latest[i] = ev
+            if events.empty():
+                break
+            item = events.get_nowait()
+        for i, ev in latest.items():
+            left -= ev.finished
+            yield i, ev, left == 0
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encoder | None = None,
@@ -173,16 +195,6 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
             raise _status(e) from None
         return events, lives
 
-    async def outputs(events: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yields (index, output so far) until all n requests finished; raises the first request's error."""
-        left = n
-        while left:
-            i, ev = await events.get()
-            if isinstance(ev, Exception):
-                raise ev
-            left -= ev.finished
-            yield i, ev
-
     def abort_all(lives: list[Live]) -> None:
         for live in lives:
             loop.abort(live)
@@ -192,7 +204,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         last: list[RequestOutput | None] = [None] * len(lives)
 
         async def collect():
-            async for i, out in outputs(events, len(lives)):
+            async for i, out, _ in outputs(events, len(lives)):
                 last[i] = out
 
         task = asyncio.ensure_future(collect())
@@ -212,19 +224,23 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         return f"data: {json.dumps(payload)}\n\n"
 
     def stream(chunks: AsyncIterator[str], lives: list[Live]) -> StreamingResponse:
+        """Returns the SSE response of `chunks`; the chunk of the last output ends with DONE itself, so a request's
+        last event and the end mark go out in one write."""
         async def body():
-            done = False
+            ended = False  # the end mark went out
             try:
                 async for chunk in chunks:
+                    ended = chunk.endswith(DONE)
                     yield chunk
-                done = True
+                if not ended:
+                    ended = True
+                    yield DONE
             except Exception as e:  # an error after the headers went out: the stream's last event says it
-                done = True
-                yield sse(_status(e).body())
+                ended = True
+                yield sse(_status(e).body()) + DONE
             finally:
-                if not done:  # the client went away (or the server is stopping): free the slots
+                if not ended:  # the client went away (or the server is stopping): free the slots
                     abort_all(lives)
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -240,11 +256,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
 
         if parsed.stream:
             async def chunks():
-                async for i, out in outputs(events, len(lives)):
+                async for i, out, last in outputs(events, len(lives)):
                     payload = item(i, out)
                     if parsed.batched:
                         payload["index"] = i
-                    yield sse(payload)
+                    chunk = sse(payload)
+                    yield chunk + DONE if last else chunk
 
             return stream(chunks(), lives)
         items = [item(i, out) for i, out in enumerate(await finals(request, events, lives))]
@@ -288,7 +305,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
                 "drafter_weight_version": state["drafter_weight_version"],
                 "weight_version": state["weight_version"], "paused": loop.paused,
                 "unfinished_requests": loop.pending, "aborted_requests": loop.aborted,
-                "decode_steps": loop.steps}
+                "decode_steps": loop.steps, "decode_rows": loop.rows, "decode_seconds": loop.step_seconds,
+                "decode_cpu_seconds": loop.step_cpu_seconds,
+                "event_loop_cpu_seconds": time.thread_time()}  # handlers run on the event loop's thread
 
     @app.get("/get_weight_version")
     async def weight_version():
@@ -388,10 +407,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, encode: Encode
         if parsed.stream:
             async def chunks():
                 sent, sent_text = [0] * len(lives), [0] * len(lives)  # tokens and characters streamed
-                async for i, out in outputs(events, len(lives)):
+                async for i, out, last in outputs(events, len(lives)):
                     if len(out.token_ids) > sent[i] or out.finished:
                         c = choice(i, out, sent[i], sent_text[i])
-                        yield sse(completion_body(rid, config.model_name, [c]))
+                        chunk = sse(completion_body(rid, config.model_name, [c]))
+                        yield chunk + DONE if last else chunk
                         sent[i], sent_text[i] = len(out.token_ids), sent_text[i] + len(c["text"])
 
             return stream(chunks(), lives)
