@@ -164,7 +164,7 @@ class PretrainConfig:
         task = get_task(self.task, **{**self.task_options, **kwargs})
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
-                              f"use a synthetic task (arithmetic, chainsum, countdown)")
+                              f"use a synthetic task (arithmetic, chainsum, countdown, redraw)")
         return task
 
     def cache_key(self) -> dict:
