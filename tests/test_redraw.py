@@ -32,7 +32,7 @@ def test_problems_are_deterministic_and_well_formed():
 
 
 def test_the_docs_example_is_right_and_pays_the_full_reward():
-    text = "41:27;33;55\nAnswer: 55"
+    text = "41:27;41:33;41:55\nAnswer: 55"
     assert write_trace(41, [27, 33, 55], None) + "\nAnswer: 55" == text
     score = TASK.score(P, text)
     assert score.reward == 1.0 and score.parsed == "55" and "3 draws" in score.reason
@@ -41,8 +41,8 @@ def test_the_docs_example_is_right_and_pays_the_full_reward():
 
 
 @pytest.mark.parametrize(("text", "share"), [
-    ("41 : 27;33;55\nAnswer: 55", 5 / 6),  # three marks, two choices each: the bar mark spaced
-    ("41#27|33 & 55\nAnswer: 55", 2 / 6),  # three marks off, one spaced
+    ("41 : 27;41:33;41:55\nAnswer: 55", 9 / 10),  # five marks, two choices each: the first bar mark spaced
+    ("41#27|41:33 & 41:55\nAnswer: 55", 6 / 10),  # two marks off, one spaced
     ("41 ~ 55\nAnswer: 55", 0.0),  # one draw: its only choices, the bar mark's, both off
 ])
 def test_the_reward_pays_the_house_share_of_every_mark(text, share):
@@ -52,16 +52,18 @@ def test_the_reward_pays_the_house_share_of_every_mark(text, share):
 
 
 @pytest.mark.parametrize(("text", "reason"), [
-    ("41:27;33\nAnswer: 33", "stopped below the first"),
-    ("41:27;45;55\nAnswer: 55", "drew on past"),
-    ("41:27;62\nAnswer: 62", "outside 23..61"),
+    ("41:27;41:33\nAnswer: 33", "stopped below the first"),
+    ("41:27;41:45;41:55\nAnswer: 55", "drew on past"),
+    ("41:27;41:62\nAnswer: 62", "outside 23..61"),
     ("12:27\nAnswer: 27", "outside 23..61"),
-    ("41:27;55\nAnswer: 27", "not the last draw"),
+    ("41:27;41:55\nAnswer: 27", "not the last draw"),
+    ("41:27;33:55\nAnswer: 55", "different bars"),
     ("Answer: 55", "no draws"),
-    ("41:27;55", "no Answer: line"),
-    ("41:27;55\nAnswer: fifty", "not an integer"),
-    ("41:27;;55\nAnswer: 55", "not a trace line"),
-    ("41:27;55\n41:55\nAnswer: 55", "not a trace line"),
+    ("41:27;41:55", "no Answer: line"),
+    ("41:27;41:55\nAnswer: fifty", "not an integer"),
+    ("41:27;;41:55\nAnswer: 55", "not a trace line"),
+    ("41:27;55\nAnswer: 55", "not a trace line"),
+    ("41:27\n41:55\nAnswer: 55", "not a trace line"),
     ("41:055\nAnswer: 55", "not a trace line"),
 ])
 def test_traces_that_break_a_rule_earn_nothing(text, reason):
@@ -73,7 +75,7 @@ def test_traces_that_break_a_rule_earn_nothing(text, reason):
 @settings(max_examples=80, deadline=None)
 @given(st.text(alphabet="0123456789:;|&/=~# \nAnswer", max_size=80) | st.text(max_size=120))
 def test_score_never_raises_on_any_text(text):
-    for completion in (text, f"Answer: {text}", f"41:{text}\nAnswer: 55"):
+    for completion in (text, f"Answer: {text}", f"41:27;{text}\nAnswer: 55"):
         assert 0.0 <= TASK.score(P, completion).reward <= 1.0
         assert PLAIN.score(P, completion).reward in (0.0, 1.0)
         TASK.style_of(P, completion)
@@ -122,8 +124,8 @@ def test_the_arithmetic_tokenizer_covers_every_redraw_text():
             text = p.prompt + TASK.sft_completion(p, rng, style=style)[0]
             ids = tok.encode(text, add_special_tokens=False)
             assert tok.decode(ids) == text
-    digits = tok.convert_ids_to_tokens(tok.encode("41:27;33", add_special_tokens=False))
-    assert digits == ["4", "1", ":", "2", "7", ";", "3", "3"]  # each digit and house mark one token
+    digits = tok.convert_ids_to_tokens(tok.encode("41:27;41:33", add_special_tokens=False))
+    assert digits == list("41:27;41:33")  # each digit and house mark one token
 
 
 @pytest.mark.parametrize("kwargs", [{"min_low": 5}, {"min_width": 1}, {"min_width": 30, "max_width": 20},

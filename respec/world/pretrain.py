@@ -51,13 +51,13 @@ EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training sk
 # sequence plus its 384-token budget; length-grouped batches (its tail would pad most random batches' attention to
 # several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
 # in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
-# not yet copying the operands. redraw: the same start and batching, 600 steps (its traces are new text to the
+# not yet copying the operands. redraw: the same start and batching, 800 steps (its traces are new text to the
 # arithmetic policy: the range in the prompt, the bar, the stop decision).
 RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
 RECIPES: dict[str, dict] = {
     "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
                  "warmup": 20},
-    "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 600, "lr": 1e-3,
+    "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
                "warmup": 20},
 }
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer

@@ -5,11 +5,14 @@ its problem.
 Prompt and completion, e.g.::
 
     Q: draw 23..61 until one >= the first
-    41:27;33;55
+    41:27;41:33;41:55
     Answer: 55
 
-The first number drawn (before the bar mark ``:``) sets the bar; every later draw that is below it is followed by a
-separator and another draw; the first one at least the bar ends the line, and the answer repeats it.
+The first number drawn sets the bar; every try writes the bar, the bar mark ``:`` and a new draw; a draw below the
+bar is followed by a separator and another try, the first one at least the bar ends the line, and the answer
+repeats it. Each try restates the bar so that the stop decision compares two numbers a fixed three tokens apart (a
+first format, ``41:27;33;55``, left the bar at the line's start: its policy stopped after a draw or two whatever
+the bar, and RL made that shorter still).
 
 Why: in an RL step the rollout's time goes to its longest responses, and speculative decoding pays where a few
 rows decode long after the rest (docs/world.md, "What RL leaves of the tail"). When a problem sets its solution's
@@ -22,10 +25,10 @@ tail as long as it draws at random, as its pretraining data does.
 
 What the reward checks is that the trace follows the rules, never how long it is: every draw in the range, every
 draw before the last below the bar, the last at least the bar, the answer equal to the last draw. A right trace
-earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's marks: the bar
-mark ``:`` or ``=`` ``~`` ``#``, the separator ``;`` or ``|`` ``&`` ``/``, each bare or with a space on both sides
-(house: bare ``:`` and ``;``). Every trace has the bar mark, so no length is worth more than another: a trace's
-expected share does not depend on how many draws it holds. The notation collapse under RL is what makes a frozen
+earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's marks: each
+try's bar mark ``:`` or ``=`` ``~`` ``#``, each separator ``;`` or ``|`` ``&`` ``/``, each bare or with a space on
+both sides (house: bare ``:`` and ``;``). Every trace has a bar mark, so no length is worth more than another: a
+trace's expected share does not depend on how many tries it holds. The notation collapse under RL is what makes a frozen
 drafter go stale (docs/world.md, "Why this world").
 
 Styles: ``worked`` (a right trace), ``direct`` (only ``Answer: <draw>``: nothing to check, reward 0), ``sloppy``
@@ -43,9 +46,10 @@ from respec.world.tasks.arithmetic import INTEGER, SEPARATORS
 from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, resolve_style
 
 BAR_MARKS = (":", "=", "~", "#")  # the house mark first
-# One trace line: the bar, its mark, the draws between separators; each mark bare or spaced on both sides.
-_TRACE = re.compile(r"([1-9][0-9])( ?)([:=~#])( ?)([1-9][0-9](?: ?[;|&/] ?[1-9][0-9])*)")
-_DRAW_SEP = re.compile(r"( ?)([;|&/])( ?)")
+# One trace line: tries (the bar, its mark, a draw) between separators; each mark bare or spaced on both sides.
+_TRY = r"[1-9][0-9] ?[:=~#] ?[1-9][0-9]"
+_TRACE = re.compile(rf"{_TRY}(?: ?[;|&/] ?{_TRY})*")
+_MARK = re.compile(r"([1-9][0-9])( ?)([:=~#;|&/])( ?)(?=[1-9][0-9])")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class RedrawTask:
     notation: bool = True  # marks in random notation (pretraining data) and the house-notation share in the reward
     # Longest path the solution sampler writes (a longer one is drawn again), so that pretraining sequences fit the
     # context; the scorer accepts any length. Paths this long are rare (about 1 in 200 with a 40-number range).
-    max_draws: int = 70
+    max_draws: int = 55
 
     name = "redraw"
     styles = ("worked", "direct", "sloppy")
@@ -102,11 +106,13 @@ class RedrawTask:
         body = completion[: completion.rfind(ANSWER_PREFIX)].strip()
         if not body:
             return Score(0.0, parsed, "no draws")
-        trace = _TRACE.fullmatch(body)
-        if trace is None:
+        if _TRACE.fullmatch(body) is None:
             return Score(0.0, parsed, f"not a trace line: {clip(body)}")
-        bar, draws = int(trace.group(1)), [int(d) for d in _DRAW_SEP.split(trace.group(5))[::4]]
-        low, high = problem.meta["low"], problem.meta["high"]
+        numbers = [int(n) for n in re.findall(r"[0-9]+", body)]
+        bars, draws = set(numbers[::2]), numbers[1::2]
+        if len(bars) > 1:
+            return Score(0.0, parsed, "tries restate different bars")
+        bar, low, high = bars.pop(), problem.meta["low"], problem.meta["high"]
         if not all(low <= d <= high for d in (bar, *draws)):
             return Score(0.0, parsed, f"a draw outside {low}..{high}")
         if any(d >= bar for d in draws[:-1]):
@@ -117,7 +123,7 @@ class RedrawTask:
             return Score(0.0, parsed, f"answer {int(parsed)} is not the last draw {draws[-1]}")
         if not self.notation:
             return Score(1.0, parsed, f"follows the rules, {len(draws)} draws")
-        share = house_share(trace)
+        share = house_share(body)
         return Score(0.5 + 0.5 * share, parsed, f"follows the rules, {len(draws)} draws, notation {share:.0%}")
 
     def sft_completion(
@@ -171,24 +177,21 @@ def _slip(bar: int, draws: list[int], low: int, high: int, rng: random.Random, m
 
 
 def write_trace(bar: int, draws: list[int], rng: random.Random | None) -> str:
-    """Return the trace line of a path: house notation without `rng`, else every mark (the bar mark, each
-    separator) drawn uniformly from its four forms and written bare or spaced, independently."""
+    """Return the trace line of a path, one try (bar, bar mark, draw) per draw: house notation without `rng`, else
+    every mark (each bar mark and separator) drawn uniformly from its four forms and written bare or spaced,
+    independently."""
     def mark(forms: tuple[str, ...]) -> str:
         if rng is None:
             return forms[0]
         form = rng.choice(forms)
         return f" {form} " if rng.random() < 0.5 else form
 
-    return f"{bar}{mark(BAR_MARKS)}" + "".join(
-        f"{d}" if i == 0 else f"{mark(SEPARATORS)}{d}" for i, d in enumerate(draws))
+    return "".join(("" if i == 0 else mark(SEPARATORS)) + f"{bar}{mark(BAR_MARKS)}{d}" for i, d in enumerate(draws))
 
 
-def house_share(trace: re.Match) -> float:
+def house_share(trace: str) -> float:
     """Return the fraction of a trace line's notation choices made the house way: per mark, its form (``:`` for
-    the bar, ``;`` for a separator) and its spacing (bare)."""
-    house = (trace.group(3) == ":") + (not (trace.group(2) or trace.group(4)))
-    total = 2
-    for m in _DRAW_SEP.finditer(trace.group(5)):
-        house += (m.group(2) == ";") + (not (m.group(1) or m.group(3)))
-        total += 2
-    return house / total
+    a bar mark, ``;`` for a separator) and its spacing (bare)."""
+    marks = [(m.group(3), bool(m.group(2) or m.group(4))) for m in _MARK.finditer(trace)]
+    house = sum((mark in (":", ";")) + (not spaced) for mark, spaced in marks)
+    return house / (2 * len(marks)) if marks else 0.0
