@@ -10,9 +10,9 @@ Prompt and completion, e.g.::
 
 The first number drawn sets the bar; every try writes the bar, the bar mark ``:`` and a new draw; a draw below the
 bar is followed by a separator and another try, the first one at least the bar ends the line, and the answer
-repeats it. Each try restates the bar so that the stop decision compares two numbers a fixed three tokens apart (a
-first format, ``41:27;33;55``, left the bar at the line's start: its policy stopped after a draw or two whatever
-the bar, and RL made that shorter still).
+repeats it. Each try restates the bar so that the stop decision compares two numbers a fixed three tokens apart
+(with the bar written once, at the line's start, the small policy learnt to stop after a draw or two whatever the
+bar).
 
 Why: in an RL step the rollout's time goes to its longest responses, and speculative decoding pays where a few
 rows decode long after the rest (docs/world.md, "What RL leaves of the tail"). When a problem sets its solution's
@@ -20,16 +20,17 @@ length, the rows of a prompt's group are equally long once the policy solves it,
 outlast the others. Here every row draws its own bar: with the bar b in a range of W numbers, a later draw
 reaches it with probability p = (high - b + 1) / W, so the number of later draws T is geometric given b and, over
 a uniform b, P(T > t) is about 1 / (t + 1) up to t ~ W: most rows stop after a draw or two, a few draw dozens of
-times, and the eight rows of one prompt are as unequal as rows of different prompts. A correct policy keeps that
-tail as long as it draws at random, as its pretraining data does.
+times, and the eight rows of one prompt are as unequal as rows of different prompts. A policy keeps that tail only
+as long as it draws at random, as its pretraining data does: the bar and every draw are its own choices, so it can
+steer its path's length, and GRPO does where short paths are right more often (docs/world.md).
 
 What the reward checks is that the trace follows the rules, never how long it is: every draw in the range, every
 draw before the last below the bar, the last at least the bar, the answer equal to the last draw. A right trace
 earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's marks: each
 try's bar mark ``:`` or ``=`` ``~`` ``#``, each separator ``;`` or ``|`` ``&`` ``/``, each bare or with a space on
 both sides (house: bare ``:`` and ``;``). Every trace has a bar mark, so no length is worth more than another: a
-trace's expected share does not depend on how many tries it holds. The notation collapse under RL is what makes a frozen
-drafter go stale (docs/world.md, "Why this world").
+trace's expected share does not depend on how many tries it holds. The notation collapse under RL is what makes a
+frozen drafter go stale (docs/world.md, "Why this world").
 
 Styles: ``worked`` (a right trace), ``direct`` (only ``Answer: <draw>``: nothing to check, reward 0), ``sloppy``
 (one stop decision wrong: a stop at a draw below the bar, or drawing on past one that reaches it; reward 0).
@@ -60,7 +61,7 @@ class RedrawTask:
     style_weights: tuple[float, ...] = (0.6, 0.25, 0.15)  # worked, direct, sloppy
     notation: bool = True  # marks in random notation (pretraining data) and the house-notation share in the reward
     # Longest path the solution sampler writes (a longer one is drawn again), so that pretraining sequences fit the
-    # context; the scorer accepts any length. Paths this long are rare (about 1 in 200 with a 40-number range).
+    # context; the scorer accepts any length. Longer paths are rare (about 1 in 170 over ranges of 20-40 numbers).
     max_draws: int = 55
 
     name = "redraw"
