@@ -17,10 +17,13 @@ from respec.bench.rollout import (
     step_cost_at,
     step_costs,
     table_from_rollouts,
+    worked_lengths,
 )
 from respec.cli import app
 from respec.engine.generate import GenerationResult, StepStats
 from respec.errors import ConfigError
+from respec.world.tasks import ArithmeticTask, ChainSumTask, RedrawTask
+from respec.world.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +154,19 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
 def test_bad_config(kwargs):
     with pytest.raises(ConfigError):
         RolloutBenchConfig(**kwargs)
+
+
+def test_worked_lengths_sample_every_row_on_its_own():
+    rng = random.Random(0)
+    arithmetic = ArithmeticTask()
+    tok = build_tokenizer([p.prompt + arithmetic.sft_completion(p, rng)[0] for p in arithmetic.problems(200, 0)],
+                          vocab_size=128)
+    redraw = RedrawTask()
+    batches = worked_lengths(redraw, tok, redraw.problems(6, 0), 3, 8, 40, random.Random(1))
+    assert [len(b) for b in batches] == [24, 24]  # rollouts of 3 prompts x 8 rows
+    assert all(8 <= n <= 40 for b in batches for n in b) and max(n for b in batches for n in b) == 40  # clipped
+    groups = [b[i:i + 8] for b in batches for i in range(0, 24, 8)]
+    assert sum(len(set(g)) > 1 for g in groups) >= 4  # a row's own path sets its length
+    chainsum = ChainSumTask(notation=False)  # the problem sets the length: a group's rows are equally long
+    assert all(len(set(b[i:i + 8])) == 1 for b in worked_lengths(chainsum, tok, chainsum.problems(4, 0), 2, 8, 999,
+                                                                  random.Random(1)) for i in (0, 8))

@@ -259,12 +259,11 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
 def worked_shape(policy_dir: str | os.PathLike, cfg: RolloutBenchConfig, price: Callable[[int], float],
                  rollouts: int = WORKED_ROLLOUTS) -> dict | None:
     """Returns the `drain_shape` of `rollouts` GRPO-shaped rollouts (cfg.prompts problems x cfg.samples rows) in
-    which every row writes its problem's worked solution (the task's always-right style, where GRPO drives the
-    policy), clipped to cfg.max_new_tokens, each step priced by `price(live rows)` (the plain steps' measured
-    seconds): the share
-    of time at a small live batch that the task's own lengths allow once the policy works every problem. The
-    problems are the held-out stream (the first rollout's are the timed prompts). None for a task without
-    generated solutions (jsonl)."""
+    which every row writes a worked solution of its problem (the task's always-right style, where GRPO drives the
+    policy; each row its own sample, `worked_lengths`), clipped to cfg.max_new_tokens, each step priced by
+    `price(live rows)` (the plain steps' measured seconds): the share of time at a small live batch that the
+    task's own lengths allow once the policy works every problem. The problems are the held-out stream (the first
+    rollout's are the timed prompts). None for a task without generated solutions (jsonl)."""
     from respec.world.prompts import HELD_OUT_SEED
     from respec.world.tasks import get_task
     from respec.world.tokenizer import load_tokenizer
@@ -272,14 +271,21 @@ def worked_shape(policy_dir: str | os.PathLike, cfg: RolloutBenchConfig, price: 
     task = get_task(cfg.task)
     if not hasattr(task, "sft_completion") or "worked" not in task.styles:
         return None
-    tok, rng = load_tokenizer(policy_dir), random.Random(cfg.seed)
-    lengths = [min(len(tok.encode(task.sft_completion(p, rng, "worked")[0], add_special_tokens=False)) + 1,
-                   cfg.max_new_tokens)  # + eos
-               for p in task.problems(cfg.prompts * rollouts, HELD_OUT_SEED)]
-    batches = [[n for n in lengths[i:i + cfg.prompts] for _ in range(cfg.samples)]
-               for i in range(0, len(lengths), cfg.prompts)]
-    return {**drain_shape(batches, price),
-            "rollouts": rollouts}
+    problems = task.problems(cfg.prompts * rollouts, HELD_OUT_SEED)
+    batches = worked_lengths(task, load_tokenizer(policy_dir), problems, cfg.prompts, cfg.samples,
+                             cfg.max_new_tokens, random.Random(cfg.seed))
+    return {**drain_shape(batches, price), "rollouts": rollouts}
+
+
+def worked_lengths(task, tokenizer, problems: list, prompts: int, samples: int, budget: int,
+                   rng: random.Random) -> list[list[int]]:
+    """Returns one list of row lengths (tokens + eos, clipped to `budget`) per rollout of `prompts` consecutive
+    problems x `samples` rows, every row a worked solution sampled on its own: where a task's solution depends on
+    the sampled path (redraw), the rows of a group differ as the policy's would."""
+    texts = [task.sft_completion(p, rng, "worked")[0] for p in problems for _ in range(samples)]
+    lengths = [min(len(ids) + 1, budget) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    per_rollout = prompts * samples
+    return [lengths[i:i + per_rollout] for i in range(0, len(lengths), per_rollout)]
 
 
 def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:

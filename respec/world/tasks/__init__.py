@@ -8,8 +8,10 @@ from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, SyntheticTask
 from respec.world.tasks.chainsum import ChainSumTask
 from respec.world.tasks.countdown import CountdownTask
 from respec.world.tasks.jsonl import JsonlTask
+from respec.world.tasks.redraw import RedrawTask
 
-TASKS = {"arithmetic": ArithmeticTask, "chainsum": ChainSumTask, "countdown": CountdownTask, "jsonl": JsonlTask}
+TASKS = {"arithmetic": ArithmeticTask, "chainsum": ChainSumTask, "countdown": CountdownTask, "jsonl": JsonlTask,
+         "redraw": RedrawTask}
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -18,6 +20,7 @@ __all__ = [
     "ChainSumTask",
     "CountdownTask",
     "JsonlTask",
+    "RedrawTask",
     "Problem",
     "Score",
     "SyntheticTask",
