@@ -252,7 +252,7 @@ def test_plain_steps_then_speculation_need_no_reprefill(target, drafter):
     plain = tokens(engine.generate(GREEDY_PROMPTS, params, SpecConfig(mode="off")))
     target_widths, drafter_widths = [], []
     hooks = [target.register_forward_pre_hook(lambda m, args: target_widths.append(args[0].shape[1])),
-             drafter.midlayer.register_forward_pre_hook(lambda m, args: drafter_widths.append(args[0].shape[1]))]
+             drafter.register_forward_pre_hook(lambda m, args: drafter_widths.append(args[0].shape[1]))]
     try:
         out = engine.generate(GREEDY_PROMPTS, params, SpecConfig(mode="adaptive", k_max=3),
                               ScriptedChooser([0] * 40 + [3]))

@@ -1,5 +1,5 @@
-"""Compiled decode steps: `torch.compile` of a target's whole layer stack (`run_stack`), of the drafter's one
-layer (`run_layer`), and of any other pure part of a step (`run`: the drafter's chain of drafts).
+"""Compiled decode steps: `torch.compile` of a target's whole layer stack (`run_stack`), and of the drafter's one
+layer (`run_layer`).
 
 What is compiled is the pure part of a cached forward: per layer, norms, q/k/v with RoPE, attention over the
 cache (read only) and the new tokens, the output projection and the MLP. The cache writes stay outside, in eager
@@ -59,17 +59,11 @@ def run_layer(layer: torch.nn.Module, args: tuple, compiled: bool):
     return _compiled_fn(_call)(layer, args) if compiled else layer(*args)
 
 
-def run(fn: Callable, args: tuple, compiled: bool):
-    """Returns fn(*args), through fn's shared compiled graph when `compiled` (a pure function: no in-place
-    writes into its inputs)."""
-    return _compiled_fn(fn)(*args) if compiled else fn(*args)
-
-
 def run_stack(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: list, aux_layers: tuple[int, ...],
               compiled: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Returns (x after every layer, the aux features: x entering each layer of `aux_layers`, every layer's new
-    keys [L, B, Hkv, T, D], its new values) of a cached forward whose layers read `cached[i]` and leave the cache alone; one
-    compiled graph for the whole stack when `compiled` (one call per step instead of one per layer)."""
+    keys [L, B, Hkv, T, D], its new values) of a cached forward whose layers read `cached[i]` and leave the cache
+    alone; one compiled graph for the whole stack when `compiled` (one call per step instead of one per layer)."""
     # Bools, not the layer numbers: dynamo would trace integers as symbols and one graph would serve every tap set.
     taps = tuple(i in aux_layers for i in range(len(layers) + 1))
     return (_compiled_fn(_stack) if compiled else _stack)(layers, x, cos, sin, cached, taps)

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from respec.engine.checkpoint import check_finite, check_tensors
-from respec.engine.compile import check_compile_mode, run
+from respec.engine.compile import check_compile_mode
 from respec.engine.drafter import Eagle3Drafter, check_fits
-from respec.engine.model import Cached, Transformer, cache_masks, fused_state
+from respec.engine.model import Transformer, fused_state
 from respec.engine.outputs import (
     K_LIMIT,
     GenerationResult,
@@ -582,8 +582,11 @@ def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTabl
     a catch-up of width flush[0] when the backlog has grown BACKLOG_FLUSH wide)."""
     n = b.lengths
     hidden, aux = target(b.last[:, None], tab.target_view(b, span, compiled), aux_layers)  # [B, 1, H], [B, 1, 3H]
-    u = None if b.params.all_greedy else uniforms(b.key, n + 1, SAMPLE)  # [B]: the draw at position n + 1
-    token, logprob = run(sample_next, (target.lm_head, hidden[:, 0], u, b.params), compiled)  # [B], [B]
+    logits = target.lm_head(hidden[:, 0])  # [B, V]
+    if b.params.all_greedy:
+        token = logits.argmax(-1)
+    else:
+        token = sample(target_probs(logits, b.params), uniforms(b.key, n + 1, SAMPLE))  # [B], at position n + 1
     b.lengths = n + 1
     if drafter is not None:
         if flush is not None:
@@ -591,7 +594,8 @@ def plain_step(target: Transformer, drafter: Eagle3Drafter | None, tab: SlotTabl
         tab.write_history(b.index, b.contiguous, b.dlengths + b.pend, token[:, None], aux)
         b.pend = b.pend + 1
     b.last = token
-    return token[:, None], logprob[:, None], torch.ones_like(token), torch.zeros_like(token)
+    return token[:, None], token_logprobs(logits, token, b.params)[:, None], torch.ones_like(token), \
+        torch.zeros_like(token)
 
 
 def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Batch, k: int, span: int,
@@ -603,65 +607,29 @@ def spec_step(target: Transformer, drafter: Eagle3Drafter, tab: SlotTable, b: Ba
     pos = n[:, None] + 1 + torch.arange(k + 1, device=n.device)  # [B, k+1]
     u = uniforms(b.key, pos[..., None], tab.draws)  # [B, k+1, 3]: every draw of the step, one hash
     dview = tab.drafter_view(b.index, b.contiguous, b.dlengths, dspan, compiled)
-    cached = Cached(*dview.read(0), *cache_masks(b.dlengths, dspan, 1, h.dtype))
-    # One graph for the whole chain when compiled. b.dlengths stays: the chained entries never reach the cache,
-    # the next catch-up feeds their positions with the target's true features.
-    drafts, q = run(draft_chain, (drafter, h, dlogits, cached, b.dlengths, u[:, :k, DRAFT], b.params, k), compiled)
-    tokens = torch.cat([b.last[:, None], drafts], 1)  # [B, k+1]
-    hidden, aux = target(tokens, tab.target_view(b, span, compiled), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
-    emitted, logprobs, accepted, nxt = run(verify, (target.lm_head, hidden, q, drafts, u, b.params), compiled)
-    # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
-    b.lengths = n + 1 + accepted
-    tab.write_history(b.index, b.contiguous, b.dlengths, emitted, aux)  # the catch-up emptied the backlog
-    b.pend, b.last = accepted + 1, nxt
-    return emitted, logprobs, accepted + 1, accepted
-
-
-def sample_next(lm_head: torch.nn.Module, hidden: torch.Tensor, u: torch.Tensor | None,
-                params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (the token [B] drawn from the target's distribution at hidden [B, H] with uniforms u [B], or its
-    argmax when every row is greedy (u None), and the token's logprob [B]). Pure: `compile.run` makes it a graph."""
-    logits = lm_head(hidden)  # [B, V]
-    token = logits.argmax(-1) if u is None else sample(target_probs(logits, params), u)
-    return token, token_logprobs(logits, token, params)
-
-
-def verify(lm_head: torch.nn.Module, hidden: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor,
-           params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (emitted [B, k+1]: the accepted drafts then the correction or bonus token, padded with copies of
-    the first draft; their logprobs; accepted drafts [B]; the correction or bonus token [B]) of the exact rejection
-    rule over the target's hidden states [B, k+1, H] at the positions that verify drafts [B, k] drawn from q
-    [B, k, V], with the step's uniforms u [B, k+1, draws]. Pure: `compile.run` makes it a graph."""
-    logits = lm_head(hidden)  # [B, k+1, V]
-    k = drafts.shape[1]
-    accepted, nxt = rejection_sample(target_probs(logits, params), q, drafts, u[:, :k, ACCEPT], u[:, :, SAMPLE])
-    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
-    return emitted, token_logprobs(logits, emitted, params), accepted, nxt
-
-
-def draft_chain(drafter: Eagle3Drafter, h: torch.Tensor, dlogits: torch.Tensor, cached: Cached, start: torch.Tensor,
-                u: torch.Tensor, params, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns k drafts per row as target ids [B, k] and the distributions they were drawn from, in the target
-    vocab [B, k, V]. Draft i is drawn from the drafter's distribution (`params` applied) with uniforms u[:, i];
-    the first from `dlogits` [B, Vd], each later one from a drafter forward of the previous draft on the
-    drafter's own hidden state (`h` [B, 1, H] for the first) at position start + i, which attends to the
-    drafter cache's first start[b] entries (`cached`, read only) and to the chain's earlier entries, kept apart.
-    Pure: nothing is written, so `compile.run` can make it one graph."""
-    drafts, qs, recent = [], [], None
+    drafts, qs = [], []
     for i in range(k):
-        q_draft = target_probs(dlogits, params)  # [B, Vd]
-        draft = dlogits.argmax(-1) if params.all_greedy else sample(q_draft, u[:, i])
+        q_draft = target_probs(dlogits, b.params)  # [B, Vd]
+        draft = dlogits.argmax(-1) if b.params.all_greedy else sample(q_draft, u[:, i, DRAFT])
         token = drafter.draft_to_target(draft)  # [B]
         drafts.append(token)
         qs.append(drafter.expand_probs(q_draft))  # [B, V]
         if i + 1 < k:
-            x = drafter.embed(token[:, None])  # [B, 1, H]
-            cos, sin = drafter.rope((start + i)[:, None], x.dtype)
-            h, key, value = drafter.midlayer(x, drafter.project(h), cos, sin, cached._replace(recent=recent))
-            recent = (key, value) if recent is None else \
-                (torch.cat([recent[0], key], 2), torch.cat([recent[1], value], 2))
-            dlogits = drafter.compute_logits(h)[:, 0]
-    return torch.stack(drafts, 1), torch.stack(qs, 1)
+            h, dl = drafter(token[:, None], h, dview)  # chain on the drafter's own hidden state
+            dlogits = dl[:, 0]
+    # b.dlengths stays: the chained entries are forgotten, the next catch-up re-feeds their positions with the
+    # target's true features.
+    drafts, q = torch.stack(drafts, 1), torch.stack(qs, 1)  # [B, k], [B, k, V]
+    tokens = torch.cat([b.last[:, None], drafts], 1)  # [B, k+1]
+    hidden, aux = target(tokens, tab.target_view(b, span, compiled), aux_layers)  # [B, k+1, H], [B, k+1, 3H]
+    logits = target.lm_head(hidden)  # [B, k+1, V]
+    accepted, nxt = rejection_sample(target_probs(logits, b.params), q, drafts, u[:, :k, ACCEPT], u[:, :, SAMPLE])
+    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
+    # Keep the last token and the accepted drafts in the target cache; the rejected ones roll back.
+    b.lengths = n + 1 + accepted
+    tab.write_history(b.index, b.contiguous, b.dlengths, emitted, aux)  # the catch-up emptied the backlog
+    b.pend, b.last = accepted + 1, nxt
+    return emitted, token_logprobs(logits, emitted, b.params), accepted + 1, accepted
 
 
 def finish(b: Batch, emitted: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -227,18 +227,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: 
     new = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv, G, T, T)  # [B, Hkv, G, T, T]
     if cached.causal is not None:
         new = new + cached.causal  # [T, T]
-    if cached.recent is None:
-        probs = torch.softmax(torch.cat([old.view(B, Hkv, G, T, S), new], dim=-1), dim=-1)  # [B, Hkv, G, T, S + T]
-        out = torch.matmul(probs[..., :S].reshape(B, Hkv, G * T, S), cached.values) + \
-            torch.matmul(probs[..., S:].reshape(B, Hkv, G * T, T), v)
-        return out.view(B, H, T, D)
-    rk, rv = cached.recent
-    P = rk.shape[2]
-    mid = torch.matmul(q, rk.transpose(-1, -2)).view(B, Hkv, G, T, P)
-    probs = torch.softmax(torch.cat([old.view(B, Hkv, G, T, S), mid, new], dim=-1), dim=-1)  # [.., S + P + T]
+    probs = torch.softmax(torch.cat([old.view(B, Hkv, G, T, S), new], dim=-1), dim=-1)  # [B, Hkv, G, T, S + T]
     out = torch.matmul(probs[..., :S].reshape(B, Hkv, G * T, S), cached.values) + \
-        torch.matmul(probs[..., S:S + P].reshape(B, Hkv, G * T, P), rv) + \
-        torch.matmul(probs[..., S + P:].reshape(B, Hkv, G * T, T), v)
+        torch.matmul(probs[..., S:].reshape(B, Hkv, G * T, T), v)
     return out.view(B, H, T, D)
 
 
@@ -249,8 +240,6 @@ class Cached(NamedTuple):
     values: torch.Tensor  # [B, Hkv, S, D]
     mask: torch.Tensor  # [B, 1, 1, S] additive: 0 at a row's valid positions, -inf at stale ones
     causal: torch.Tensor | None  # [T, T] additive causal mask among the new tokens (None for T = 1)
-    recent: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [B, Hkv, P, D] after the cached ones
-    # and before the new ones, all valid (a draft chain's earlier entries, kept out of the cache)
 
 
 def cache_masks(lengths: torch.Tensor, span: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

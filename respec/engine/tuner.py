@@ -51,7 +51,7 @@ from respec.errors import ConfigError
 if TYPE_CHECKING:
     from respec.engine.generate import Engine, StepStats
 
-COST_FORMAT = 6  # bump when profiling or the steps change, so cached cost models are re-measured (6: compiled chains)
+COST_FORMAT = 6  # bump when profiling or the steps change, so cached cost models are re-measured (6: one KV write)
 
 
 @dataclass(frozen=True)
