@@ -95,49 +95,44 @@ class SlotView:
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the rows' keys and values [B, Hkv, span, D] of `layer` (views when the slots are 0..B-1)."""
-        keys, values = self.kv.k[layer], self.kv.v[layer]  # [S, Hkv, capacity, D]
-        if self.contiguous:
-            B = len(self.index)
-            return keys[:B, :, : self.span], values[:B, :, : self.span]
-        return keys[:, :, : self.span].index_select(0, self.index), values[:, :, : self.span].index_select(0, self.index)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes k, v [B, Hkv, T, D] at each row's positions."""
-        B, H, T, D = k.shape
-        pos = self.positions(T)  # [B, T]
-        keys, values = self.kv.k[layer], self.kv.v[layer]  # [S, Hkv, capacity, D]
-        if self.contiguous:
-            idx = pos[:, None, :, None].expand(B, H, T, D)
-            keys[:B].scatter_(2, idx, k)
-            values[:B].scatter_(2, idx, v)
-            return
-        where = (self.index[:, None, None], torch.arange(H, device=k.device)[None, :, None], pos[:, None, :])
-        keys.index_put_(where, k)
-        values.index_put_(where, v)
+        keys, values = self._read(slice(layer, layer + 1))
+        return keys[0], values[0]
 
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns every layer's `read`, stacked: keys and values [L, B, Hkv, span, D] (one gather, not one per
         layer, when the slots are not 0..B-1)."""
-        keys, values = self.kv.k[:, :, :, : self.span], self.kv.v[:, :, :, : self.span]  # [L, S, Hkv, span, D]
+        return self._read(slice(None))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v [B, Hkv, T, D] at each row's positions."""
+        self._write(slice(layer, layer + 1), k[None], v[None])
+
+    def write_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes every layer's k, v [L, B, Hkv, T, D] at each row's positions, in one write each."""
+        self._write(slice(None), k, v)
+
+    def _read(self, layers: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.kv.k[layers, :, :, : self.span], self.kv.v[layers, :, :, : self.span]  # [l, S, ..]
         if self.contiguous:
             B = len(self.index)
             return keys[:, :B], values[:, :B]
         return keys.index_select(1, self.index), values.index_select(1, self.index)
 
-    def write_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes every layer's k, v [L, B, Hkv, T, D] at each row's positions, in one write each."""
+    def _write(self, layers: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v [l, B, Hkv, T, D] into the cache's `layers` (l of them) at each row's positions."""
         L, B, H, T, D = k.shape
         pos = self.positions(T)  # [B, T]
+        keys, values = self.kv.k[layers], self.kv.v[layers]  # [l, S, Hkv, capacity, D] views
         if self.contiguous:
             idx = pos[None, :, None, :, None].expand(L, B, H, T, D)
-            self.kv.k[:, :B].scatter_(3, idx, k)
-            self.kv.v[:, :B].scatter_(3, idx, v)
+            keys[:, :B].scatter_(3, idx, k)
+            values[:, :B].scatter_(3, idx, v)
             return
         dev = k.device
         where = (torch.arange(L, device=dev)[:, None, None, None], self.index[None, :, None, None],
                  torch.arange(H, device=dev)[None, None, :, None], pos[None, :, None, :])
-        self.kv.k.index_put_(where, k)
-        self.kv.v.index_put_(where, v)
+        keys.index_put_(where, k)
+        values.index_put_(where, v)
 
     def advance(self, T: int) -> None:
         self.lengths = self.lengths + T
