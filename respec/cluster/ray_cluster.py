@@ -108,8 +108,16 @@ def _init(address: str | None) -> bool:
     if address is not None:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False, _system_config=SYSTEM_CONFIG)
+        _start_local()
     return True
+
+
+def _start_local(**resources) -> None:
+    """Starts a Ray on this machine (no dashboard, workers at the driver's niceness) with `resources`
+    (num_cpus, num_gpus; default: the machine's)."""
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, _system_config=SYSTEM_CONFIG, **resources)
 
 
 @contextlib.contextmanager
@@ -129,9 +137,8 @@ def time_shared(configs: list[TrainConfig]) -> Iterator[None]:
         yield
         return
     asked = {r: sum(b.get(r, 0.0) for c in on_ray for b in bundles(c)) for r in ("CPU", "GPU")}
-    ray.init(num_cpus=max(math.ceil(asked["CPU"]), os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, _system_config=SYSTEM_CONFIG,
-             **({"num_gpus": math.ceil(asked["GPU"])} if asked["GPU"] else {}))
+    _start_local(num_cpus=max(math.ceil(asked["CPU"]), os.cpu_count() or 1),
+                 **({"num_gpus": math.ceil(asked["GPU"])} if asked["GPU"] else {}))
     try:
         yield
     finally:
