@@ -125,36 +125,36 @@ def shard_bound(trainer: Trainer, config: TrainConfig, workers: int, repeats: in
     nothing between them; then the shards' seconds per repeat run at the same time in plain processes
     (`concurrent_shards`) and full / the median of the slowest: the speedup this machine allows `workers` engines
     with no Ray between them."""
+    from respec.cluster.workers import shard_edges
+
     prompts, params, spec = fixed_rollout(trainer, config, seed=4321)
-    group = config.rollout.group_size
-    per = -(-len(prompts) // group // workers) * group  # rows per shard: whole groups
-    shards = [prompts[i:i + per] for i in range(0, len(prompts), per)]
-    times: list[list[float]] = [[] for _ in range(len(shards) + 1)]
+    edges = [(0, len(prompts)), *shard_edges(len(prompts), config.rollout.group_size, workers)]  # full, shards
+    times: list[list[float]] = [[] for _ in edges]
     for r in range(repeats + 1):  # the first pass warms up
-        for i, batch in enumerate([prompts, *shards]):
+        for i, (a, b) in enumerate(edges):
             t0 = time.perf_counter()
-            trainer.engine.generate(batch, params, spec)
+            trainer.engine.generate(prompts[a:b], params, spec, first_stream=a)  # the streams a worker draws
             if r:
                 times[i].append(time.perf_counter() - t0)
     full, *shard = [statistics.median(t) for t in times]
-    together = concurrent_shards(trainer.engine, shards, params, spec, per, repeats)
+    together = concurrent_shards(trainer.engine, prompts, edges[1:], params, spec, repeats)
     slowest = statistics.median(max(r) for r in together)
     return {"full_s": full, "shard_s": shard, "speedup": full / max(shard), "concurrent_shard_s": together,
             "concurrent_speedup": full / slowest}
 
 
-def concurrent_shards(engine: Engine, shards: list[list[list[int]]], params: SamplingParams, spec: SpecConfig,
-                      rows_per_shard: int, repeats: int) -> list[list[float]]:
-    """Returns, per repeat, the seconds of each shard generated at the same time as the others, each in a plain
-    child process of its own (one torch thread, a copy of `engine`'s models, the streams it would draw in one
-    engine); every child warms up once first, and every repeat starts them together."""
+def concurrent_shards(engine: Engine, prompts: list[list[int]], shards: list[tuple[int, int]],
+                      params: SamplingParams, spec: SpecConfig, repeats: int) -> list[list[float]]:
+    """Returns, per repeat, the seconds of each shard ((start, end) rows of `prompts`) generated at the same time as
+    the others, each in a plain child process of its own (one torch thread, a copy of `engine`'s models, the
+    streams it would draw in one engine); every child warms up once first, and every repeat starts them together."""
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(len(shards) + 1)
     times = ctx.Queue()
     procs = [ctx.Process(target=_generate_shard, daemon=True,
-                         args=(engine.target, engine.drafter, engine.compile, batch, params, spec, i * rows_per_shard,
-                               repeats, start, times, i))
-             for i, batch in enumerate(shards)]
+                         args=(engine.target, engine.drafter, engine.compile, prompts[a:b], params, spec, a, repeats,
+                               start, times, i))
+             for i, (a, b) in enumerate(shards)]
     for proc in procs:
         proc.start()
     try:

@@ -37,6 +37,15 @@ from respec.errors import ConfigError, TrainingError
 MAX_RESTARTS = 3  # restarts of one rollout worker's process before the pool drops it
 
 
+def shard_edges(rows: int, group_size: int, workers: int) -> list[tuple[int, int]]:
+    """Returns the (start, end) rows of each shard: `rows` in whole groups split as evenly as groups allow over at
+    most `workers` shards (at least one), contiguous and in order."""
+    groups = rows // group_size
+    n = max(1, min(workers, groups))
+    edges = [round(i * groups / n) * group_size for i in range(n + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
 class WeightTransport(Protocol):
     """Sends one object (a state dict, a drafter) to every worker: `send` is called once per object and returns
     a handle that each worker's call receives as the object itself."""
@@ -149,11 +158,7 @@ class WorkerPool:
         """Returns the merged result of `prompts` sharded by whole groups over the live workers."""
         t0 = time.perf_counter()
         self._admit_rejoined(block=not self.live)
-        G = self.group_size
-        groups = len(prompts) // G
-        n = max(1, min(len(self.live), groups))
-        edges = [round(i * groups / n) * G for i in range(n + 1)]
-        pending = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        pending = shard_edges(len(prompts), self.group_size, len(self.live))
         running: dict[ray.ObjectRef, tuple[int, tuple[int, int]]] = {}
         done: dict[tuple[int, int], tuple[GenerationResult, float]] = {}
         while pending or running:
