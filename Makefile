@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
 # Builds (or reuses from $$RESPEC_CACHE, default ~/.cache/respec) the small policy and its EAGLE-3 drafter, then
 # compares speculative and plain decoding; prints the table and where the JSON and PNG went.

@@ -95,7 +95,7 @@ def bench_engine_cmd(
                             threads=threads, compile=compile, seed=seed)
     with _progress() as log:
         data = bench_engine(cfg, json_path, log=log, command=_command())
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(*engine_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -117,7 +117,7 @@ def plot(
         png = plot_metrics(paths[0], out)
     else:
         raise ConfigError("give one JSONL file, or one or more run directories to overlay")
-    Console().print(f"wrote {png}")
+    Console(soft_wrap=True).print(f"wrote {png}")
 
 
 def _prompts(text: str) -> list[list[int]]:
@@ -283,7 +283,7 @@ def bench_spec_cmd(
                           device=device, dtype=dtype)
     with _progress() as log:
         data = bench_spec(cfg, json_path, log=log, command=_command())
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(*spec_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -332,7 +332,7 @@ def bench_serve_cmd(
                 "machine": machine_info(device), "task": task, "policy": str(policy_dir),
                 "drafter": str(drafter_dir), "max_running": max(levels), "threads": threads, "compile": compile}
     write_results(data, json_path, plot_bench_serve)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(serve_table(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -363,7 +363,7 @@ def bench_rollout_cmd(
                              compile=compile, device=device, dtype=dtype)
     with _progress() as log:
         data = bench_rollout(cfg, json_path, log=log, command=_command())
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(*rollout_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -516,7 +516,7 @@ def experiment(
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
     write_report(_provenance(report, base.trainer.device, base.trainer.num_threads), json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
-    _print_experiment(report, Console())
+    _print_experiment(report, Console(soft_wrap=True))
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
 
 
@@ -625,7 +625,7 @@ def demo(
     from respec.world.artifacts import cache_root
     from respec.world.defaults import resolve_models
 
-    console = Console()
+    console = Console(soft_wrap=True)
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     # The quick grid (T = 1, as RL samples) keeps a first run (install, policy, drafter, this, the training run)
     # within ~18 minutes on an idle 2-core machine; `--full` or `make bench` measure the whole grid.

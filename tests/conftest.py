@@ -5,6 +5,16 @@ import torch
 
 from respec.engine.model import ModelConfig, init_model
 
+# The modules that take longest (compiling, Ray, the CLI's demo run), longest first. `make test` runs the suite on
+# pytest-xdist workers a module at a time (--dist loadfile), taking modules in collection order: starting the
+# longest first keeps one of them from being the last thing a worker runs while the others idle.
+LONGEST_FIRST = ("test_compile.py", "test_cluster.py", "test_cli.py", "test_bench_rollout.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def _sharp_target(vocab: int, seed: int = 0, max_positions: int = 256, layers: int = 4):
     """Returns a tiny random Qwen2-shaped target (4 layers, hidden 32) whose weight matrices are scaled by 15,

@@ -135,7 +135,7 @@ def test_bench_rollout_json_plot_and_cli(models, tmp_path, monkeypatch, capsys):
             "2", "--max-new-tokens", "4", "--ks", "1", "--repeats", "1", "--compile", "auto",
             "--json", str(tmp_path / "cli.json")]
     monkeypatch.setattr(sys, "argv", ["respec", *args])  # what the console script sees
-    monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")  # the compiled path without C++ code generation
+    monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "eager")  # the compiled path: dynamo only
     monkeypatch.setattr(respec.engine.tuner, "profile_grid", lambda engine, config: [1, 2])  # a short profile
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output

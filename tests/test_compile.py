@@ -3,10 +3,10 @@ target's distribution, give the eager path's greedy tokens (with requests joinin
 swaps), logprobs and transformers' tokens; `compile="auto"` runs each cell the way its profile says; bad modes
 are one clear error.
 
-Most tests compile with the "aot_eager" backend: it runs what the engine's compiled path adds (dynamo's capture
-and guards over the shared layer function, functionalisation of the pure layer, the cache written outside it)
-without generating C++ for every graph, which costs tens of seconds per graph on a small CPU. Inductor's own
-code is checked against eager and transformers by the `inductor` tests."""
+Most tests compile with the "eager" backend: it runs what the engine's compiled path adds (dynamo's capture and
+guards over the shared layer functions, every shape class of a step, the cache written outside the graph) without
+AOT tracing and C++ code generation, which cost seconds to tens of seconds per graph on a small CPU. Inductor's
+own code (functionalised, generated C++) is checked against eager and transformers by the `inductor` tests."""
 
 from dataclasses import replace
 
@@ -44,9 +44,9 @@ def target(sharp_target):
 
 
 @pytest.fixture(autouse=True)
-def aot_eager(monkeypatch, request):
+def dynamo_only(monkeypatch, request):
     if "inductor" not in request.node.name:
-        monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "aot_eager")
+        monkeypatch.setenv("RESPEC_COMPILE_BACKEND", "eager")
 
 
 class CountCompiled:

@@ -166,12 +166,13 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
     with torch_threads(cfg.threads):
         policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
-        engine = Engine(target, load_drafter(drafter_dir, target), compile=cfg.compile)
         prompts = [p for p in task_prompts(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED) for _ in range(cfg.samples)]
+        # As many slots as rows: the tuner profiles the batch sizes the rollout can reach, no larger.
+        engine = Engine(target, load_drafter(drafter_dir, target), compile=cfg.compile, max_running=len(prompts))
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         engine.default_tuner(cfg.k_max)  # profiles (or loads) the cost model outside the timed runs
         # With compiled steps, the eager engine's adaptive rollout runs beside them: the compiled path's gain.
-        eager = Engine(target, engine.drafter) if cfg.compile != "off" else None
+        eager = Engine(target, engine.drafter, max_running=len(prompts)) if cfg.compile != "off" else None
         if eager is not None:
             eager.default_tuner(cfg.k_max)
         static = {0: SpecConfig(mode="off"), **{k: SpecConfig(mode="static", k=k) for k in cfg.ks}}

@@ -127,7 +127,7 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         policy_dir, drafter_dir = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log)
         target = load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
         drafter = load_drafter(drafter_dir, target)
-        engine = Engine(target, drafter, compile=cfg.compile)
+        engine = Engine(target, drafter, compile=cfg.compile, max_running=max(cfg.batch_sizes))
         # Small batches run several generate calls in turn (batch 1: 16 prompts one by one), so every cell
         # averages over at least `min_prompts` prompts instead of timing one short answer.
         n_prompts = max(max(cfg.batch_sizes), cfg.min_prompts)

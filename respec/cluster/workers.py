@@ -63,9 +63,10 @@ class ObjectStoreTransport:
 class RolloutWorker:
     """One slot engine in its own process with its own torch thread count (the body of a Ray actor)."""
 
-    def __init__(self, target: torch.nn.Module, drafter: torch.nn.Module | None, threads: int, compile: str):
+    def __init__(self, target: torch.nn.Module, drafter: torch.nn.Module | None, threads: int, compile: str,
+                 max_running: int):
         torch.set_num_threads(threads)
-        self.engine = Engine(target, drafter, compile=compile)
+        self.engine = Engine(target, drafter, compile=compile, max_running=max_running)
         self.policy_version = 0
         self.decode_steps = 0  # of the rollout in flight (or the last one)
         self.generating = False
@@ -140,7 +141,8 @@ class WorkerPool:
         self._first = (target_ref, drafter_ref)  # a restart re-runs the constructor on them: kept in scope
         self.workers = [
             remote.options(max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=threads, num_gpus=gpus,
-                           scheduling_strategy=cluster.strategy(i)).remote(target_ref, drafter_ref, threads, compile)
+                           scheduling_strategy=cluster.strategy(i)).remote(target_ref, drafter_ref, threads, compile,
+                                                                          engine.max_running)
             for i in range(workers)]
         self.live = set(range(len(self.workers)))
         self.rejoining: dict[int, ray.ObjectRef] = {}  # restarted workers loading the current weights

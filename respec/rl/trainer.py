@@ -157,7 +157,7 @@ class Trainer:
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
         try:
-            return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile), tokenizer, task,
+            return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile, max_running=max(d.prompts_per_step * r.group_size, d.eval_problems)), tokenizer, task,
                        eval_problems, reward_fn, reference, policy_dir, cluster)
         except BaseException:
             if cluster is not None:
