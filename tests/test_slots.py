@@ -57,6 +57,19 @@ def test_views_decode_like_a_fresh_forward(model, slots):
         lengths = lengths + T
 
 
+@pytest.mark.parametrize("span", [SPAN_BLOCK, 3 * SPAN_BLOCK], ids=["rows-spans", "whole-slots"])
+def test_a_gathered_read_is_each_rows_slot_up_to_the_span(span):
+    """Both ways of gathering scattered slots (the rows' spans, or whole slots cut after) read the same entries."""
+    gen = torch.Generator().manual_seed(0)
+    kv = SlotKV(3, 8, 2, 4 * SPAN_BLOCK, 4, torch.float32, "cpu")
+    kv.k.normal_(generator=gen)
+    kv.v.normal_(generator=gen)
+    view = SlotView(kv, torch.tensor([6, 1, 3]), False, torch.zeros(3, dtype=torch.long), span)
+    keys, values = view.read_all()
+    assert torch.equal(keys, kv.k[:, [6, 1, 3], :, :span]) and torch.equal(values, kv.v[:, [6, 1, 3], :, :span])
+    assert all(torch.equal(a, b) for a, b in zip(view.read(1), (keys[1], values[1]), strict=True))
+
+
 @torch.no_grad()
 def test_a_pad_row_changes_no_live_slot(model):
     kv = SlotKV.for_model(model.config, 4, 16, torch.float32, "cpu")

@@ -51,7 +51,7 @@ from respec.errors import ConfigError
 if TYPE_CHECKING:
     from respec.engine.generate import Engine, StepStats
 
-COST_FORMAT = 6  # bump when profiling or the steps change, so cached cost models are re-measured (6: one KV write)
+COST_FORMAT = 7  # bump when profiling or the steps change, so cached cost models are re-measured (7: slot gathers)
 
 
 @dataclass(frozen=True)
