@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +82,7 @@ __all__ = ["BACKLOG_FLUSH", "K_LIMIT", "Engine", "GenerationResult", "KChooser",
 
 BACKLOG_FLUSH = 32  # during plain (k = 0) steps the drafter consumes its backlog once it is this wide
 MAX_RUNNING = 256  # default slots (vLLM's max_num_seqs)
+Env = Callable[[int, list[int]], "list[int] | None"]  # (row's stream, its tokens after the prompt) -> observation
 
 
 class _Request:
@@ -92,10 +94,28 @@ class _Request:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.slot: int | None = None
+        self.row = None  # generate's row index (continuations of one row share it)
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.tokens), list(self.logprobs), self.finish_reason is not None,
                              self.finish_reason)
+
+
+class _Row:
+    """One row of a generate call with environment turns: its tokens after the prompt over all its turns."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt = prompt
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.generated: list[bool] = []  # True where the policy sampled the token, False in observations
+        self.finish_reason: str | None = None
+        self.turns = 0
+
+    def add(self, tokens: list[int], logprobs: list[float], generated: bool) -> None:
+        self.tokens += tokens
+        self.logprobs += logprobs
+        self.generated += [generated] * len(tokens)
 
 
 class _Run:
@@ -306,7 +326,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  spec: SpecConfig | None = None, chooser: KChooser | None = None,
-                 on_step: Callable[[StepStats], None] | None = None, first_stream: int = 0) -> GenerationResult:
+                 on_step: Callable[[StepStats], None] | None = None, first_stream: int = 0,
+                 env: Env | None = None) -> GenerationResult:
         """Returns one SequenceOutput per prompt (same order) and per-step stats.
 
         The prompts run as requests on an idle engine, at most max_running at a time; row i draws from stream
@@ -314,6 +335,17 @@ class Engine:
         pass their first row's index generates what the whole batch would (up to floating-point differences
         between batch shapes). In adaptive mode `chooser` (default: the engine's
         tuner) picks each step's k; `on_step` is called after every decode step (progress reporting).
+
+        `env` (environment turns, multi-turn tool use): when row i's request ends on a stop token (eos or a stop
+        id; never on "length"), `env(first_stream + i, tokens)` is called with every token the row holds after its
+        prompt (the policy's and earlier observations). None or [] ends the row; a list of token ids is appended
+        to the row as an observation (logprob 0.0, `SequenceOutput.generated` False) and the row goes on as a new
+        request whose prompt is the prompt plus everything so far, prefilled into a free slot at the next step
+        (no prefix cache: the whole context is prefilled again) and drawing from the row's own stream at the same
+        positions, so a seeded row's tokens still do not depend on its batch-mates. `env` runs synchronously
+        between decode steps, so no row ever waits in a slot on it. `params.max_new_tokens` bounds the row's
+        policy and observation tokens together: an observation is cut at the budget, and a row that reaches it
+        finishes with "length".
         """
         params = params if params is not None else SamplingParams()
         spec = spec if spec is not None else self._default_spec()
@@ -341,15 +373,44 @@ class Engine:
         self._table_for(min(len(prompts), self.max_running), max_tokens, spec)
         requests = [self._queue(i, list(p), params, request_key(params.seed, first_stream + i))
                     for i, p in enumerate(prompts)]
+        rows = [_Row(list(p)) for p in prompts]
         try:
             while self._requests:
-                self._step(run)
+                for req in self._step(run):
+                    if req.finish_reason is not None and env is not None:
+                        requests[req.row] = self._env_turn(req, rows[req.row], env, first_stream + req.row,
+                                                           params)
         finally:
             for r in requests:
                 if r.request_id in self._requests:
                     self.abort_request(r.request_id)  # an error mid-run leaves the engine idle
-        seqs = [SequenceOutput(r.tokens, r.logprobs, r.finish_reason) for r in requests]
+        if env is None:
+            seqs = [SequenceOutput(r.tokens, r.logprobs, r.finish_reason) for r in requests]
+        else:
+            seqs = [SequenceOutput(row.tokens, row.logprobs, row.finish_reason, row.generated) for row in rows]
         return GenerationResult(seqs, run.stats, run.prefill_seconds)
+
+    def _env_turn(self, req: _Request, row: _Row, env: Env, stream: int, params: SamplingParams) -> _Request:
+        """Books a finished request's tokens on its row and asks `env` for an observation after a stop; returns
+        the row's request from now on (a queued continuation, or `req` when the row has ended)."""
+        row.add(req.tokens, req.logprobs, True)
+        row.finish_reason = req.finish_reason
+        if req.finish_reason != "stop":
+            return req
+        obs = env(stream, list(row.tokens))
+        if not obs:
+            return req
+        obs = self._check_prompt(obs, f"the observation of row {req.row}")
+        room = params.max_new_tokens - len(row.tokens)
+        row.add(obs[:room], [0.0] * min(len(obs), room), False)
+        # The continuation's whole context must leave room in a slot for one more token.
+        room = min(params.max_new_tokens - len(row.tokens), self._table.max_tokens - len(row.prompt) - len(row.tokens))
+        if room < 1:
+            row.finish_reason = "length"
+            return req
+        row.turns += 1
+        return self._queue((req.row, row.turns), row.prompt + row.tokens, replace(params, max_new_tokens=room),
+                           req.key, row=req.row)
 
     # -- checks and setup ------------------------------------------------------------------------------------------
     def _default_spec(self) -> SpecConfig:
@@ -369,9 +430,11 @@ class Engine:
             raise PromptError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
         return prompt
 
-    def _queue(self, request_id, prompt: list[int], params: SamplingParams, key: int) -> _Request:
+    def _queue(self, request_id, prompt: list[int], params: SamplingParams, key: int, row: int | None = None
+               ) -> _Request:
         eos = () if params.ignore_eos else self.target.config.eos_ids
         req = _Request(request_id, prompt, params, key, sorted(set(params.stop_token_ids) | set(eos)))
+        req.row = request_id if row is None else row
         self._requests[request_id] = req
         self._waiting.append(req)
         return req

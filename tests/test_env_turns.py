@@ -1,0 +1,86 @@
+"""Tests of environment turns in respec/engine/generate.py (`Engine.generate(env=...)`): observations land where
+the environment put them, the generated mask marks them, seeded rows do not depend on their batch-mates, "length"
+never calls the environment, and plain and speculative decoding agree."""
+
+import pytest
+
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.sampling import SamplingParams
+
+STOP = 3
+PROMPTS = [[1, 2, 4], [5, 6], [7, 1, 2, 5, 6], [4]]
+
+
+class Env:
+    """Answers a row's first `turns(row)` stops with [6, 7, row % 8] and records every call."""
+
+    def __init__(self, turns=lambda row: 1 + row % 3):
+        self.turns, self.calls = turns, []
+
+    def __call__(self, row, tokens):
+        self.calls.append((row, list(tokens)))
+        done = sum(r == row for r, _ in self.calls) - 1
+        return [6, 7, row % 8] if done < self.turns(row) else None
+
+
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    return sharp_target(8, max_positions=128)
+
+
+def _params(**kw):
+    return SamplingParams(**{"temperature": 1.0, "max_new_tokens": 40, "stop_token_ids": (STOP,), "seed": 5, **kw})
+
+
+def test_observations_sit_where_the_env_put_them(target):
+    env = Env()
+    out = Engine(target).generate(PROMPTS, _params(), SpecConfig(mode="off"), env=env)
+    for row, seq in enumerate(out.sequences):
+        assert len(seq.tokens) == len(seq.logprobs) == len(seq.generated) <= 40
+        calls = [t for r, t in env.calls if r == row]
+        for n, seen in enumerate(calls):
+            assert seq.tokens[:len(seen)] == seen and seen[-1] == STOP  # env sees every token so far, after a stop
+            if n < len(calls) - 1 or len(seq.tokens) > len(seen):
+                obs = seq.tokens[len(seen):len(seen) + 3]
+                assert obs == [6, 7, row % 8][:len(obs)]
+                assert seq.generated[len(seen):len(seen) + len(obs)] == [False] * len(obs)
+                assert seq.logprobs[len(seen):len(seen) + len(obs)] == [0.0] * len(obs)
+        observed = sum(not g for g in seq.generated)
+        assert observed == 3 * (len(calls) - (seq.finish_reason == "stop")) or seq.finish_reason == "length"
+        assert all(lp < 0 or lp == 0 for lp in seq.logprobs)
+    assert any(not all(s.generated) for s in out.sequences)
+
+
+def test_length_finishes_never_call_the_env(target):
+    env = Env(turns=lambda row: 100)
+    out = Engine(target).generate(PROMPTS, _params(max_new_tokens=12), SpecConfig(mode="off"), env=env)
+    assert all(t[-1] == STOP for _, t in env.calls)
+    for row, seq in enumerate(out.sequences):
+        assert len(seq.tokens) <= 12
+        if seq.finish_reason == "length":
+            assert all(len(t) < len(seq.tokens) for r, t in env.calls if r == row)
+
+
+def test_a_seeded_row_is_the_same_alone_and_in_a_batch(target):
+    eng = Engine(target)
+    batch = eng.generate(PROMPTS, _params(), SpecConfig(mode="off"), env=Env())
+    for i in (1, 3):
+        alone = eng.generate([PROMPTS[i]], _params(), SpecConfig(mode="off"), first_stream=i, env=Env())
+        assert alone.sequences[0].tokens == batch.sequences[i].tokens
+        assert alone.sequences[0].generated == batch.sequences[i].generated
+
+
+def test_no_env_marks_every_token_generated(target):
+    out = Engine(target).generate(PROMPTS, _params(), SpecConfig(mode="off"))
+    assert all(s.generated == [True] * len(s.tokens) for s in out.sequences)
+
+
+def test_plain_and_speculative_agree_greedily(target):
+    drafter = init_drafter(target, seed=1)
+    greedy = _params(temperature=0.0)
+    plain = Engine(target).generate(PROMPTS, greedy, SpecConfig(mode="off"), env=Env())
+    spec = Engine(target, drafter).generate(PROMPTS, greedy, SpecConfig(mode="static", k=3), env=Env())
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in spec.sequences]
+    assert [s.generated for s in plain.sequences] == [s.generated for s in spec.sequences]
+    assert any(not all(s.generated) for s in plain.sequences)
