@@ -76,10 +76,10 @@ class Trainer:
         if self.learner is not None:
             tap = replace(tap, draft_vocab_size=drafter.config.draft_vocab_size, draft_ids=self.learner.draft_ids)
         self.problems = ProblemStream(task, {p.prompt for p in eval_problems}, t.seed, config.data.epoch_problems)
-        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device, workers=self.workers)
+        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device, workers=self.workers, task=task)
         self.update = ActorUpdate(config, actor, reference,
                                   autocast=engine.dtype if engine.dtype != torch.float32 else None, tap=tap)
-        self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems)
+        self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems, task=task)
         self.global_step = 0  # RL steps done
         self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
         self.last_features: StepRollouts | None = None
