@@ -39,7 +39,7 @@ def _played(problem, nonce):
 
 
 def test_the_environment_transcripts_score_one():
-    assert is_env_task(TASK) and not is_env_task(get_task("redraw")) and task_budget("probe") == 384
+    assert is_env_task(TASK) and not is_env_task(get_task("redraw")) and task_budget("probe") == 448
     for i, p in enumerate(PROBLEMS):
         nonce = TASK.nonce(7, i)
         text = _played(p, nonce)

@@ -53,13 +53,16 @@ EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training sk
 # several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
 # in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
 # not yet copying the operands. redraw: the same start and batching, 800 steps (its traces are new text to the
-# arithmetic policy: the range in the prompt, the bar, the stop decision).
+# arithmetic policy: the range in the prompt, the bar, the stop decision). probe: the same (tool calls and
+# observations are new text too; the observations are never trained on).
 RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
 RECIPES: dict[str, dict] = {
     "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
                  "warmup": 20},
     "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
                "warmup": 20},
+    "probe": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
+              "warmup": 20},
 }
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
@@ -69,6 +72,7 @@ class PretrainConfig:
     """How the default policy is built; every field but num_threads enters the cache key."""
 
     task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "chainsum" | "countdown" | "redraw"
+    # | "probe"
     hidden_size: int = 128  # model width
     num_layers: int = 12  # decoder layers; >= 8 so a one-layer drafter is cheap relative to the target
     num_heads: int = 4  # attention heads (head_dim = hidden_size // num_heads)
@@ -165,7 +169,7 @@ class PretrainConfig:
         task = get_task(self.task, **{**self.task_options, **kwargs})
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
-                              f"use a synthetic task (arithmetic, chainsum, countdown, redraw)")
+                              f"use a synthetic task (arithmetic, chainsum, countdown, redraw, probe)")
         return task
 
     def cache_key(self) -> dict:

@@ -59,7 +59,7 @@ class ProbeTask:
 
     name = "probe"
     styles = ("worked", "direct", "sloppy")
-    max_new_tokens = 384  # a row's budget, policy and observation tokens together
+    max_new_tokens = 448  # a row's budget, policy and observation tokens together
 
     def __post_init__(self) -> None:
         if not 10 <= self.min_bar <= self.max_bar <= 99:
