@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
-from respec.engine.checkpoint import atomic_write_text
-from respec.rl.rollout_shape import drain_shape
 from respec.world.env import encode_transcript
 from respec.world.tasks import get_task, task_budget
 from respec.world.tasks.probe import write_transcript
 from respec.world.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tail_bound import step_price  # noqa: E402
+from tail_bound import drain_row, share_text, step_price, write_result  # noqa: E402
 
 GRID = [dict(min_bar=lo, max_bar=hi) for lo, hi in ((10, 96), (10, 97), (10, 98), (30, 97), (50, 90))]
 
@@ -74,26 +71,16 @@ def main() -> None:
                 clipped += n_tokens >= budget
                 prefill_s += sum(price(min(c, 128)) * max(1.0, c / 128) for c in contexts)
             batches.append(steps)
-        cpu = drain_shape(batches, price)
-        flat = drain_shape(batches, lambda rows: 1.0)
-        decode_s = sum(cpu["batch_s"].values())
-        row = {**g, "steps": cpu["length"], "tokens_mean": sum(tokens) / len(tokens),
-               "clipped": clipped / len(tokens), "small_share": cpu["small_batch_share"],
-               "small_share_mean": cpu["small_batch_share_mean"], "flat_small_share": flat["small_batch_share"],
-               "flat_small_share_mean": flat["small_batch_share_mean"],
-               "prefill_share": prefill_s / (prefill_s + decode_s)}
+        row = {**g, **drain_row(batches, price), "tokens_mean": sum(tokens) / len(tokens),
+               "clipped": clipped / len(tokens)}
+        row["prefill_share"] = prefill_s / (prefill_s + row["decode_s"])
         rows.append(row)
-        print(f"bars {g['min_bar']}..{g['max_bar']}: decode steps per row median {row['steps']['median']:.0f} "
-              f"mean {row['steps']['mean']:.1f} p99 {row['steps']['p99']:.0f} max {row['steps']['max']:.0f}, "
-              f"tokens mean {row['tokens_mean']:.1f} (clipped {row['clipped']:.2%}); <= 16 rows: this machine "
-              f"{row['small_share']:.0%} (mean per rollout {row['small_share_mean']:.0%}), flat cost "
-              f"{row['flat_small_share']:.0%} ({row['flat_small_share_mean']:.0%}); re-prefills "
+        steps = row["length"]  # of decode steps per row
+        print(f"bars {g['min_bar']}..{g['max_bar']}: decode steps per row median {steps['median']:.0f} "
+              f"mean {steps['mean']:.1f} p99 {steps['p99']:.0f} max {steps['max']:.0f}, tokens mean "
+              f"{row['tokens_mean']:.1f} (clipped {row['clipped']:.2%}); {share_text(row)}; re-prefills "
               f"{row['prefill_share']:.0%} of rollout seconds", flush=True)
-    data = {"command": shlex.join(["python", *sys.argv]), "task": "probe", "budget": budget, "step_cost": plain,
-            "prompts": args.prompts, "samples": args.samples, "rollouts": args.rollouts, "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.json, json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_result(args, "probe", budget, plain, rows)
 
 
 if __name__ == "__main__":
