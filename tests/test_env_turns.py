@@ -84,3 +84,16 @@ def test_plain_and_speculative_agree_greedily(target):
     assert [s.tokens for s in plain.sequences] == [s.tokens for s in spec.sequences]
     assert [s.generated for s in plain.sequences] == [s.generated for s in spec.sequences]
     assert any(not all(s.generated) for s in plain.sequences)
+
+
+def test_drafter_distillation_skips_observation_tokens():
+    import torch
+
+    from respec.engine.outputs import SequenceOutput
+    from respec.world.distill import drop_observations
+
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    outputs = [SequenceOutput([1, 2, 3, 4], [0.0] * 4, "stop", [True, False, False, True]),
+               SequenceOutput([5, 6], [0.0] * 2, "stop")]
+    drop_observations(mask, [3, 2], outputs)
+    assert mask.tolist() == [[True, True, True, False, False, True, True, True], [True] * 8]

@@ -148,3 +148,11 @@ def test_the_policy_loss_ignores_observation_tokens():
     noisy = logp.masked_fill(~batch.mask, float("nan"))
     loss2, _ = policy_loss(noisy, batch.old_logp.masked_fill(~batch.mask, 5.0), batch.advantages, batch.mask)
     assert torch.equal(loss, loss2)
+
+
+def test_drafter_builds_answer_the_probe_environment(tiny_world):
+    from respec.world.distill import _task_env
+
+    env = _task_env(tiny_world[0], "probe", 4, 1, 0)
+    assert env.problems == get_task("probe").problems(4, 1) and env.seed == 0
+    assert _task_env(tiny_world[0], "arithmetic", 4, 1, 0) is None
