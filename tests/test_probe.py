@@ -150,9 +150,11 @@ def test_the_policy_loss_ignores_observation_tokens():
     assert torch.equal(loss, loss2)
 
 
-def test_drafter_builds_answer_the_probe_environment(tiny_world):
-    from respec.world.distill import _task_env
+def test_task_env_answers_the_probe_rows(tiny_world):
+    from respec.world.env import task_env
 
-    env = _task_env(tiny_world[0], "probe", 4, 1, 0)
+    env = task_env(tiny_world[0], "probe", 4, 1, 0)
     assert env.problems == get_task("probe").problems(4, 1) and env.seed == 0
-    assert _task_env(tiny_world[0], "arithmetic", 4, 1, 0) is None
+    assert task_env(tiny_world[0], "probe", 2, 1, 0, samples=3).problems == [p for p in env.problems[:2]
+                                                                             for _ in range(3)]
+    assert task_env(tiny_world[0], "arithmetic", 4, 1, 0) is None

@@ -45,11 +45,10 @@ from respec.engine.model import Transformer
 from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
-from respec.world.env import TaskEnv, is_env_task
+from respec.world.env import task_env
 from respec.world.pretrain import Log, epoch_batches, lr_schedule
 from respec.world.prompts import task_prompts
-from respec.world.tasks import DEFAULT_TASK, TASKS, get_task, task_budget
-from respec.world.tokenizer import load_tokenizer
+from respec.world.tasks import DEFAULT_TASK, TASKS, task_budget
 
 VERSION = 2  # bump when a change here should invalidate cached drafters (2: prompts tokenised by the policy's own
 # tokenizer; transformers 5 had swapped in Qwen2's pre-tokenizer when loading it from the policy directory)
@@ -344,14 +343,6 @@ def acceptance(target: Transformer, drafter: Eagle3Drafter, prompts: list[list[i
     return result.mean_emitted_per_step
 
 
-def _task_env(target_dir: str | Path, task: str, n: int, seed: int, env_seed: int) -> TaskEnv | None:
-    """Returns the environment of `task_prompts(target_dir, task, n, seed)`'s rows (nonces from env_seed), or None
-    for a task without one."""
-    if task not in TASKS or not is_env_task(get_task(task)):
-        return None
-    return TaskEnv(get_task(task), get_task(task).problems(n, seed), load_tokenizer(target_dir), env_seed)
-
-
 def target_identity(target_dir: str | Path) -> dict:
     """Returns what identifies a checkpoint's content cheaply: config.json's hash and, per weight file, its size
     and the hash of its first and last MiB (no full read of a multi-GB checkpoint)."""
@@ -401,12 +392,12 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig | None = None, out:
     try:
         metrics_path = work / "train_metrics.jsonl"
         drafter = train_drafter(target, train_prompts, cfg, log=log, metrics_path=metrics_path,
-                                env=_task_env(target_dir, task, cfg.num_rollouts, cfg.train_seed, cfg.seed))
+                                env=task_env(target_dir, task, cfg.num_rollouts, cfg.train_seed, cfg.seed))
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         emitted = {str(k): acceptance(target, drafter, eval_prompts, k=k, temperature=1.0,
                                       max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
-                                      env=_task_env(target_dir, task, cfg.eval_prompts, cfg.eval_seed, cfg.seed))
+                                      env=task_env(target_dir, task, cfg.eval_prompts, cfg.eval_seed, cfg.seed))
                    for k in cfg.eval_ks}
         report = {"mean_emitted_per_step": emitted, "temperature": 1.0, "eval_prompts": len(eval_prompts),
                   "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
