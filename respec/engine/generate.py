@@ -22,6 +22,10 @@ Who picks k: `SpecConfig.mode` "off" (always 0), "static" (always k), "replay" (
 "adaptive" (the engine's `Tuner`, or any chooser passed to `generate`, asked before each step with the live
 batch and told each step's stats). Every mode samples the target's distribution exactly.
 
+Environment turns (multi-turn tool use): `generate(..., env=...)` asks `env` after a row stops on a stop token; an
+observation it returns is appended to the row, and the row continues as a new request over its whole context
+(prefilled again: no prefix cache), on the same random stream. The call is synchronous, between steps.
+
 Randomness: each request draws from its own counter-based stream (`sampling.uniforms`), keyed by its seed and
 fixed per sequence position, so its tokens depend on its seed, its prompt and the sequence of k only: not on the
 requests beside it, when they arrived or which slot it holds (up to floating-point differences between batch
