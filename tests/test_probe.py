@@ -158,3 +158,52 @@ def test_task_env_answers_the_probe_rows(tiny_world):
     assert task_env(tiny_world[0], "probe", 2, 1, 0, samples=3).problems == [p for p in env.problems[:2]
                                                                              for _ in range(3)]
     assert task_env(tiny_world[0], "arithmetic", 4, 1, 0) is None
+
+
+class ToolEngine:
+    """Stands in for the engine: every row calls the tool once per draw as a worked policy would, the environment
+    it is given answering each call, and stops at the first draw that reaches the bar."""
+
+    def __init__(self, tok, bars):
+        self.tok, self.bars = tok, bars
+
+    def generate(self, prompts, params, spec, env=None):
+        seqs = []
+        for row in range(len(prompts)):
+            tokens, generated = [], []
+
+            def say(text, row=row, tokens=tokens, generated=generated):
+                ids = self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
+                tokens.extend(ids)
+                generated.extend([True] * len(ids))
+                obs = env(row, list(tokens))
+                if obs:
+                    tokens.extend(obs)
+                    generated.extend([False] * len(obs))
+                return obs
+
+            bar, draws, text = self.bars[row], [], CALL
+            while True:
+                obs = say(text)
+                if obs is None:
+                    break
+                draws.append(int(self.tok.decode(obs).split()[-1]))
+                text = f"{draws[-1]}<{bar} {CALL}" if draws[-1] < bar else f"{draws[-1]}>={bar}\nAnswer: {len(draws)}"
+            seqs.append(SequenceOutput(tokens, [0.0 if not g else -0.1 for g in generated], "stop", generated))
+        return GenerationResult(seqs)
+
+
+def test_a_rollout_passes_its_rows_environment(tok):
+    from respec.rl.config import AlgorithmConfig, DataConfig, RolloutConfig, TrainConfig
+
+    config = TrainConfig(rollout=RolloutConfig(group_size=2, spec="off", max_new_tokens=448),
+                         data=DataConfig(task="probe", prompts_per_step=2), algorithm=AlgorithmConfig(ppo_mini_batch_size=1))
+    problems = PROBLEMS[:2]
+    bars = [p.meta["bar"] for p in problems for _ in range(2)]
+    rollout = Rollout(config, ToolEngine(tok, bars), tok, lambda p, t: TASK.score(p, t).reward, torch.device("cpu"),
+                      task=TASK)
+    out = rollout.run(problems, seed=11, step=1)
+    assert out.rewards.tolist() == [1.0] * 4  # every row's observations are its own environment's
+    seqs = out.result.sequences
+    assert out.batch.mask.sum(1).tolist() == [sum(s.generated) for s in seqs]
+    assert any(not all(s.generated) for s in seqs)
