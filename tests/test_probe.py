@@ -30,16 +30,16 @@ def _played(problem, nonce):
         obs = TASK.env_step(problem, text, nonce)
         assert obs is not None
         text += obs
-        draws.append(int(obs.split()[-1]))
+        draws.append(int(obs.split()[-1].split("/")[0]))
         if draws[-1] >= bar:
-            text += f"{draws[-1]}>={bar}\nAnswer: {len(draws)}"
+            text += f"{draws[-1]}>={bar}\nAnswer: {draws[-1]}"
             assert TASK.env_step(problem, text, nonce) is None  # no call: the row ends
             return text
         text += f"{draws[-1]}<{bar} {CALL}"
 
 
 def test_the_environment_transcripts_score_one():
-    assert is_env_task(TASK) and not is_env_task(get_task("redraw")) and task_budget("probe") == 448
+    assert is_env_task(TASK) and not is_env_task(get_task("redraw")) and task_budget("probe") == 512
     for i, p in enumerate(PROBLEMS):
         nonce = TASK.nonce(7, i)
         text = _played(p, nonce)
@@ -63,8 +63,12 @@ def test_faked_observations_score_zero():
     assert TASK.score(p, text).reward == 1.0
     draws = TASK.draws(p, 1234)
     wrong = (draws[1] - 10 + 1) % 90 + 10
-    faked = text.replace(f"\n{draws[1]}\n", f"\n{wrong}\n", 1).replace(f"{draws[1]}<", f"{wrong}<", 1)
-    assert TASK.score(p, faked).reward == 0.0
+    bar = p.meta["bar"]
+    faked = text.replace(f"\n{draws[1]}/{bar}\n", f"\n{wrong}/{bar}\n", 1).replace(f"{draws[1]}<", f"{wrong}<", 1)
+    assert faked != text and TASK.score(p, faked).reward == 0.0
+    # an observation that names another bar
+    other_bar = text.replace(f"\n{draws[1]}/{bar}\n", f"\n{draws[1]}/{bar - 1}\n", 1)
+    assert other_bar != text and TASK.score(p, other_bar).reward == 0.0
     # a made-up nonce: the draws that follow are not its hashes
     other = write_transcript(p.meta["bar"], 1234, draws).replace("#1234", "#4321")
     assert TASK.score(p, other).reward == 0.0
@@ -73,7 +77,7 @@ def test_faked_observations_score_zero():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("draw<>=#\nAnswer: 0123456789")), max_size=80),
+@given(st.text(alphabet=st.sampled_from(list("draw<>=#/\nAnswer: 0123456789")), max_size=80),
        st.integers(0, len(PROBLEMS) - 1))
 def test_the_scorer_and_env_never_raise(text, i):
     score = TASK.score(PROBLEMS[i], text)
@@ -187,8 +191,8 @@ class ToolEngine:
                 obs = say(text)
                 if obs is None:
                     break
-                draws.append(int(self.tok.decode(obs).split()[-1]))
-                text = f"{draws[-1]}<{bar} {CALL}" if draws[-1] < bar else f"{draws[-1]}>={bar}\nAnswer: {len(draws)}"
+                draws.append(int(self.tok.decode(obs).split()[-1].split("/")[0]))
+                text = f"{draws[-1]}<{bar} {CALL}" if draws[-1] < bar else f"{draws[-1]}>={bar}\nAnswer: {draws[-1]}"
             seqs.append(SequenceOutput(tokens, [0.0 if not g else -0.1 for g in generated], "stop", generated))
         return GenerationResult(seqs)
 

@@ -1,18 +1,18 @@
 """Probe: call a tool that draws a random two-digit number until a draw reaches a bar. A multi-turn task whose
 length is set by an environment's outcomes, which the policy cannot steer.
 
-Prompt and transcript, e.g. (policy turns end with eos; the lines ``#4821 41`` and ``66`` are the environment's
+Prompt and transcript, e.g. (policy turns end with eos; the lines ``#4821 41/73``, ``66/73`` and ``88/73`` are the environment's
 observations, appended by it, never sampled)::
 
     Q: draw until one >= 73
     draw                      policy: a tool call
-    #4821 41                  environment: the row's nonce and the first draw
+    #4821 41/73               environment: the row's nonce, the first draw and the bar it was drawn for
     41<73 draw                policy: the draw against the bar, and another call
-    66                        environment: the next draw
+    66/73                     environment: the next draw (and the bar)
     66<73 draw
-    88
+    88/73
     88>=73                    policy: the draw reaches the bar, so it stops
-    Answer: 3                 the number of draws
+    Answer: 88                the last draw
 
 A draw reaches the bar B with probability p = (100 - B) / 90, so the number of calls is geometric given B; the
 bars are drawn from `min_bar`..`max_bar`, so some prompts have a small p: the eight rows of one prompt are as
@@ -26,7 +26,7 @@ it guesses the hash (1 in 90 per draw).
 
 Reward 1.0 when the transcript follows the protocol (a call first, every comparison line restating the last draw
 and the bar with the right relation, a call after each draw below the bar, a stop at the first draw that reaches
-it, the answer the number of draws), else 0.0. Styles: ``worked`` (right), ``direct`` (only ``Answer: 1``, no
+it, the answer the last draw), else 0.0. Styles: ``worked`` (right), ``direct`` (only ``Answer: <the bar>``, no
 call), ``sloppy`` (one wrong stop decision: stopping below the bar or calling again past it).
 """
 
@@ -41,8 +41,10 @@ from respec.errors import ConfigError
 from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, resolve_style
 
 CALL = "draw"  # the tool call: a policy turn that ends with it (then eos) asks the environment for a draw
-_FIRST = re.compile(r"\n#([0-9]{4}) ([1-9][0-9])\n")  # the first observation: nonce and draw
-_LATER = re.compile(r"\n([1-9][0-9])\n")  # every later observation
+# The first observation: nonce, draw and bar; every later one: draw and bar. The bar is echoed so that every number
+# the policy writes is copied from a few tokens back (a small policy copied the prompt's bar badly).
+_FIRST = re.compile(r"\n#([0-9]{4}) ([1-9][0-9])/([1-9][0-9])\n")
+_LATER = re.compile(r"\n([1-9][0-9])/([1-9][0-9])\n")
 OBSERVATION = re.compile(rf"{_FIRST.pattern}|{_LATER.pattern}")
 _BELOW = re.compile(r"([1-9][0-9])<([1-9][0-9]) draw")
 _REACHED = re.compile(r"([1-9][0-9])>=([1-9][0-9])\nAnswer: ([0-9]+)")
@@ -55,11 +57,11 @@ class ProbeTask:
     style_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # worked, direct, sloppy
     # Most draws the solution sampler writes (a longer path is drawn again), so that pretraining sequences fit the
     # context; the environment and the scorer accept any number.
-    max_draws: int = 28
+    max_draws: int = 24
 
     name = "probe"
     styles = ("worked", "direct", "sloppy")
-    max_new_tokens = 448  # a row's budget, policy and observation tokens together
+    max_new_tokens = 512  # a row's budget, policy and observation tokens together
 
     def __post_init__(self) -> None:
         if not 10 <= self.min_bar <= self.max_bar <= 99:
@@ -108,8 +110,7 @@ class ProbeTask:
         if not transcript.endswith(CALL):
             return None
         turn = len(OBSERVATION.findall(transcript))
-        value = self.draw(problem, nonce, turn)
-        return f"\n#{nonce:04d} {value}\n" if turn == 0 else f"\n{value}\n"
+        return observation(nonce, turn, self.draw(problem, nonce, turn), problem.meta["bar"])
 
     @staticmethod
     def segments(transcript: str) -> list[tuple[str, bool]]:
@@ -146,9 +147,9 @@ class ProbeTask:
         draws = []
         for t, (text, _) in enumerate(turns[::2]):
             m = (_FIRST if t == 0 else _LATER).fullmatch(text)
-            if m is None or int(m.groups()[-1]) != self.draw(problem, nonce, t):
+            if m is None or (int(m.groups()[-2]), int(m.groups()[-1])) != (self.draw(problem, nonce, t), bar):
                 return Score(0.0, parsed, f"observation {t + 1} is not the environment's")
-            draws.append(int(m.groups()[-1]))
+            draws.append(int(m.groups()[-2]))
         lines = [text for text, _ in turns[1::2]]
         for d, line in zip(draws[:-1], lines[:-1], strict=True):
             m = _BELOW.fullmatch(line)
@@ -157,8 +158,8 @@ class ProbeTask:
         m = _REACHED.fullmatch(lines[-1])
         if m is None or (int(m.group(1)), int(m.group(2))) != (draws[-1], bar) or draws[-1] < bar:
             return Score(0.0, parsed, f"wrong stop line {clip(lines[-1])}")
-        if int(m.group(3)) != len(draws):
-            return Score(0.0, parsed, f"answer {m.group(3)} is not the {len(draws)} draws")
+        if int(m.group(3)) != draws[-1]:
+            return Score(0.0, parsed, f"answer {m.group(3)} is not the last draw {draws[-1]}")
         return Score(1.0, parsed, f"follows the protocol, {len(draws)} draws")
 
     # -- training data ---------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class ProbeTask:
         from `style_weights` if None; its nonce is drawn from `rng`."""
         style = resolve_style(self, style, rng)
         if style == "direct":
-            return f"{ANSWER_PREFIX} 1", False
+            return f"{ANSWER_PREFIX} {problem.meta['bar']}", False
         bar = problem.meta["bar"]
         while True:
             nonce = rng.randrange(10_000)
@@ -196,13 +197,18 @@ class ProbeTask:
 
 def write_transcript(bar: int, nonce: int, draws: list[int]) -> str:
     """Return the transcript of a row that drew `draws` and stopped after the last: a call after each draw but the
-    last, then the stop line and the number of draws (right when only the last reaches the bar)."""
+    last, then the stop line and the last draw (right when only the last reaches the bar)."""
     text = CALL
     for t, d in enumerate(draws):
-        text += f"\n#{nonce:04d} {d}\n" if t == 0 else f"\n{d}\n"
+        text += observation(nonce, t, d, bar)
         if t + 1 < len(draws):
             text += f"{d}<{bar} {CALL}"
-    return text + f"{draws[-1]}>={bar}\n{ANSWER_PREFIX} {len(draws)}"
+    return text + f"{draws[-1]}>={bar}\n{ANSWER_PREFIX} {draws[-1]}"
+
+
+def observation(nonce: int, turn: int, draw: int, bar: int) -> str:
+    """Return the environment's observation text at `turn`: the first names the row's nonce."""
+    return f"\n#{nonce:04d} {draw}/{bar}\n" if turn == 0 else f"\n{draw}/{bar}\n"
 
 
 def _hash(text: str) -> int:
