@@ -442,7 +442,7 @@ def train(
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
     task: str | None = typer.Option(None, help="arithmetic | chainsum | countdown | jsonl | redraw | probe (default: the "
-                                    "config's, arithmetic; chainsum and redraw need --set rollout.max_new_tokens=384, probe 448)"),
+                                    "config's, arithmetic; chainsum and redraw need --set rollout.max_new_tokens=384, probe 512)"),
     data: Path | None = typer.Option(None, help="GSM8K-style .jsonl or verl .parquet file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:
