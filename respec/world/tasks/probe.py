@@ -38,7 +38,15 @@ import re
 from dataclasses import dataclass
 
 from respec.errors import ConfigError
-from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, resolve_style
+from respec.world.tasks.base import (
+    ANSWER_PREFIX,
+    Problem,
+    Score,
+    check_style_mix,
+    clip,
+    final_answer,
+    resolve_style,
+)
 
 CALL = "draw"  # the tool call: a policy turn that ends with it (then eos) asks the environment for a draw
 # The first observation: nonce, draw and bar; every later one: draw and bar. The bar is echoed so that every number
@@ -67,10 +75,7 @@ class ProbeTask:
         if not 10 <= self.min_bar <= self.max_bar <= 99:
             raise ConfigError(f"probe bars must satisfy 10 <= min_bar <= max_bar <= 99 (two-digit draws), got "
                               f"min_bar={self.min_bar}, max_bar={self.max_bar}")
-        weights = self.style_weights
-        if len(weights) != len(self.styles) or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(f"probe style_weights must be {len(self.styles)} non-negative weights "
-                              f"({', '.join(self.styles)}) with a positive sum, got {weights}")
+        check_style_mix(self.name, self.style_weights, 0.0, self.styles)
         if not isinstance(self.max_draws, int) or self.max_draws < 1:
             raise ConfigError(f"probe max_draws must be a positive integer, got {self.max_draws!r}")
 
