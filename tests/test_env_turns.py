@@ -97,3 +97,74 @@ def test_drafter_distillation_skips_observation_tokens():
                SequenceOutput([5, 6], [0.0] * 2, "stop")]
     drop_observations(mask, [3, 2], outputs)
     assert mask.tolist() == [[True, True, True, False, False, True, True, True], [True] * 8]
+
+
+def _cacheless_greedy(target, prompt, env, row, budget):
+    """Greedy decoding with environment turns by full forwards over the whole context (no cache): the reference."""
+    import torch
+
+    tokens, logprobs = [], []
+    while len(tokens) < budget:
+        hidden, _ = target(torch.tensor([prompt + tokens]))
+        logp = torch.log_softmax(target.lm_head(hidden[0, -1]).float(), -1)
+        token = int(logp.argmax())
+        tokens.append(token)
+        logprobs.append(float(logp[token]))
+        if token != STOP:
+            continue
+        obs = env(row, list(tokens))
+        if not obs:
+            break
+        obs = obs[:budget - len(tokens)]
+        tokens += obs
+        logprobs += [0.0] * len(obs)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])
+def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, monkeypatch):
+    """Every continuation goes back into the slot that holds its context and prefills only the stop token and the
+    observation; the tokens and logprobs equal full forwards over the whole context."""
+    import torch
+
+    from respec.engine.slots import SlotTable
+
+    starts = []
+    prefill = SlotTable.prefill
+
+    def recording(self, target, slots, prompts, *args):
+        starts.extend(zip(args[-1] or [0] * len(prompts), map(len, prompts), strict=True))
+        return prefill(self, target, slots, prompts, *args)
+
+    monkeypatch.setattr(SlotTable, "prefill", recording)
+    drafter = init_drafter(target, seed=1) if spec.mode != "off" else None
+    params = _params(temperature=0.0)
+    with torch.no_grad():
+        out = Engine(target, drafter).generate(PROMPTS, params, spec, env=Env())
+        for row, seq in enumerate(out.sequences):
+            tokens, logprobs = _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)
+            assert seq.tokens == tokens
+            assert max(abs(a - b) for a, b in zip(seq.logprobs, logprobs, strict=True)) <= 1e-4
+    again = [(start, n) for start, n in starts if start]
+    assert len(again) == sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3 > 0  # one per turn
+    assert all(n - start == 4 for start, n in again)  # the stop token and a 3-token observation
+
+
+def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, monkeypatch):
+    """Two slots for four rows: a freed slot goes to a waiting row first, so a continuation lands elsewhere and
+    runs its whole context; the tokens still equal full forwards over it."""
+    import torch
+
+    from respec.engine.slots import SlotTable
+
+    starts = []
+    prefill = SlotTable.prefill
+    monkeypatch.setattr(SlotTable, "prefill", lambda self, *a: starts.extend(a[-1] or [0] * len(a[2])) or
+                        prefill(self, *a))
+    params = _params(temperature=0.0)
+    with torch.no_grad():
+        out = Engine(target, max_running=2).generate(PROMPTS, params, SpecConfig(mode="off"), env=Env())
+        for row, seq in enumerate(out.sequences):
+            assert seq.tokens == _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)[0]
+    turns = sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3
+    assert len(starts) == len(PROMPTS) + turns and 0 < starts.count(0) - len(PROMPTS) < turns  # some of each

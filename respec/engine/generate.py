@@ -99,6 +99,8 @@ class _Request:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.row = None  # generate's row index (continuations of one row share it)
+        self.freed: tuple[int, int] | None = None  # (slot, its fill count) when it finished
+        self.reuse: tuple[int, int, int] | None = None  # a continuation's (slot, entries, fill count) to start from
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.tokens), list(self.logprobs), self.finish_reason is not None,
@@ -413,8 +415,12 @@ class Engine:
             row.finish_reason = "length"
             return req
         row.turns += 1
-        return self._queue((req.row, row.turns), row.prompt + row.tokens, replace(params, max_new_tokens=room),
+        cont = self._queue((req.row, row.turns), row.prompt + row.tokens, replace(params, max_new_tokens=room),
                            req.key, row=req.row)
+        # Its slot still holds the entries of every token but the last (the stop token, never fed back).
+        slot, fills = req.freed
+        cont.reuse = (slot, len(req.prompt) + len(req.tokens) - 1, fills)
+        return cont
 
     # -- checks and setup ------------------------------------------------------------------------------------------
     def _default_spec(self) -> SpecConfig:
@@ -508,15 +514,25 @@ class Engine:
         return advanced
 
     def _admit(self, tab: SlotTable, reqs: list[_Request]) -> None:
-        """Prefills `reqs` into the lowest free slots (one target forward); their first tokens stay on the device
+        """Prefills `reqs` into the lowest free slots (one target forward; continuations back into their old slots,
+        another); their first tokens stay on the device
         and are reported with the step."""
         tab.flush()  # the batch state goes back to the slots before new requests write theirs
-        slots = tab.take(len(reqs))
-        for req, s in zip(reqs, slots, strict=True):
-            req.slot, tab.owner[s] = s, req
+        # A continuation (environment turns) whose old slot still holds its entries runs only its new tokens there.
+        again = [r for r in reqs if r.reuse is not None and tab.holds(r.reuse[0], r.reuse[2])]
+        rest = max((len(r.prompt) - r.reuse[1] for r in again), default=0)
+        again = [r for r in again if r.reuse[1] + rest <= tab.capacity]
+        tab.take_slots([r.reuse[0] for r in again])
+        fresh = [r for r in reqs if r not in again]
         aux_layers = tuple(self.drafter.aux_layer_ids) if tab.speculative else ()
-        tab.prefill(self.target, slots, [r.prompt for r in reqs], [r.params for r in reqs], [r.key for r in reqs],
-                    [r.stops for r in reqs], aux_layers)
+        for group, slots, starts in ((again, [r.reuse[0] for r in again], [r.reuse[1] for r in again]),
+                                     (fresh, tab.take(len(fresh)), None)):
+            if not group:
+                continue
+            for req, s in zip(group, slots, strict=True):
+                req.slot, tab.owner[s] = s, req
+            tab.prefill(self.target, slots, [r.prompt for r in group], [r.params for r in group],
+                        [r.key for r in group], [r.stops for r in group], aux_layers, starts)
 
     def _sync_drafter(self, tab: SlotTable) -> None:
         """Adopts a drafter swapped in by set_drafter since the last step: a fresh drafter cache, and every
@@ -593,7 +609,7 @@ class Engine:
                 req.finish_reason = "stop" if row[3] else "length"
                 del self._requests[req.request_id]
                 tab.release(s)
-                req.slot = None
+                req.slot, req.freed = None, (s, tab.fills[s])
             else:
                 tab.host_len[s] += acc + 1 if k else 1
                 tab.host_pend[s] = acc + 1 if k else 1 if flushed else tab.host_pend[s] + 1
