@@ -23,8 +23,10 @@ Who picks k: `SpecConfig.mode` "off" (always 0), "static" (always k), "replay" (
 batch and told each step's stats). Every mode samples the target's distribution exactly.
 
 Environment turns (multi-turn tool use): `generate(..., env=...)` asks `env` after a row stops on a stop token; an
-observation it returns is appended to the row, and the row continues as a new request over its whole context
-(prefilled again: no prefix cache), on the same random stream. The call is synchronous, between steps.
+observation it returns is appended to the row, and the row continues as a new request over its whole context, on
+the same random stream, back in the slot that still holds that context (only the stop token and the observation
+are prefilled; the whole context when another request took the slot meanwhile). The call is synchronous, between
+steps.
 
 Randomness: each request draws from its own counter-based stream (`sampling.uniforms`), keyed by its seed and
 fixed per sequence position, so its tokens depend on its seed, its prompt and the sequence of k only: not on the
@@ -346,9 +348,10 @@ class Engine:
         id; never on "length"), `env(first_stream + i, tokens)` is called with every token the row holds after its
         prompt (the policy's and earlier observations). None or [] ends the row; a list of token ids is appended
         to the row as an observation (logprob 0.0, `SequenceOutput.generated` False) and the row goes on as a new
-        request whose prompt is the prompt plus everything so far, prefilled into a free slot at the next step
-        (no prefix cache: the whole context is prefilled again) and drawing from the row's own stream at the same
-        positions, so a seeded row's tokens still do not depend on its batch-mates. `env` runs synchronously
+        request whose prompt is the prompt plus everything so far, admitted at the next step into the slot it
+        left, whose entries still hold that context, so only the stop token and the observation are prefilled (if
+        a waiting request took the slot meanwhile: any free slot, the whole context prefilled), drawing from the
+        row's own stream at the same positions, so a seeded row's tokens still do not depend on its batch-mates. `env` runs synchronously
         between decode steps, so no row ever waits in a slot on it. `params.max_new_tokens` bounds the row's
         policy and observation tokens together: an observation is cut at the budget, and a row that reaches it
         finishes with "length".
