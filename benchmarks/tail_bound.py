@@ -46,6 +46,31 @@ def step_price(step_cost) -> object:
     return lambda rows: step_cost_at(costs, 0, rows)
 
 
+def drain_row(batches: list[list[int]], price) -> dict:
+    """Returns the drain of rollouts with these rows' decode steps priced by `price` and by a flat cost: length
+    stats, the shares at <= 16 live rows (pooled and the mean of rollouts), and the priced decode seconds."""
+    cpu = drain_shape(batches, price)
+    flat = drain_shape(batches, lambda rows: 1.0)
+    return {"length": cpu["length"], "small_share": cpu["small_batch_share"],
+            "small_share_mean": cpu["small_batch_share_mean"], "flat_small_share": flat["small_batch_share"],
+            "flat_small_share_mean": flat["small_batch_share_mean"], "decode_s": sum(cpu["batch_s"].values())}
+
+
+def share_text(row: dict) -> str:
+    """Returns the printed shares of a `drain_row`."""
+    return (f"<= 16 rows: this machine {row['small_share']:.0%} (mean per rollout {row['small_share_mean']:.0%}), "
+            f"flat cost {row['flat_small_share']:.0%} ({row['flat_small_share_mean']:.0%})")
+
+
+def write_result(args, task: str, budget: int, step_cost, rows: list[dict]) -> None:
+    """Writes the grid's rows with the command and settings to args.json (atomically) and says where."""
+    data = {"command": shlex.join(["python", *sys.argv]), "task": task, "budget": budget, "step_cost": step_cost,
+            "prompts": args.prompts, "samples": args.samples, "rollouts": args.rollouts, "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.json, json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", type=Path, required=True, help="a respec bench rollout JSON with step_cost")
@@ -64,22 +89,13 @@ def main() -> None:
         task = get_task(args.task, **g)
         batches = worked_lengths(task, tok, task.problems(args.prompts * args.rollouts, seed=0), args.prompts,
                                  args.samples, budget, random.Random(0))
-        cpu = drain_shape(batches, price)
-        flat = drain_shape(batches, lambda rows: 1.0)
         clipped = sum(n >= budget for b in batches for n in b) / sum(len(b) for b in batches)
-        row = {**g, "length": cpu["length"], "clipped": clipped, "small_share": cpu["small_batch_share"],
-               "small_share_mean": cpu["small_batch_share_mean"], "flat_small_share": flat["small_batch_share"],
-               "flat_small_share_mean": flat["small_batch_share_mean"]}
+        row = {**g, "clipped": clipped, **drain_row(batches, price)}
         rows.append(row)
         print(f"{' '.join(f'{k} {v}' for k, v in g.items())}: length median {row['length']['median']:.0f} "
-              f"p99 {row['length']['p99']:.0f} max {row['length']['max']:.0f} (clipped {clipped:.2%}); <= 16 rows: "
-              f"this machine {row['small_share']:.0%} (mean per rollout {row['small_share_mean']:.0%}), flat cost "
-              f"{row['flat_small_share']:.0%} ({row['flat_small_share_mean']:.0%})", flush=True)
-    data = {"command": shlex.join(["python", *sys.argv]), "task": args.task, "budget": budget, "step_cost": plain,
-            "prompts": args.prompts, "samples": args.samples, "rollouts": args.rollouts, "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.json, json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.json}")
+              f"p99 {row['length']['p99']:.0f} max {row['length']['max']:.0f} (clipped {clipped:.2%}); "
+              f"{share_text(row)}", flush=True)
+    write_result(args, args.task, budget, plain, rows)
 
 
 if __name__ == "__main__":

@@ -410,7 +410,7 @@ def bench_ray_cmd(
 
 @app.command()
 def pretrain(
-    task: str = typer.Option(DEFAULT_TASK, help="synthetic task: arithmetic | chainsum | countdown | redraw"),
+    task: str = typer.Option(DEFAULT_TASK, help="synthetic task: arithmetic | chainsum | countdown | redraw | probe"),
     out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
     steps: int | None = typer.Option(None, help="optimiser steps (default: PretrainConfig's)"),
     seed: int = typer.Option(0),
@@ -441,8 +441,8 @@ def train(
     resume: Path | None = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
-    task: str | None = typer.Option(None, help="arithmetic | chainsum | countdown | jsonl | redraw (default: the "
-                                    "config's, arithmetic; chainsum and redraw need --set rollout.max_new_tokens=384)"),
+    task: str | None = typer.Option(None, help="arithmetic | chainsum | countdown | jsonl | redraw | probe (default: the "
+                                    "config's, arithmetic; chainsum and redraw need --set rollout.max_new_tokens=384, probe 512)"),
     data: Path | None = typer.Option(None, help="GSM8K-style .jsonl or verl .parquet file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:

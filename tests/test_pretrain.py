@@ -88,7 +88,7 @@ def scripted_engine(tokenizer, completion_of):
         def __init__(self, policy):
             pass
 
-        def generate(self, prompts, params, spec):
+        def generate(self, prompts, params, spec, env=None):
             sequences = []
             for ids in prompts:
                 text = completion_of(tokenizer.decode(ids, skip_special_tokens=True))

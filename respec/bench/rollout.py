@@ -159,6 +159,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
     (the CLI passes its own)."""
     from respec.bench.plot import plot_bench_rollout
     from respec.world.defaults import resolve_models
+    from respec.world.env import task_env
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or RolloutBenchConfig()
@@ -169,6 +170,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         prompts = [p for p in task_prompts(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED) for _ in range(cfg.samples)]
         # As many slots as rows: the tuner profiles the batch sizes the rollout can reach, no larger.
         engine = Engine(target, load_drafter(drafter_dir, target), compile=cfg.compile, max_running=len(prompts))
+        env = task_env(policy_dir, cfg.task, cfg.prompts, HELD_OUT_SEED, cfg.seed, cfg.samples)  # multi-turn tasks
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         engine.default_tuner(cfg.k_max)  # profiles (or loads) the cost model outside the timed runs
         # With compiled steps, the eager engine's adaptive rollout runs beside them: the compiled path's gain.
@@ -185,7 +187,7 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
             warm: dict[int, list[GenerationResult]] = {}
             for k, spec in static.items():
                 log(f"rollout: {what}, {'plain' if k == 0 else f'static k={k}'}", done / total)
-                out = _timed(engine, prompts, params, spec)
+                out = _timed(engine, prompts, params, spec, env=env)
                 (runs[f"static_{k}"] if r else warm.setdefault(k, [])).append(out)
                 done += 1
             if table is None:  # filled from the warm-up pass's static grid, as offline tuning would be
@@ -193,13 +195,13 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
                 bandit = BanditPolicy(ks=list(cfg.ks), seed=cfg.seed)
             for name, chooser in (("table", table), ("bandit", bandit), ("adaptive", None)):
                 log(f"rollout: {what}, {name}", done / total)
-                out = _timed(engine, prompts, params, adaptive, chooser)
+                out = _timed(engine, prompts, params, adaptive, chooser, env)
                 if r:
                     runs[name].append(out)
                 done += 1
             if eager is not None:
                 log(f"rollout: {what}, adaptive (eager)", done / total)
-                out = _timed(eager, prompts, params, adaptive)
+                out = _timed(eager, prompts, params, adaptive, env=env)
                 if r:
                     runs["adaptive_eager"].append(out)
                 done += 1
@@ -289,11 +291,11 @@ def worked_lengths(task, tokenizer, problems: list, prompts: int, samples: int, 
     return [lengths[i:i + per_rollout] for i in range(0, len(lengths), per_rollout)]
 
 
-def _timed(engine: Engine, prompts, params, spec, chooser=None) -> GenerationResult:
+def _timed(engine: Engine, prompts, params, spec, chooser=None, env=None) -> GenerationResult:
     """Returns the rollout with `cpu_seconds` set: this process's CPU time over the call. With one torch thread
     on a CPU that is the work done, unaffected by other processes taking the core (wall time is not)."""
     c0 = time.process_time()
-    out = engine.generate(prompts, params, spec, chooser=chooser)
+    out = engine.generate(prompts, params, spec, chooser=chooser, env=env)
     out.cpu_seconds = time.process_time() - c0
     return out
 

@@ -104,12 +104,14 @@ class RolloutWorker:
         self.engine.set_drafter(drafter, version, keep_evidence=1.0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, spec: SpecConfig,
-                 first_stream: int) -> tuple[GenerationResult, float]:
-        """Returns the engine's result for one shard and the seconds it took inside this process."""
+                 first_stream: int, env=None) -> tuple[GenerationResult, float]:
+        """Returns the engine's result for one shard and the seconds it took inside this process (`env` is called
+        with the rows' streams, first_stream + i, so a shard's turns are the whole batch's)."""
         t0 = time.perf_counter()
         self.decode_steps, self.generating = 0, True
         try:
-            result = self.engine.generate(prompts, params, spec, on_step=self._count, first_stream=first_stream)
+            result = self.engine.generate(prompts, params, spec, on_step=self._count, first_stream=first_stream,
+                                          env=env)
         finally:
             self.generating = False
         return result, time.perf_counter() - t0
@@ -156,8 +158,10 @@ class WorkerPool:
                               "needs the same Python environment with respec and torch installed") from None
 
     # -- the trainer's side ------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams, spec: SpecConfig) -> GenerationResult:
-        """Returns the merged result of `prompts` sharded by whole groups over the live workers."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, spec: SpecConfig,
+                 env=None) -> GenerationResult:
+        """Returns the merged result of `prompts` sharded by whole groups over the live workers; `env` (pickled to
+        each worker) answers environment turns as in `Engine.generate`."""
         t0 = time.perf_counter()
         self._admit_rejoined(block=not self.live)
         pending = shard_edges(len(prompts), self.group_size, len(self.live))
@@ -169,7 +173,7 @@ class WorkerPool:
             while pending and idle:
                 i, shard = idle.pop(0), pending.pop(0)
                 a, b = shard
-                running[self.workers[i].generate.remote(prompts[a:b], params, spec, a)] = (i, shard)
+                running[self.workers[i].generate.remote(prompts[a:b], params, spec, a, env)] = (i, shard)
             if not running:  # every worker died: wait for a restarted one
                 self._admit_rejoined(block=True)
                 continue

@@ -22,6 +22,12 @@ Who picks k: `SpecConfig.mode` "off" (always 0), "static" (always k), "replay" (
 "adaptive" (the engine's `Tuner`, or any chooser passed to `generate`, asked before each step with the live
 batch and told each step's stats). Every mode samples the target's distribution exactly.
 
+Environment turns (multi-turn tool use): `generate(..., env=...)` asks `env` after a row stops on a stop token; an
+observation it returns is appended to the row, and the row continues as a new request over its whole context, on
+the same random stream, back in the slot that still holds that context (only the stop token and the observation
+are prefilled; the whole context when another request took the slot meanwhile). The call is synchronous, between
+steps.
+
 Randomness: each request draws from its own counter-based stream (`sampling.uniforms`), keyed by its seed and
 fixed per sequence position, so its tokens depend on its seed, its prompt and the sequence of k only: not on the
 requests beside it, when they arrived or which slot it holds (up to floating-point differences between batch
@@ -34,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +88,7 @@ __all__ = ["BACKLOG_FLUSH", "K_LIMIT", "Engine", "GenerationResult", "KChooser",
 
 BACKLOG_FLUSH = 32  # during plain (k = 0) steps the drafter consumes its backlog once it is this wide
 MAX_RUNNING = 256  # default slots (vLLM's max_num_seqs)
+Env = Callable[[int, list[int]], "list[int] | None"]  # (row's stream, its tokens after the prompt) -> observation
 
 
 class _Request:
@@ -92,10 +100,30 @@ class _Request:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.slot: int | None = None
+        self.row = None  # generate's row index (continuations of one row share it)
+        self.freed: tuple[int, int] | None = None  # (slot, its fill count) when it finished
+        self.reuse: tuple[int, int, int] | None = None  # a continuation's (slot, entries, fill count) to start from
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.tokens), list(self.logprobs), self.finish_reason is not None,
                              self.finish_reason)
+
+
+class _Row:
+    """One row of a generate call with environment turns: its tokens after the prompt over all its turns."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt = prompt
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.generated: list[bool] = []  # True where the policy sampled the token, False in observations
+        self.finish_reason: str | None = None
+        self.turns = 0
+
+    def add(self, tokens: list[int], logprobs: list[float], generated: bool) -> None:
+        self.tokens += tokens
+        self.logprobs += logprobs
+        self.generated += [generated] * len(tokens)
 
 
 class _Run:
@@ -306,7 +334,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  spec: SpecConfig | None = None, chooser: KChooser | None = None,
-                 on_step: Callable[[StepStats], None] | None = None, first_stream: int = 0) -> GenerationResult:
+                 on_step: Callable[[StepStats], None] | None = None, first_stream: int = 0,
+                 env: Env | None = None) -> GenerationResult:
         """Returns one SequenceOutput per prompt (same order) and per-step stats.
 
         The prompts run as requests on an idle engine, at most max_running at a time; row i draws from stream
@@ -314,6 +343,18 @@ class Engine:
         pass their first row's index generates what the whole batch would (up to floating-point differences
         between batch shapes). In adaptive mode `chooser` (default: the engine's
         tuner) picks each step's k; `on_step` is called after every decode step (progress reporting).
+
+        `env` (environment turns, multi-turn tool use): when row i's request ends on a stop token (eos or a stop
+        id; never on "length"), `env(first_stream + i, tokens)` is called with every token the row holds after its
+        prompt (the policy's and earlier observations). None or [] ends the row; a list of token ids is appended
+        to the row as an observation (logprob 0.0, `SequenceOutput.generated` False) and the row goes on as a new
+        request whose prompt is the prompt plus everything so far, admitted at the next step into the slot it
+        left, whose entries still hold that context, so only the stop token and the observation are prefilled (if
+        a waiting request took the slot meanwhile: any free slot, the whole context prefilled), drawing from the
+        row's own stream at the same positions, so a seeded row's tokens still do not depend on its batch-mates. `env` runs synchronously
+        between decode steps, so no row ever waits in a slot on it. `params.max_new_tokens` bounds the row's
+        policy and observation tokens together: an observation is cut at the budget, and a row that reaches it
+        finishes with "length".
         """
         params = params if params is not None else SamplingParams()
         spec = spec if spec is not None else self._default_spec()
@@ -341,15 +382,48 @@ class Engine:
         self._table_for(min(len(prompts), self.max_running), max_tokens, spec)
         requests = [self._queue(i, list(p), params, request_key(params.seed, first_stream + i))
                     for i, p in enumerate(prompts)]
+        rows = [_Row(list(p)) for p in prompts]
         try:
             while self._requests:
-                self._step(run)
+                for req in self._step(run):
+                    if req.finish_reason is not None and env is not None:
+                        requests[req.row] = self._env_turn(req, rows[req.row], env, first_stream + req.row,
+                                                           params)
         finally:
             for r in requests:
                 if r.request_id in self._requests:
                     self.abort_request(r.request_id)  # an error mid-run leaves the engine idle
-        seqs = [SequenceOutput(r.tokens, r.logprobs, r.finish_reason) for r in requests]
+        if env is None:
+            seqs = [SequenceOutput(r.tokens, r.logprobs, r.finish_reason) for r in requests]
+        else:
+            seqs = [SequenceOutput(row.tokens, row.logprobs, row.finish_reason, row.generated) for row in rows]
         return GenerationResult(seqs, run.stats, run.prefill_seconds)
+
+    def _env_turn(self, req: _Request, row: _Row, env: Env, stream: int, params: SamplingParams) -> _Request:
+        """Books a finished request's tokens on its row and asks `env` for an observation after a stop; returns
+        the row's request from now on (a queued continuation, or `req` when the row has ended)."""
+        row.add(req.tokens, req.logprobs, True)
+        row.finish_reason = req.finish_reason
+        if req.finish_reason != "stop":
+            return req
+        obs = env(stream, list(row.tokens))
+        if not obs:
+            return req
+        obs = self._check_prompt(obs, f"the observation of row {req.row}")
+        room = params.max_new_tokens - len(row.tokens)
+        row.add(obs[:room], [0.0] * min(len(obs), room), False)
+        # The continuation's whole context must leave room in a slot for one more token.
+        room = min(params.max_new_tokens - len(row.tokens), self._table.max_tokens - len(row.prompt) - len(row.tokens))
+        if room < 1:
+            row.finish_reason = "length"
+            return req
+        row.turns += 1
+        cont = self._queue((req.row, row.turns), row.prompt + row.tokens, replace(params, max_new_tokens=room),
+                           req.key, row=req.row)
+        # Its slot still holds the entries of every token but the last (the stop token, never fed back).
+        slot, fills = req.freed
+        cont.reuse = (slot, len(req.prompt) + len(req.tokens) - 1, fills)
+        return cont
 
     # -- checks and setup ------------------------------------------------------------------------------------------
     def _default_spec(self) -> SpecConfig:
@@ -369,9 +443,11 @@ class Engine:
             raise PromptError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
         return prompt
 
-    def _queue(self, request_id, prompt: list[int], params: SamplingParams, key: int) -> _Request:
+    def _queue(self, request_id, prompt: list[int], params: SamplingParams, key: int, row: int | None = None
+               ) -> _Request:
         eos = () if params.ignore_eos else self.target.config.eos_ids
         req = _Request(request_id, prompt, params, key, sorted(set(params.stop_token_ids) | set(eos)))
+        req.row = request_id if row is None else row
         self._requests[request_id] = req
         self._waiting.append(req)
         return req
@@ -441,15 +517,25 @@ class Engine:
         return advanced
 
     def _admit(self, tab: SlotTable, reqs: list[_Request]) -> None:
-        """Prefills `reqs` into the lowest free slots (one target forward); their first tokens stay on the device
+        """Prefills `reqs` into the lowest free slots (one target forward; continuations back into their old slots,
+        another); their first tokens stay on the device
         and are reported with the step."""
         tab.flush()  # the batch state goes back to the slots before new requests write theirs
-        slots = tab.take(len(reqs))
-        for req, s in zip(reqs, slots, strict=True):
-            req.slot, tab.owner[s] = s, req
+        # A continuation (environment turns) whose old slot still holds its entries runs only its new tokens there.
+        again = [r for r in reqs if r.reuse is not None and tab.holds(r.reuse[0], r.reuse[2])]
+        rest = max((len(r.prompt) - r.reuse[1] for r in again), default=0)
+        again = [r for r in again if r.reuse[1] + rest <= tab.capacity]
+        tab.take_slots([r.reuse[0] for r in again])
+        fresh = [r for r in reqs if r not in again]
         aux_layers = tuple(self.drafter.aux_layer_ids) if tab.speculative else ()
-        tab.prefill(self.target, slots, [r.prompt for r in reqs], [r.params for r in reqs], [r.key for r in reqs],
-                    [r.stops for r in reqs], aux_layers)
+        for group, slots, starts in ((again, [r.reuse[0] for r in again], [r.reuse[1] for r in again]),
+                                     (fresh, tab.take(len(fresh)), None)):
+            if not group:
+                continue
+            for req, s in zip(group, slots, strict=True):
+                req.slot, tab.owner[s] = s, req
+            tab.prefill(self.target, slots, [r.prompt for r in group], [r.params for r in group],
+                        [r.key for r in group], [r.stops for r in group], aux_layers, starts)
 
     def _sync_drafter(self, tab: SlotTable) -> None:
         """Adopts a drafter swapped in by set_drafter since the last step: a fresh drafter cache, and every
@@ -526,7 +612,7 @@ class Engine:
                 req.finish_reason = "stop" if row[3] else "length"
                 del self._requests[req.request_id]
                 tab.release(s)
-                req.slot = None
+                req.slot, req.freed = None, (s, tab.fills[s])
             else:
                 tab.host_len[s] += acc + 1 if k else 1
                 tab.host_pend[s] = acc + 1 if k else 1 if flushed else tab.host_pend[s] + 1

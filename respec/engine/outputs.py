@@ -47,8 +47,15 @@ class SequenceOutput:
     """One generated sequence: the new tokens, the target's logprob of each, and why it ended."""
 
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # 0.0 at observation tokens (not sampled: never train on them)
     finish_reason: str  # "stop" (stop/eos token, included in tokens) | "length" (max_new_tokens or a full slot)
+    # Per token: True where the target sampled it, False where an environment put it (`Engine.generate`'s env);
+    # None means all True.
+    generated: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.generated is None:
+            self.generated = [True] * len(self.tokens)
 
 
 @dataclass

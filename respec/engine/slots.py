@@ -219,6 +219,7 @@ class SlotTable:
         self.owner: list[object | None] = [None] * S  # the request in each slot
         self.params: list[SamplingParams | None] = [None] * S
         self.free = list(range(S))  # a heap: the lowest free slot first
+        self.fills = [0] * S  # prefills into each slot so far: a freed slot keeps its entries until the next
         self.host_len = [0] * S  # == lengths, for active slots
         self.host_pend = [0] * S  # == pend, for active slots
         self.fresh: set[int] = set()  # prefilled since the last step: their first token goes out with the next
@@ -237,6 +238,17 @@ class SlotTable:
     def take(self, n: int) -> list[int]:
         """Returns the n lowest free slots, now taken (the caller fills them)."""
         return [heapq.heappop(self.free) for _ in range(n)]
+
+    def take_slots(self, slots: list[int]) -> None:
+        """Takes the given free slots (the caller fills them)."""
+        taken = set(slots)
+        self.free = [s for s in self.free if s not in taken]
+        heapq.heapify(self.free)
+
+    def holds(self, slot: int, fills: int) -> bool:
+        """Whether `slot` is free and still holds the entries of its `fills`-th prefill's request (no request was
+        prefilled into it since)."""
+        return self.owner[slot] is None and self.fills[slot] == fills
 
     def release(self, slot: int) -> None:
         """Frees `slot`: its entries stay, masked, until a new request is prefilled into it."""
@@ -264,25 +276,37 @@ class SlotTable:
 
     # -- filling slots ---------------------------------------------------------------------------------------------
     def prefill(self, target, slots: list[int], prompts: list[list[int]], params: list[SamplingParams],
-                keys: list[int], stops: list[list[int]], aux_layers: tuple[int, ...]) -> None:
+                keys: list[int], stops: list[list[int]], aux_layers: tuple[int, ...],
+                starts: list[int] | None = None) -> None:
         """Runs `prompts` through `target` (right-padded, one forward) into `slots`, samples each one's first token
         (at position len(prompt), from stream keys[i]) and writes the slots' state; with a drafter the prompt
-        becomes the drafter's backlog. A request whose first token ends it is marked done for the next step."""
+        becomes the drafter's backlog. A request whose first token ends it is marked done for the next step.
+
+        `starts[i]` > 0: slot i already holds the target's entries (and the drafter's history pairs) of the
+        prompt's first starts[i] tokens, from the request that held it before (`holds`): only the rest is run,
+        attending to them. The caller keeps starts[i] + the longest rest within the capacity."""
         dev, B = self.device, len(prompts)
         lens = [len(p) for p in prompts]
+        starts = starts or [0] * B
         for s, p, n in zip(slots, params, lens, strict=True):
             self.params[s], self.host_len[s], self.host_pend[s] = p, n, n
+            self.fills[s] += 1
             self.fresh.add(s)
             if self.speculative:
                 self.needs_prefill.add(s)
-        L = max(lens)
-        ids = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=dev)  # [B, L]
+        rest = [p[c:] for p, c in zip(prompts, starts, strict=True)]
+        L = max(map(len, rest))
+        ids = torch.tensor([r + [0] * (L - len(r)) for r in rest], device=dev)  # [B, L]
         index = self.long_tensor(slots)
         contiguous = slots == list(range(B))
         lengths = torch.tensor(lens, device=dev)
-        view = SlotView(self.kv, index, contiguous, torch.zeros_like(lengths), L, empty=True)
+        start = torch.tensor(starts, device=dev)
+        if any(starts):
+            view = SlotView(self.kv, index, contiguous, start, attention_span(max(starts) + L, self.capacity))
+        else:
+            view = SlotView(self.kv, index, contiguous, start, L, empty=True)
         hidden, aux = target(ids, view, aux_layers)  # [B, L, H], [B, L, 3H]
-        last = lengths - 1
+        last = lengths - start - 1  # each row's last prompt token in `rest`
         logits = target.lm_head(hidden[torch.arange(B, device=dev), last])  # [B, V]
         rows = RowParams.of(params, dev)
         key = torch.tensor(keys, dtype=torch.long, device=dev)
@@ -302,7 +326,7 @@ class SlotTable:
         if self.speculative:
             # History pair t is (target feature at t, token t + 1): the prompt shifted left, the first token last.
             tokens = ids.roll(-1, dims=1).scatter(1, last[:, None], first[:, None])
-            self.write_history(index, contiguous, torch.zeros_like(lengths), tokens, aux)
+            self.write_history(index, contiguous, start, tokens, aux)
             self.dlengths.index_fill_(0, index, 0)
             self.pend.index_copy_(0, index, lengths)
 

@@ -167,8 +167,8 @@ class RolloutConfig:
 class DataConfig:
     """Where prompts and rewards come from (verl data.*)."""
 
-    task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | chainsum | countdown | jsonl | redraw
-    # (chainsum and redraw need rollout.max_new_tokens=384, their budget: respec.world.tasks.task_budget)
+    task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | chainsum | countdown | jsonl | redraw | probe
+    # (chainsum and redraw need rollout.max_new_tokens=384 and probe 512, their budgets: respec.world.tasks.task_budget)
     task_options: dict = field(default_factory=dict)  # the generated task's parameters, e.g. {min_operands: 1,
     # alpha: 2.0} for chainsum (respec.world.tasks); empty = its defaults
     path: str | None = None  # the .jsonl (or verl .parquet) file of task "jsonl" (GSM8K / MATH style: question, answer fields)

@@ -10,6 +10,7 @@ from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.rl.config import TrainConfig
 from respec.rl.rollout import RewardFn
+from respec.world.env import TaskEnv, is_env_task
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem
 
@@ -20,9 +21,12 @@ class Evaluator:
     """Scores the engine's policy on fixed held-out problems; stateless between calls (its tuner is rebuilt from
     the profiled costs, its seed is the run's)."""
 
-    def __init__(self, config: TrainConfig, engine: Engine, tokenizer, reward_fn: RewardFn, problems: list[Problem]):
+    def __init__(self, config: TrainConfig, engine: Engine, tokenizer, reward_fn: RewardFn, problems: list[Problem],
+                 task=None):
         self.config, self.engine, self.tokenizer, self.reward_fn, self.problems = \
             config, engine, tokenizer, reward_fn, problems
+        # A multi-turn task's environment answers the held-out rows' tool calls (nonces from the run's seed).
+        self.env = TaskEnv(task, problems, tokenizer, config.trainer.seed) if is_env_task(task) else None
         self.spec = config.rollout.spec_config()
         self._chooser = None
 
@@ -42,10 +46,10 @@ class Evaluator:
         for name, temperature in (("", r.temperature), ("_greedy", 0.0)):
             params = SamplingParams(temperature=temperature, max_new_tokens=budget, seed=self.config.trainer.seed)
             if not name and self.engine.drafter is not None:
-                result = self.engine.generate(prompts, params, SpecConfig(mode="static", k=EVAL_K))
+                result = self.engine.generate(prompts, params, SpecConfig(mode="static", k=EVAL_K), env=self.env)
                 out[f"val/emitted_per_step_k{EVAL_K}"] = result.mean_emitted_per_step
             else:
-                result = self.engine.generate(prompts, params, self.spec, chooser=self._k_chooser())
+                result = self.engine.generate(prompts, params, self.spec, chooser=self._k_chooser(), env=self.env)
             texts = self.tokenizer.batch_decode([s.tokens for s in result.sequences], skip_special_tokens=True)
             rewards = [float(self.reward_fn(p, t)) for p, t in zip(self.problems, texts, strict=True)]
             out[f"val/accuracy{name}"] = sum(rewards) / len(rewards)

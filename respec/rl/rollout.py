@@ -4,7 +4,8 @@
 holds its own copy of the policy, as vLLM does, and returns per token the logprob of the verifying forward: the
 old-policy logprobs, never recomputed), decodes and scores each completion with `reward_fn(problem, text)`,
 normalises the rewards within each group (`grpo.group_advantages`) and packs it all as training tensors
-(`TrainBatch`) with the step's rollout metrics. What generates is the engine, or a pool of workers with
+(`TrainBatch`) with the step's rollout metrics. A multi-turn task's environment (`world.env.TaskEnv`) answers the
+rows' tool calls during generation; its observation tokens stay in the sequences but out of `TrainBatch.mask`. What generates is the engine, or a pool of workers with
 `Engine.generate`'s signature that shards the prompts (`respec.cluster`).
 """
 
@@ -23,6 +24,7 @@ from respec.errors import TrainingError
 from respec.rl.config import TrainConfig
 from respec.rl.grpo import group_advantages
 from respec.rl.rollout_shape import rollout_shape
+from respec.world.env import TaskEnv, is_env_task
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem
 
@@ -36,22 +38,27 @@ class TrainBatch:
     input_ids: torch.Tensor  # [N, L]
     prompt_lens: torch.Tensor  # [N]
     seq_lens: torch.Tensor  # [N] prompt + completion
-    tokens: torch.Tensor  # [N, Tc] completion ids (0 past the end)
-    old_logp: torch.Tensor  # [N, Tc] the engine's logprobs of them
-    mask: torch.Tensor  # [N, Tc] bool
+    tokens: torch.Tensor  # [N, Tc] completion ids (0 past the end), observation tokens included
+    old_logp: torch.Tensor  # [N, Tc] the engine's logprobs of them (0.0 at observation tokens)
+    mask: torch.Tensor  # [N, Tc] bool: the policy sampled token j (False past the end and at observation tokens)
     advantages: torch.Tensor  # [N]
 
     def rows(self, index: torch.Tensor) -> TrainBatch:
         """Returns the sub-batch of rows `index`, trimmed to its longest sequence and completion."""
-        S, Tc = int(self.seq_lens[index].max()), int(self.mask[index].sum(1).max())
+        S = int(self.seq_lens[index].max())
+        Tc = int((self.seq_lens - self.prompt_lens)[index].max())  # the mask has holes at observation tokens
         return TrainBatch(self.input_ids[index, :S], self.prompt_lens[index], self.seq_lens[index],
                           self.tokens[index, :Tc], self.old_logp[index, :Tc], self.mask[index, :Tc],
                           self.advantages[index])
 
     def loss_mask(self) -> torch.Tensor:
-        """Returns [N, L] bool: position t predicts a completion token (prompt_len - 1 <= t < seq_len - 1)."""
-        t = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None]
-        return (t >= self.prompt_lens[:, None] - 1) & (t < self.seq_lens[:, None] - 1)
+        """Returns [N, L] bool: position t predicts a completion token the policy sampled (prompt_len - 1 <= t <
+        seq_len - 1, and `mask` set at token t + 1 - prompt_len: never an observation token)."""
+        N, L = self.input_ids.shape
+        Tc = self.mask.shape[1]
+        pos = (self.prompt_lens[:, None] - 1 + torch.arange(Tc, device=self.mask.device)[None]).clamp(max=L - 1)
+        out = torch.zeros(N, L, dtype=torch.bool, device=self.mask.device)
+        return out.scatter(1, pos, self.mask & (pos < self.seq_lens[:, None] - 1))
 
 
 @dataclass
@@ -69,9 +76,10 @@ class Rollout:
     """Generates and scores one step's rollouts; holds no state of its own beyond the engine's tuner."""
 
     def __init__(self, config: TrainConfig, engine, tokenizer, reward_fn: RewardFn, device: torch.device,
-                 workers=None):
+                 workers=None, task=None):
         self.config, self.engine, self.tokenizer, self.reward_fn = config, engine, tokenizer, reward_fn
         self.device = device
+        self.env_task = task if is_env_task(task) else None  # a multi-turn task: its environment answers turns
         self.workers = workers  # a pool with Engine.generate's signature that generates instead of the engine
         self.spec = config.rollout.spec_config()
 
@@ -86,8 +94,10 @@ class Rollout:
         t0 = time.perf_counter() if t0 is None else t0
         prompts = [self.encode(p) for p in problems for _ in range(G)]  # consecutive groups of G
         params = SamplingParams(temperature=r.temperature, max_new_tokens=r.max_new_tokens, seed=seed)
+        env = None if self.env_task is None else \
+            TaskEnv(self.env_task, [p for p in problems for _ in range(G)], self.tokenizer, seed)
         cpu0 = time.thread_time()
-        result = (self.workers or self.engine).generate(prompts, params, self.spec)
+        result = (self.workers or self.engine).generate(prompts, params, self.spec, env=env)
         t_rollout = time.perf_counter()
         rollout_cpu = time.thread_time() - cpu0  # this thread's CPU time: what other processes cannot inflate
 
@@ -130,7 +140,9 @@ class Rollout:
             input_ids[b, : len(p) + len(s.tokens)] = torch.tensor(p + s.tokens)
             tokens[b, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
             old_logp[b, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
-        mask = torch.arange(Tc)[None] < comp_lens[:, None]
+        mask = torch.zeros(N, Tc, dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            mask[b, : len(s.tokens)] = torch.tensor(s.generated, dtype=torch.bool)
         return TrainBatch(input_ids.to(dev), prompt_lens.to(dev), seq_lens.to(dev), tokens.to(dev),
                           old_logp.to(dev), mask.to(dev), advantages)
 

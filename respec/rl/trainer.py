@@ -76,10 +76,10 @@ class Trainer:
         if self.learner is not None:
             tap = replace(tap, draft_vocab_size=drafter.config.draft_vocab_size, draft_ids=self.learner.draft_ids)
         self.problems = ProblemStream(task, {p.prompt for p in eval_problems}, t.seed, config.data.epoch_problems)
-        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device, workers=self.workers)
+        self.rollout = Rollout(config, engine, tokenizer, reward_fn, device, workers=self.workers, task=task)
         self.update = ActorUpdate(config, actor, reference,
                                   autocast=engine.dtype if engine.dtype != torch.float32 else None, tap=tap)
-        self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems)
+        self.evaluator = Evaluator(config, engine, tokenizer, reward_fn, eval_problems, task=task)
         self.global_step = 0  # RL steps done
         self.rng = torch.Generator().manual_seed(t.seed)  # rollout seeds and minibatch order
         self.last_features: StepRollouts | None = None
@@ -156,9 +156,12 @@ class Trainer:
             ref_dir = saved if saved is not None and saved.is_dir() else Path(t.model)  # the starting policy
             reference = load_model(ref_dir, torch.float32, device).requires_grad_(False)
         eval_problems = eval_task.problems(d.eval_problems, seed=d.eval_seed)
+        # As many slots as a rollout or an evaluation has rows: the tuner profiles no larger batch.
+        engine = Engine(rollout_model, drafter, compile=r.compile,
+                        max_running=max(d.prompts_per_step * r.group_size, d.eval_problems))
         try:
-            return cls(config, run_dir, actor, Engine(rollout_model, drafter, compile=r.compile, max_running=max(d.prompts_per_step * r.group_size, d.eval_problems)), tokenizer, task,
-                       eval_problems, reward_fn, reference, policy_dir, cluster)
+            return cls(config, run_dir, actor, engine, tokenizer, task, eval_problems, reward_fn, reference,
+                       policy_dir, cluster)
         except BaseException:
             if cluster is not None:
                 cluster.close()

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 
 from respec.engine.checkpoint import atomic_directory, commit_directory, load_model
 from respec.engine.drafter import Eagle3Drafter, init_drafter, save_drafter
-from respec.engine.generate import Engine, SpecConfig
+from respec.engine.generate import Engine, SequenceOutput, SpecConfig
 from respec.engine.model import Transformer
 from respec.engine.sampling import SamplingParams
 from respec.errors import CheckpointError, ConfigError, check_finite_loss
 from respec.world.artifacts import MARKER, cache_path, discard_partial, is_complete, mark_complete
+from respec.world.env import task_env
 from respec.world.pretrain import Log, epoch_batches, lr_schedule
 from respec.world.prompts import task_prompts
 from respec.world.tasks import DEFAULT_TASK, TASKS, task_budget
@@ -258,17 +259,25 @@ def distill_loss(drafter: Eagle3Drafter, batch: DistillBatch, ttt_steps: int,
 
 
 def rollouts(target: Transformer, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-             seed: int) -> list[list[int]]:
-    """Returns one sampled completion per prompt from the target (plain decoding)."""
+             seed: int, env=None) -> list[SequenceOutput]:
+    """Returns one sampled completion per prompt from the target (plain decoding; a multi-turn task's `env`
+    answers its turns)."""
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    out = Engine(target).generate(prompts, params, SpecConfig(mode="off"))
-    return [s.tokens for s in out.sequences]
+    return Engine(target).generate(prompts, params, SpecConfig(mode="off"), env=env).sequences
+
+
+def drop_observations(loss_mask: torch.Tensor, prompt_lens: list[int], outputs: list[SequenceOutput]) -> None:
+    """Clears loss_mask [B, T] (in place) at every position whose next token an environment wrote: the drafter
+    never drafts an observation, the engine prefills it."""
+    for b, (n, s) in enumerate(zip(prompt_lens, outputs, strict=True)):
+        loss_mask[b, [n - 1 + j for j, g in enumerate(s.generated) if not g]] = False
 
 
 def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillConfig,
                   drafter: Eagle3Drafter | None = None, log: Log | None = None,
-                  metrics_path: str | Path | None = None) -> Eagle3Drafter:
-    """Returns a drafter trained on target rollouts of `prompts` (a new one unless `drafter` is given).
+                  metrics_path: str | Path | None = None, env=None) -> Eagle3Drafter:
+    """Returns a drafter trained on target rollouts of `prompts` (a new one unless `drafter` is given); a
+    multi-turn task's `env` answers the rollouts' turns, and observation tokens are never drafting targets.
 
     Samples one rollout per prompt at `cfg.rollout_temperature`, runs the target once over all of them
     (features + distributions), then trains `cfg.steps` AdamW steps of `distill_loss`. Appends one JSON line of
@@ -276,7 +285,8 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
     """
     t0 = time.perf_counter()
     prompts = list(prompts)[: cfg.num_rollouts]
-    completions = rollouts(target, prompts, cfg.rollout_temperature, cfg.max_new_tokens, cfg.seed)
+    outputs = rollouts(target, prompts, cfg.rollout_temperature, cfg.max_new_tokens, cfg.seed, env)
+    completions = [s.tokens for s in outputs]
     sequences = [p + c for p, c in zip(prompts, completions, strict=True)]
     if drafter is None:
         counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
@@ -287,6 +297,7 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
     full_vocab = drafter.config.draft_vocab_size == drafter.config.vocab_size
     draft_ids = None if full_vocab else drafter.draft_ids_in_target()
     data = target_batch(target, sequences, [len(p) for p in prompts], drafter.aux_layer_ids, draft_ids)
+    drop_observations(data.loss_mask, [len(p) for p in prompts], outputs)
     t_data = time.perf_counter() - t0
     _log(log, f"distill: {len(sequences)} rollouts, {int(data.loss_mask.sum())} target positions "
                    f"({t_data:.1f}s)")
@@ -325,10 +336,10 @@ def train_drafter(target: Transformer, prompts: list[list[int]], cfg: DistillCon
 
 
 def acceptance(target: Transformer, drafter: Eagle3Drafter, prompts: list[list[int]], k: int = 4,
-               temperature: float = 1.0, max_new_tokens: int = 96, seed: int = 0) -> float:
+               temperature: float = 1.0, max_new_tokens: int = 96, seed: int = 0, env=None) -> float:
     """Returns the mean tokens emitted per verify step (accepted drafts + 1) of static SD with `k` drafts."""
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    result = Engine(target, drafter).generate(prompts, params, SpecConfig(mode="static", k=k))
+    result = Engine(target, drafter).generate(prompts, params, SpecConfig(mode="static", k=k), env=env)
     return result.mean_emitted_per_step
 
 
@@ -380,11 +391,13 @@ def build_drafter(target_dir: str | Path, cfg: DistillConfig | None = None, out:
     work = atomic_directory(dest)  # scratch beside dest; the finished drafter is renamed into place
     try:
         metrics_path = work / "train_metrics.jsonl"
-        drafter = train_drafter(target, train_prompts, cfg, log=log, metrics_path=metrics_path)
+        drafter = train_drafter(target, train_prompts, cfg, log=log, metrics_path=metrics_path,
+                                env=task_env(target_dir, task, cfg.num_rollouts, cfg.train_seed, cfg.seed))
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         emitted = {str(k): acceptance(target, drafter, eval_prompts, k=k, temperature=1.0,
-                                      max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
+                                      max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
+                                      env=task_env(target_dir, task, cfg.eval_prompts, cfg.eval_seed, cfg.seed))
                    for k in cfg.eval_ks}
         report = {"mean_emitted_per_step": emitted, "temperature": 1.0, "eval_prompts": len(eval_prompts),
                   "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),

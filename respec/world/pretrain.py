@@ -39,6 +39,7 @@ from respec.engine.model import ModelConfig, Transformer, init_model
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError, check_finite_loss
 from respec.world.artifacts import cache_path, discard_partial, is_complete, mark_complete
+from respec.world.env import TaskEnv, encode_transcript, is_env_task
 from respec.world.prompts import encode_prompt
 from respec.world.tasks import Problem, Task, get_task, task_budget
 from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -52,13 +53,16 @@ EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training sk
 # several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
 # in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
 # not yet copying the operands. redraw: the same start and batching, 800 steps (its traces are new text to the
-# arithmetic policy: the range in the prompt, the bar, the stop decision).
+# arithmetic policy: the range in the prompt, the bar, the stop decision). probe: the same (tool calls and
+# observations are new text too; the observations are never trained on).
 RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
 RECIPES: dict[str, dict] = {
     "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
                  "warmup": 20},
     "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
                "warmup": 20},
+    "probe": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
+              "warmup": 20},
 }
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
@@ -68,6 +72,7 @@ class PretrainConfig:
     """How the default policy is built; every field but num_threads enters the cache key."""
 
     task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "chainsum" | "countdown" | "redraw"
+    # | "probe"
     hidden_size: int = 128  # model width
     num_layers: int = 12  # decoder layers; >= 8 so a one-layer drafter is cheap relative to the target
     num_heads: int = 4  # attention heads (head_dim = hidden_size // num_heads)
@@ -164,7 +169,7 @@ class PretrainConfig:
         task = get_task(self.task, **{**self.task_options, **kwargs})
         if not hasattr(task, "sft_completion"):
             raise ConfigError(f"task {self.task!r} has no generated solutions to pretrain on; "
-                              f"use a synthetic task (arithmetic, chainsum, countdown, redraw)")
+                              f"use a synthetic task (arithmetic, chainsum, countdown, redraw, probe)")
         return task
 
     def cache_key(self) -> dict:
@@ -246,7 +251,7 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
         model.load_state_dict(base.state_dict())  # the context (max_seq_len) may differ: RoPE has no table
 
     examples = encode_examples(tokenizer, task, train_set, rng)
-    needed = max(len(ids) for ids, _ in examples) + cfg.eval_max_new_tokens
+    needed = max(len(ids) for ids, *_ in examples) + cfg.eval_max_new_tokens
     if needed > cfg.max_seq_len:
         raise ConfigError(f"max_seq_len {cfg.max_seq_len} is too short for this task's sequences plus "
                           f"eval_max_new_tokens ({needed} needed); raise max_seq_len")
@@ -271,26 +276,38 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
     return model, tokenizer, evaluation
 
 
-def encode_examples(tokenizer, task: Task, problems: list[Problem], rng: random.Random) -> list[tuple[list[int], int]]:
+def encode_examples(tokenizer, task: Task, problems: list[Problem], rng: random.Random) -> list[tuple]:
     """Returns (ids = [bos] prompt completion [eos], number of prompt ids incl. bos) per problem, one sampled
-    completion each."""
+    completion each. A multi-turn task's transcript is encoded turn by turn as rollouts hold it (eos after each
+    policy turn, `world.env.encode_transcript`) and its example has a third item: the indices of its observation
+    ids, which are never trained on (the environment writes them, the policy never samples them)."""
     completions = [task.sft_completion(p, rng)[0] for p in problems]
     prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
-    answers = tokenizer(completions, add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if is_env_task(task):
+        out = []
+        for p, text in zip(prompts, completions, strict=True):
+            ids, generated = encode_transcript(tokenizer, task, text)
+            start = 1 + len(p)
+            out.append(([bos, *p, *ids], start, tuple(start + j for j, g in enumerate(generated) if not g)))
+        return out
+    answers = tokenizer(completions, add_special_tokens=False)["input_ids"]
     return [([bos, *p, *a, eos], 1 + len(p)) for p, a in zip(prompts, answers, strict=True)]
 
 
-def collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (inputs [B, T], targets [B, T]) right-padded; targets are -100 on prompt and padding."""
-    T = max(len(ids) for ids, _ in examples) - 1
+def collate(examples: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (inputs [B, T], targets [B, T]) right-padded; targets are -100 on prompt, padding and an example's
+    observation ids (its optional third item)."""
+    T = max(len(ids) for ids, *_ in examples) - 1
     inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (ids, n_prompt) in enumerate(examples):
+    for b, (ids, n_prompt, *observed) in enumerate(examples):
         ids_t = torch.tensor(ids)
         inputs[b, : len(ids) - 1] = ids_t[:-1]
         # position j predicts ids[j + 1]; the first completion token is ids[n_prompt]
         targets[b, n_prompt - 1 : len(ids) - 1] = ids_t[n_prompt:]
+        if observed and observed[0]:
+            targets[b, torch.tensor(observed[0]) - 1] = -100
     return inputs, targets
 
 
@@ -331,7 +348,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    batches = epoch_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.length_grouping,
+    batches = epoch_batches([len(ids) for ids, *_ in examples], cfg.batch_size, cfg.length_grouping,
                             torch.Generator().manual_seed(cfg.seed))
     pad_id = model.config.pad_token_id
     started = time.perf_counter()
@@ -341,7 +358,7 @@ def train(model: Transformer, examples: list[tuple[list[int], int]], cfg: Pretra
             batch = [examples[i] for i in next(batches)]
             t0 = time.perf_counter()
             inputs, targets = collate(batch, pad_id)  # [B, T] each
-            seq_lens = torch.tensor([len(ids) - 1 for ids, _ in batch])  # [B] real input tokens per row
+            seq_lens = torch.tensor([len(ids) - 1 for ids, *_ in batch])  # [B] real input tokens per row
             lr = lr_schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -386,8 +403,9 @@ def evaluate_policy(policy: str | Path | Transformer, tokenizer, task: Task | st
     style_of = getattr(task, "style_of", None)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
+        env = TaskEnv(task, chunk, tokenizer, seed) if is_env_task(task) else None
         result = engine.generate([encode_prompt(tokenizer, p.prompt) for p in chunk], params,
-                                 SpecConfig(mode="off"))
+                                 SpecConfig(mode="off"), env=env)
         for p, seq in zip(chunk, result.sequences, strict=True):
             text = tokenizer.decode(seq.tokens, skip_special_tokens=True)
             rewards.append(task.score(p, text).reward)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from respec.errors import ConfigError
 from respec.world.tasks.arithmetic import ArithmeticTask
-from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, SyntheticTask, Task, final_answer
+from respec.world.tasks.base import ANSWER_PREFIX, EnvTask, Problem, Score, SyntheticTask, Task, final_answer
 from respec.world.tasks.chainsum import ChainSumTask
 from respec.world.tasks.countdown import CountdownTask
 from respec.world.tasks.jsonl import JsonlTask
+from respec.world.tasks.probe import ProbeTask
 from respec.world.tasks.redraw import RedrawTask
 
 TASKS = {"arithmetic": ArithmeticTask, "chainsum": ChainSumTask, "countdown": CountdownTask, "jsonl": JsonlTask,
-         "redraw": RedrawTask}
+         "probe": ProbeTask, "redraw": RedrawTask}
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -19,7 +20,9 @@ __all__ = [
     "ArithmeticTask",
     "ChainSumTask",
     "CountdownTask",
+    "EnvTask",
     "JsonlTask",
+    "ProbeTask",
     "RedrawTask",
     "Problem",
     "Score",

@@ -52,6 +52,25 @@ class SyntheticTask(Task, Protocol):
     ) -> tuple[str, bool]: ...
 
 
+@runtime_checkable
+class EnvTask(Task, Protocol):
+    """A multi-turn task: after each policy turn that ends on eos, its environment may answer with an observation
+    (text appended to the transcript), and the policy goes on. `score` reads the whole transcript, observations
+    included, and must recompute them (a policy that writes its own scores 0)."""
+
+    def nonce(self, seed: int, row: int) -> int:
+        """Return the environment's per-row randomness of rollout row `row` under `seed`."""
+        ...
+
+    def env_step(self, problem: Problem, transcript: str, nonce: int) -> str | None:
+        """Return the observation after `transcript` (the completion so far), or None: the row ends."""
+        ...
+
+    def segments(self, transcript: str) -> list[tuple[str, bool]]:
+        """Return the transcript as (text, is_observation) pieces in order (policy turns between observations)."""
+        ...
+
+
 def final_answer(completion: str) -> str | None:
     """Return the stripped text after the last ``Answer:`` up to the end of its line, or None."""
     at = completion.rfind(ANSWER_PREFIX)

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 
 from respec.errors import ConfigError
 from respec.world.tasks.arithmetic import INTEGER, SEPARATORS
-from respec.world.tasks.base import ANSWER_PREFIX, Problem, Score, clip, final_answer, resolve_style
+from respec.world.tasks.base import (
+    ANSWER_PREFIX,
+    Problem,
+    Score,
+    check_style_mix,
+    clip,
+    final_answer,
+    resolve_style,
+)
 
 BAR_MARKS = (":", "=", "~", "#")  # the house mark first
 # One trace line: tries (the bar, its mark, a draw) between separators; each mark bare or spaced on both sides.
@@ -73,10 +81,7 @@ class RedrawTask:
             raise ConfigError(f"redraw ranges must satisfy 10 <= min_low <= 99 and 2 <= min_width <= max_width <= "
                               f"100 - min_low (two-digit draws), got min_low={self.min_low}, "
                               f"min_width={self.min_width}, max_width={self.max_width}")
-        weights = self.style_weights
-        if len(weights) != len(self.styles) or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(f"redraw style_weights must be {len(self.styles)} non-negative weights "
-                              f"({', '.join(self.styles)}) with a positive sum, got {weights}")
+        check_style_mix(self.name, self.style_weights, 0.0, self.styles)
         if not isinstance(self.max_draws, int) or self.max_draws < 1:
             raise ConfigError(f"redraw max_draws must be a positive integer, got {self.max_draws!r}")
 

@@ -1,0 +1,170 @@
+"""Tests of environment turns in respec/engine/generate.py (`Engine.generate(env=...)`): observations land where
+the environment put them, the generated mask marks them, seeded rows do not depend on their batch-mates, "length"
+never calls the environment, and plain and speculative decoding agree."""
+
+import pytest
+
+from respec.engine.drafter import init_drafter
+from respec.engine.generate import Engine, SpecConfig
+from respec.engine.sampling import SamplingParams
+
+STOP = 3
+PROMPTS = [[1, 2, 4], [5, 6], [7, 1, 2, 5, 6], [4]]
+
+
+class Env:
+    """Answers a row's first `turns(row)` stops with [6, 7, row % 8] and records every call."""
+
+    def __init__(self, turns=lambda row: 1 + row % 3):
+        self.turns, self.calls = turns, []
+
+    def __call__(self, row, tokens):
+        self.calls.append((row, list(tokens)))
+        done = sum(r == row for r, _ in self.calls) - 1
+        return [6, 7, row % 8] if done < self.turns(row) else None
+
+
+@pytest.fixture(scope="module")
+def target(sharp_target):
+    return sharp_target(8, max_positions=128)
+
+
+def _params(**kw):
+    return SamplingParams(**{"temperature": 1.0, "max_new_tokens": 40, "stop_token_ids": (STOP,), "seed": 5, **kw})
+
+
+def test_observations_sit_where_the_env_put_them(target):
+    env = Env()
+    out = Engine(target).generate(PROMPTS, _params(), SpecConfig(mode="off"), env=env)
+    for row, seq in enumerate(out.sequences):
+        assert len(seq.tokens) == len(seq.logprobs) == len(seq.generated) <= 40
+        calls = [t for r, t in env.calls if r == row]
+        for n, seen in enumerate(calls):
+            assert seq.tokens[:len(seen)] == seen and seen[-1] == STOP  # env sees every token so far, after a stop
+            if n < len(calls) - 1 or len(seq.tokens) > len(seen):
+                obs = seq.tokens[len(seen):len(seen) + 3]
+                assert obs == [6, 7, row % 8][:len(obs)]
+                assert seq.generated[len(seen):len(seen) + len(obs)] == [False] * len(obs)
+                assert seq.logprobs[len(seen):len(seen) + len(obs)] == [0.0] * len(obs)
+        observed = sum(not g for g in seq.generated)
+        assert observed == 3 * (len(calls) - (seq.finish_reason == "stop")) or seq.finish_reason == "length"
+        assert all(lp < 0 or lp == 0 for lp in seq.logprobs)
+    assert any(not all(s.generated) for s in out.sequences)
+
+
+def test_length_finishes_never_call_the_env(target):
+    env = Env(turns=lambda row: 100)
+    out = Engine(target).generate(PROMPTS, _params(max_new_tokens=12), SpecConfig(mode="off"), env=env)
+    assert all(t[-1] == STOP for _, t in env.calls)
+    for row, seq in enumerate(out.sequences):
+        assert len(seq.tokens) <= 12
+        if seq.finish_reason == "length":
+            assert all(len(t) < len(seq.tokens) for r, t in env.calls if r == row)
+
+
+def test_a_seeded_row_is_the_same_alone_and_in_a_batch(target):
+    eng = Engine(target)
+    batch = eng.generate(PROMPTS, _params(), SpecConfig(mode="off"), env=Env())
+    for i in (1, 3):
+        alone = eng.generate([PROMPTS[i]], _params(), SpecConfig(mode="off"), first_stream=i, env=Env())
+        assert alone.sequences[0].tokens == batch.sequences[i].tokens
+        assert alone.sequences[0].generated == batch.sequences[i].generated
+
+
+def test_no_env_marks_every_token_generated(target):
+    out = Engine(target).generate(PROMPTS, _params(), SpecConfig(mode="off"))
+    assert all(s.generated == [True] * len(s.tokens) for s in out.sequences)
+
+
+def test_plain_and_speculative_agree_greedily(target):
+    drafter = init_drafter(target, seed=1)
+    greedy = _params(temperature=0.0)
+    plain = Engine(target).generate(PROMPTS, greedy, SpecConfig(mode="off"), env=Env())
+    spec = Engine(target, drafter).generate(PROMPTS, greedy, SpecConfig(mode="static", k=3), env=Env())
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in spec.sequences]
+    assert [s.generated for s in plain.sequences] == [s.generated for s in spec.sequences]
+    assert any(not all(s.generated) for s in plain.sequences)
+
+
+def test_drafter_distillation_skips_observation_tokens():
+    import torch
+
+    from respec.engine.outputs import SequenceOutput
+    from respec.world.distill import drop_observations
+
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    outputs = [SequenceOutput([1, 2, 3, 4], [0.0] * 4, "stop", [True, False, False, True]),
+               SequenceOutput([5, 6], [0.0] * 2, "stop")]
+    drop_observations(mask, [3, 2], outputs)
+    assert mask.tolist() == [[True, True, True, False, False, True, True, True], [True] * 8]
+
+
+def _cacheless_greedy(target, prompt, env, row, budget):
+    """Greedy decoding with environment turns by full forwards over the whole context (no cache): the reference."""
+    import torch
+
+    tokens, logprobs = [], []
+    while len(tokens) < budget:
+        hidden, _ = target(torch.tensor([prompt + tokens]))
+        logp = torch.log_softmax(target.lm_head(hidden[0, -1]).float(), -1)
+        token = int(logp.argmax())
+        tokens.append(token)
+        logprobs.append(float(logp[token]))
+        if token != STOP:
+            continue
+        obs = env(row, list(tokens))
+        if not obs:
+            break
+        obs = obs[:budget - len(tokens)]
+        tokens += obs
+        logprobs += [0.0] * len(obs)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])
+def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, monkeypatch):
+    """Every continuation goes back into the slot that holds its context and prefills only the stop token and the
+    observation; the tokens and logprobs equal full forwards over the whole context."""
+    import torch
+
+    from respec.engine.slots import SlotTable
+
+    starts = []
+    prefill = SlotTable.prefill
+
+    def recording(self, target, slots, prompts, *args):
+        starts.extend(zip(args[-1] or [0] * len(prompts), map(len, prompts), strict=True))
+        return prefill(self, target, slots, prompts, *args)
+
+    monkeypatch.setattr(SlotTable, "prefill", recording)
+    drafter = init_drafter(target, seed=1) if spec.mode != "off" else None
+    params = _params(temperature=0.0)
+    with torch.no_grad():
+        out = Engine(target, drafter).generate(PROMPTS, params, spec, env=Env())
+        for row, seq in enumerate(out.sequences):
+            tokens, logprobs = _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)
+            assert seq.tokens == tokens
+            assert max(abs(a - b) for a, b in zip(seq.logprobs, logprobs, strict=True)) <= 1e-4
+    again = [(start, n) for start, n in starts if start]
+    assert len(again) == sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3 > 0  # one per turn
+    assert all(n - start == 4 for start, n in again)  # the stop token and a 3-token observation
+
+
+def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, monkeypatch):
+    """Two slots for four rows: a freed slot goes to a waiting row first, so a continuation lands elsewhere and
+    runs its whole context; the tokens still equal full forwards over it."""
+    import torch
+
+    from respec.engine.slots import SlotTable
+
+    starts = []
+    prefill = SlotTable.prefill
+    monkeypatch.setattr(SlotTable, "prefill", lambda self, *a: starts.extend(a[-1] or [0] * len(a[2])) or
+                        prefill(self, *a))
+    params = _params(temperature=0.0)
+    with torch.no_grad():
+        out = Engine(target, max_running=2).generate(PROMPTS, params, SpecConfig(mode="off"), env=Env())
+        for row, seq in enumerate(out.sequences):
+            assert seq.tokens == _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)[0]
+    turns = sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3
+    assert len(starts) == len(PROMPTS) + turns and 0 < starts.count(0) - len(PROMPTS) < turns  # some of each
