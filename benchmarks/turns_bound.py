@@ -7,9 +7,9 @@ nonce `ProbeTask.nonce(s, r)`), P prompts x G rows per rollout, tokenised turn b
 decode steps are its policy tokens less one per continuation (a continuation's first token comes from its
 prefill); observation tokens cost no decode step. Each decode step is priced by the plain step cost that a
 `respec bench rollout` JSON measured (`step_cost`), beside a flat cost (the share of steps). Every continuation
-re-prefills the row's whole context (no prefix cache): priced as one forward over that many positions, the
-measured step cost at min(context, 128) rows scaled by context / 128 above 128, and reported beside the decode
-time (prefills of rows continuing at the same step share one forward in the engine, so this overstates them).
+goes back into the slot that holds its context and prefills the stop token and the observation: priced as one
+forward over those positions (the measured step cost at that many rows), and reported beside the decode time
+(continuations admitted at the same step share one forward in the engine, so this overstates them).
 
     python benchmarks/turns_bound.py --bench docs/results/rollout.json --policy POLICY_DIR
 """
@@ -33,15 +33,15 @@ GRID = [dict(min_bar=lo, max_bar=hi) for lo, hi in ((10, 96), (10, 97), (10, 98)
 
 
 def row_shape(tok, task, problem, nonce: int, budget: int) -> tuple[int, int, list[int]]:
-    """Returns (decode steps, tokens after the prompt, the context length of every continuation's prefill) of the
-    worked transcript of one row, cut at `budget` tokens."""
+    """Returns (decode steps, tokens after the prompt, the tokens every continuation prefills: its stop token and
+    observation) of the worked transcript of one row, cut at `budget` tokens."""
     text = write_transcript(problem.meta["bar"], nonce, task.draws(problem, nonce))
     ids, generated = encode_transcript(tok, task, text)
     ids, generated = ids[:budget], generated[:budget]
-    prompt = len(tok.encode(problem.prompt, add_special_tokens=False)) + 1  # with bos
     # A continuation starts after each observation that ends before the budget does.
     starts = [i for i in range(1, len(ids)) if generated[i] and not generated[i - 1]]
-    return sum(generated) - len(starts), len(ids), [prompt + i for i in starts]
+    observed = [next(j for j in range(i - 1, -1, -1) if generated[j]) for i in starts]  # each one's stop token
+    return sum(generated) - len(starts), len(ids), [i - j for i, j in zip(starts, observed, strict=True)]
 
 
 def main() -> None:
@@ -65,11 +65,11 @@ def main() -> None:
             steps = []
             for i in range(args.prompts * args.samples):
                 problem = problems[r * args.prompts + i // args.samples]
-                n_steps, n_tokens, contexts = row_shape(tok, task, problem, task.nonce(r, i), budget)
+                n_steps, n_tokens, prefills = row_shape(tok, task, problem, task.nonce(r, i), budget)
                 steps.append(n_steps)
                 tokens.append(n_tokens)
                 clipped += n_tokens >= budget
-                prefill_s += sum(price(min(c, 128)) * max(1.0, c / 128) for c in contexts)
+                prefill_s += sum(price(min(n, 128)) * max(1.0, n / 128) for n in prefills)
             batches.append(steps)
         row = {**g, **drain_row(batches, price), "tokens_mean": sum(tokens) / len(tokens),
                "clipped": clipped / len(tokens)}
@@ -78,7 +78,7 @@ def main() -> None:
         steps = row["length"]  # of decode steps per row
         print(f"bars {g['min_bar']}..{g['max_bar']}: decode steps per row median {steps['median']:.0f} "
               f"mean {steps['mean']:.1f} p99 {steps['p99']:.0f} max {steps['max']:.0f}, tokens mean "
-              f"{row['tokens_mean']:.1f} (clipped {row['clipped']:.2%}); {share_text(row)}; re-prefills "
+              f"{row['tokens_mean']:.1f} (clipped {row['clipped']:.2%}); {share_text(row)}; continuation prefills "
               f"{row['prefill_share']:.0%} of rollout seconds", flush=True)
     write_result(args, "probe", budget, plain, rows)
 
