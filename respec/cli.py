@@ -39,6 +39,11 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return _numbers(text, flag, int)
 
 
+def _console() -> Console:
+    """The console of a command's results on stdout: long lines (paths) are not wrapped, so they copy whole."""
+    return Console(soft_wrap=True)
+
+
 @contextmanager
 def _progress() -> Iterator[Callable[..., None]]:
     """Yields a `log(message, fraction=None)` callback for library code, drawn as rich progress bars on stderr
@@ -95,7 +100,7 @@ def bench_engine_cmd(
                             threads=threads, compile=compile, seed=seed)
     with _progress() as log:
         data = bench_engine(cfg, json_path, log=log, command=_command())
-    console = Console(soft_wrap=True)
+    console = _console()
     console.print(*engine_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -117,7 +122,7 @@ def plot(
         png = plot_metrics(paths[0], out)
     else:
         raise ConfigError("give one JSONL file, or one or more run directories to overlay")
-    Console(soft_wrap=True).print(f"wrote {png}")
+    _console().print(f"wrote {png}")
 
 
 def _prompts(text: str) -> list[list[int]]:
@@ -283,7 +288,7 @@ def bench_spec_cmd(
                           device=device, dtype=dtype)
     with _progress() as log:
         data = bench_spec(cfg, json_path, log=log, command=_command())
-    console = Console(soft_wrap=True)
+    console = _console()
     console.print(*spec_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -332,7 +337,7 @@ def bench_serve_cmd(
                 "machine": machine_info(device), "task": task, "policy": str(policy_dir),
                 "drafter": str(drafter_dir), "max_running": max(levels), "threads": threads, "compile": compile}
     write_results(data, json_path, plot_bench_serve)
-    console = Console(soft_wrap=True)
+    console = _console()
     console.print(serve_table(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -363,7 +368,7 @@ def bench_rollout_cmd(
                              compile=compile, device=device, dtype=dtype)
     with _progress() as log:
         data = bench_rollout(cfg, json_path, log=log, command=_command())
-    console = Console(soft_wrap=True)
+    console = _console()
     console.print(*rollout_tables(data))
     console.print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
@@ -516,7 +521,7 @@ def experiment(
             report = run_experiment(base, out, steps, _ints(seeds, "--seeds"), names, log=log)
     write_report(_provenance(report, base.trainer.device, base.trainer.num_threads), json_path)
     png = plot_experiment(report, json_path.with_suffix(".png"))
-    _print_experiment(report, Console(soft_wrap=True))
+    _print_experiment(report, _console())
     typer.echo(f"report: {json_path}; plot: {png}; runs: {out}")
 
 
@@ -625,7 +630,7 @@ def demo(
     from respec.world.artifacts import cache_root
     from respec.world.defaults import resolve_models
 
-    console = Console(soft_wrap=True)
+    console = _console()
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     # The quick grid (T = 1, as RL samples) keeps a first run (install, policy, drafter, this, the training run)
     # within ~18 minutes on an idle 2-core machine; `--full` or `make bench` measure the whole grid.

@@ -121,22 +121,28 @@ def _cacheless_greedy(target, prompt, env, row, budget):
     return tokens, logprobs
 
 
+@pytest.fixture
+def prefills(monkeypatch):
+    """Records every row of every slot prefill as (the cached entries it starts from, its prompt's length)."""
+    from respec.engine.slots import SlotTable
+
+    seen = []
+    prefill = SlotTable.prefill
+
+    def recording(self, target, slots, prompts, *args):
+        seen.extend(zip(args[-1] or [0] * len(prompts), map(len, prompts), strict=True))
+        return prefill(self, target, slots, prompts, *args)
+
+    monkeypatch.setattr(SlotTable, "prefill", recording)
+    return seen
+
+
 @pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])
-def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, monkeypatch):
+def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, prefills):
     """Every continuation goes back into the slot that holds its context and prefills only the stop token and the
     observation; the tokens and logprobs equal full forwards over the whole context."""
     import torch
 
-    from respec.engine.slots import SlotTable
-
-    starts = []
-    prefill = SlotTable.prefill
-
-    def recording(self, target, slots, prompts, *args):
-        starts.extend(zip(args[-1] or [0] * len(prompts), map(len, prompts), strict=True))
-        return prefill(self, target, slots, prompts, *args)
-
-    monkeypatch.setattr(SlotTable, "prefill", recording)
     drafter = init_drafter(target, seed=1) if spec.mode != "off" else None
     params = _params(temperature=0.0)
     with torch.no_grad():
@@ -145,26 +151,21 @@ def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, m
             tokens, logprobs = _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)
             assert seq.tokens == tokens
             assert max(abs(a - b) for a, b in zip(seq.logprobs, logprobs, strict=True)) <= 1e-4
-    again = [(start, n) for start, n in starts if start]
+    again = [(start, n) for start, n in prefills if start]
     assert len(again) == sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3 > 0  # one per turn
     assert all(n - start == 4 for start, n in again)  # the stop token and a 3-token observation
 
 
-def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, monkeypatch):
+def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, prefills):
     """Two slots for four rows: a freed slot goes to a waiting row first, so a continuation lands elsewhere and
     runs its whole context; the tokens still equal full forwards over it."""
     import torch
 
-    from respec.engine.slots import SlotTable
-
-    starts = []
-    prefill = SlotTable.prefill
-    monkeypatch.setattr(SlotTable, "prefill", lambda self, *a: starts.extend(a[-1] or [0] * len(a[2])) or
-                        prefill(self, *a))
     params = _params(temperature=0.0)
     with torch.no_grad():
         out = Engine(target, max_running=2).generate(PROMPTS, params, SpecConfig(mode="off"), env=Env())
         for row, seq in enumerate(out.sequences):
             assert seq.tokens == _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)[0]
     turns = sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3
+    starts = [start for start, _ in prefills]
     assert len(starts) == len(PROMPTS) + turns and 0 < starts.count(0) - len(PROMPTS) < turns  # some of each

@@ -351,8 +351,8 @@ class Engine:
         request whose prompt is the prompt plus everything so far, admitted at the next step into the slot it
         left, whose entries still hold that context, so only the stop token and the observation are prefilled (if
         a waiting request took the slot meanwhile: any free slot, the whole context prefilled), drawing from the
-        row's own stream at the same positions, so a seeded row's tokens still do not depend on its batch-mates. `env` runs synchronously
-        between decode steps, so no row ever waits in a slot on it. `params.max_new_tokens` bounds the row's
+        row's own stream at the same positions, so a seeded row's tokens still do not depend on its batch-mates.
+        `env` runs synchronously between decode steps, so no row ever waits in a slot on it. `params.max_new_tokens` bounds the row's
         policy and observation tokens together: an observation is cut at the budget, and a row that reaches it
         finishes with "length".
         """
@@ -413,7 +413,7 @@ class Engine:
         room = params.max_new_tokens - len(row.tokens)
         row.add(obs[:room], [0.0] * min(len(obs), room), False)
         # The continuation's whole context must leave room in a slot for one more token.
-        room = min(params.max_new_tokens - len(row.tokens), self._table.max_tokens - len(row.prompt) - len(row.tokens))
+        room = min(params.max_new_tokens, self._table.max_tokens - len(row.prompt)) - len(row.tokens)
         if room < 1:
             row.finish_reason = "length"
             return req
@@ -517,9 +517,9 @@ class Engine:
         return advanced
 
     def _admit(self, tab: SlotTable, reqs: list[_Request]) -> None:
-        """Prefills `reqs` into the lowest free slots (one target forward; continuations back into their old slots,
-        another); their first tokens stay on the device
-        and are reported with the step."""
+        """Prefills `reqs` into the lowest free slots in one target forward, and continuations whose old slots still
+        hold their context back into those in another; their first tokens stay on the device and are reported with
+        the step."""
         tab.flush()  # the batch state goes back to the slots before new requests write theirs
         # A continuation (environment turns) whose old slot still holds its entries runs only its new tokens there.
         again = [r for r in reqs if r.reuse is not None and tab.holds(r.reuse[0], r.reuse[2])]

@@ -47,9 +47,10 @@ def encode_transcript(tokenizer, task: EnvTask, transcript: str) -> tuple[list[i
 def task_env(policy_dir: str | Path, task: str, n: int, seed: int, env_seed: int, samples: int = 1) -> TaskEnv | None:
     """Returns the environment of the rows of `task_prompts(policy_dir, task, n, seed)`, each repeated `samples`
     times in a row (nonces from env_seed), or None for a task without one."""
-    if task not in TASKS or not is_env_task(get_task(task)):
+    env_task = get_task(task) if task in TASKS else None
+    if not is_env_task(env_task):
         return None
     from respec.world.tokenizer import load_tokenizer
 
-    problems = [p for p in get_task(task).problems(n, seed) for _ in range(samples)]
-    return TaskEnv(get_task(task), problems, load_tokenizer(policy_dir), env_seed)
+    problems = [p for p in env_task.problems(n, seed) for _ in range(samples)]
+    return TaskEnv(env_task, problems, load_tokenizer(policy_dir), env_seed)
