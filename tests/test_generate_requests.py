@@ -133,13 +133,15 @@ def test_aborting_frees_the_slot_and_leaves_the_others_untouched(target, drafter
 
 def test_every_decode_step_has_shapes_fixed_by_bucket_and_k(target, drafter):
     """With 8 slots, the target's decode forwards run at the bucket of the live batch (8, then 4, 2, 1 as
-    requests finish) over k + 1 tokens, and attend over a whole number of span blocks."""
-    shapes = []
+    requests finish) over k + 1 tokens, and attend over a whole number of span blocks; the live rows are moved
+    into the lowest slots as others finish, so every step reads the caches through views."""
+    shapes, contiguous = [], []
 
     def record(module, args, kwargs):
         cache = args[1] if len(args) > 1 else kwargs.get("cache")
         if not cache.is_empty():
             shapes.append((*args[0].shape, cache.span))
+            contiguous.append(cache.contiguous)
 
     engine = Engine(target, drafter, spec=SpecConfig(mode="static", k=3), max_running=8)
     hook = target.register_forward_pre_hook(record, with_kwargs=True)
@@ -152,6 +154,7 @@ def test_every_decode_step_has_shapes_fixed_by_bucket_and_k(target, drafter):
     assert {(b, t) for b, t, _ in shapes} <= {(8, 4), (4, 4), (2, 4), (1, 4)} and (1, 4) in {s[:2] for s in shapes}
     assert all(span % SPAN_BLOCK == 0 for *_, span in shapes)
     assert [b for b, _, _ in shapes] == sorted((b for b, _, _ in shapes), reverse=True)
+    assert all(contiguous)
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3),

@@ -125,3 +125,35 @@ def test_flush_writes_the_batch_state_back_to_its_slots(model):
     tab.flush()
     assert tab.batch is None and tab.lengths[[0, 2, 3]].tolist() == [7, 5, 6]
     assert tab.pend[[0, 2, 3]].tolist() == [2, 3, 1]
+
+
+def test_compacting_moves_the_highest_live_slots_into_the_holes_with_their_entries(model):
+    tab = table(model, speculative=True)
+    gen = torch.Generator().manual_seed(0)
+    for t in (tab.kv.k, tab.kv.v, tab.dkv.k, tab.dkv.v, tab.hist_feat):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    tab.hist_tok.copy_(torch.randint(0, 50, tab.hist_tok.shape, generator=gen))
+    tab.lengths.copy_(torch.arange(8) + 3)
+    tab.key.copy_(torch.arange(8) * 100)
+    owners = [object() for _ in range(6)]
+    for s in tab.take(6):
+        tab.owner[s], tab.params[s], tab.host_len[s], tab.host_pend[s] = owners[s], SamplingParams(), s + 3, 1
+    tab.fresh.add(5)
+    before = {name: getattr(tab, name).clone() for name in ("lengths", "key", "hist_tok", "hist_feat")}
+    kv = [t.clone() for t in (tab.kv.k, tab.kv.v, tab.dkv.k, tab.dkv.v)]
+    fills = list(tab.fills)
+    for s in (1, 3):
+        tab.release(s)
+    moves = tab.compact()  # live 0, 2, 4, 5 -> 0..3: 4 -> 1 and 5 -> 3
+    assert moves == [(4, 1), (5, 3)] and tab.active() == [0, 1, 2, 3] and sorted(tab.free) == [4, 5, 6, 7]
+    assert tab.owner[1] is owners[4] and tab.owner[3] is owners[5] and tab.fresh == {3}
+    assert [tab.host_len[s] for s in range(4)] == [3, 7, 5, 8]
+    assert all(tab.fills[s] == fills[s] + 1 for s in (1, 3, 4, 5))
+    for a, b in moves:
+        n = tab.host_len[b]
+        assert tab.lengths[b] == before["lengths"][a] and tab.key[b] == before["key"][a]
+        assert torch.equal(tab.hist_tok[b, :n], before["hist_tok"][a, :n])
+        assert torch.equal(tab.hist_feat[b, :n], before["hist_feat"][a, :n])
+        for now, then in zip((tab.kv.k, tab.kv.v, tab.dkv.k, tab.dkv.v), kv, strict=True):
+            assert torch.equal(now[:, b, :, :n], then[:, a, :, :n])
+    assert tab.batch_for(tab.active()).contiguous and tab.compact() == []

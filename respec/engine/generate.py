@@ -507,6 +507,8 @@ class Engine:
         t2 = time.perf_counter()  # a drafter swapped in from now on drafts this step
         with self._step_lock:
             self._sync_drafter(tab)
+            for _, slot in tab.compact():  # live rows in slots 0..n-1: the step reads the caches through views
+                tab.owner[slot].slot = slot
             b = tab.batch_for(tab.active())
             host, flushed = self._decode(tab, b, k, self._runs_compiled(b.size, k))
             version = self.drafter_version if k else None  # read before a waiting swap can land

@@ -1,8 +1,9 @@
 """The slot table: a fixed number of slots, each one running request's region of the target's and the drafter's KV
 cache and its decode state, kept on the device.
 
-A request holds one slot from its prefill to its last token. A finished request frees its slot (masked, not
-compacted: nothing moves) and a waiting request is prefilled into it while the others keep decoding. A decode step
+A request holds a slot from its prefill to its last token. A finished request frees its slot and a waiting request
+is prefilled into it while the others keep decoding; before a step, `compact` moves the highest live slots into the
+holes below them (one request's entries per move), so the live slots are 0..n-1 and the step reads views. A decode step
 runs over the active slots padded with free ones to a batch bucket (1, 2, 4, 8, 16, 24, 32, ...: multiples of 8, at
 most the table size), so every tensor of a step has a shape fixed by (bucket, verify width, attention span). The span is the host-known longest row
 padded to a multiple of SPAN_BLOCK positions (a step never reads positions no row has written); a compiled step would pin it
@@ -175,6 +176,9 @@ class Batch:
 
 
 DYNAMIC = ("lengths", "last", "gen_len", "dlengths", "pend")  # the Batch fields a step advances
+# Every per-slot state tensor of a SlotTable (dim 0: the slot), besides the caches and the drafter's history.
+SLOT_STATE = ("lengths", "last", "gen_len", "budget", "key", "done", "stopped", "temperature", "top_p", "top_k",
+              "stop_ids", "first_token", "first_logprob", "dlengths", "pend")
 
 
 class SlotTable:
@@ -256,6 +260,46 @@ class SlotTable:
         self.fresh.discard(slot)
         self.needs_prefill.discard(slot)
         heapq.heappush(self.free, slot)
+
+    def compact(self) -> list[tuple[int, int]]:
+        """Moves the highest occupied slots into the free slots below them until the occupied ones are 0..n-1, so
+        that a step's caches are read through views instead of gathered; returns the moves (from, to) so that the
+        owner can follow its request. Each move copies one request's valid entries (target and drafter cache,
+        history) and state; both slots count a fill, so no continuation reuses either one's old entries."""
+        n = self.num_active()
+        holes = sorted(s for s in self.free if s < n)
+        if not holes:
+            return []
+        self.flush()
+        movers = [s for s in self.active() if s >= n]  # as many as the holes
+        moves = list(zip(movers, holes, strict=True))
+        src, dst = self.long_tensor(movers), self.long_tensor(holes)
+        width = min(max(self.host_len[s] for s in movers) + 1, self.capacity)
+        for t in (self.kv.k, self.kv.v):
+            t[:, dst, :, :width] = t[:, src, :, :width]
+        if self.speculative:
+            dwidth = min(width, self.dcapacity)
+            for t in (self.dkv.k, self.dkv.v):
+                t[:, dst, :, :dwidth] = t[:, src, :, :dwidth]
+            self.hist_tok[dst, :dwidth] = self.hist_tok[src, :dwidth]
+            self.hist_feat[dst, :dwidth] = self.hist_feat[src, :dwidth]
+        for name in SLOT_STATE:
+            t = getattr(self, name)
+            if t is not None:
+                t.index_copy_(0, dst, t[src])
+        for a, b in moves:
+            self.owner[b], self.params[b] = self.owner[a], self.params[a]
+            self.host_len[b], self.host_pend[b] = self.host_len[a], self.host_pend[a]
+            for marks in (self.fresh, self.needs_prefill):
+                if a in marks:
+                    marks.discard(a)
+                    marks.add(b)
+            self.owner[a] = self.params[a] = None
+            self.fills[a] += 1
+            self.fills[b] += 1
+        self.free = [s for s in self.free if s >= n] + movers
+        heapq.heapify(self.free)
+        return moves
 
     def long_tensor(self, values: list[int]) -> torch.Tensor:
         """Returns values as an int64 device tensor, reused while the same values come back (slot index lists)."""

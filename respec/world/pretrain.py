@@ -47,7 +47,8 @@ from respec.world.tokenizer import build_tokenizer, load_tokenizer, save_tokeniz
 Log = Callable[..., None]  # log(message) or log(message, fraction_done): progress for the caller to show
 
 FORMAT_VERSION = 5  # bump when the training recipe changes so that old cache entries are not reused (CHANGELOG.md)
-EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain
+EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training skips any prompt they contain (but
+# for a task with an environment)
 # Per-task changes to the defaults (`PretrainConfig.for_task`). chainsum: a context for its longest training
 # sequence plus its 384-token budget; length-grouped batches (its tail would pad most random batches' attention to
 # several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
@@ -180,6 +181,8 @@ class PretrainConfig:
             # before they existed
             if not fields[name]:
                 fields.pop(name)
+        if is_env_task(self.make_task()):  # trained on every prompt (not on those left after the held-out ones)
+            fields["train_prompts"] = "all"
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 
@@ -221,7 +224,10 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
     started = time.perf_counter()
     task = cfg.make_task()
     eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + EVAL_SEED_OFFSET)
-    held_out = {p.prompt for p in eval_set}
+    # A held-out problem's prompt is never trained on, except for a task with an environment: its rows differ by
+    # the environment's draws (the evaluation's nonces come from its own seed) and its prompts are few (probe: one
+    # per bar, all of them among 256 held-out problems).
+    held_out = set() if is_env_task(task) else {p.prompt for p in eval_set}
     train_set = [p for p in task.problems(cfg.num_train_problems, seed=cfg.seed) if p.prompt not in held_out]
 
     rng = random.Random(cfg.seed)
