@@ -256,3 +256,15 @@ def test_length_grouping_batches_similar_lengths_and_covers_each_epoch_once():
         return sum(32 * max(lengths[i] for i in b) for b in (next(batches) for _ in range(20)))
 
     assert padded(grouped) < 0.75 * padded(plain)
+
+
+def test_held_out_prompts_are_not_trained_on_unless_the_environment_sets_the_rows():
+    cfg = PretrainConfig(num_train_problems=2000)
+    held, train = pretrain_mod.split_problems(cfg.make_task(), cfg)
+    assert not {p.prompt for p in held} & {p.prompt for p in train} and len(train) > 1500
+    # probe has one prompt per bar, nearly every one among the held-out problems: every prompt is trained on
+    # (held-out rows get the evaluation's own environment draws)
+    cfg = PretrainConfig.for_task("probe", num_train_problems=2000)
+    held, train = pretrain_mod.split_problems(cfg.make_task(), cfg)
+    assert len(train) == 2000 and {p.prompt for p in held} <= {p.prompt for p in train}
+    assert cfg.cache_key()["train_prompts"] == "all" and "train_prompts" not in PretrainConfig().cache_key()

@@ -223,12 +223,7 @@ def build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None = None
 def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> tuple[Transformer, object, dict]:
     started = time.perf_counter()
     task = cfg.make_task()
-    eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + EVAL_SEED_OFFSET)
-    # A held-out problem's prompt is never trained on, except for a task with an environment: its rows differ by
-    # the environment's draws (the evaluation's nonces come from its own seed) and its prompts are few (probe: one
-    # per bar, all of them among 256 held-out problems).
-    held_out = set() if is_env_task(task) else {p.prompt for p in eval_set}
-    train_set = [p for p in task.problems(cfg.num_train_problems, seed=cfg.seed) if p.prompt not in held_out]
+    eval_set, train_set = split_problems(task, cfg)
 
     rng = random.Random(cfg.seed)
     base = None
@@ -280,6 +275,15 @@ def _build_policy(cfg: PretrainConfig, metrics_path: Path, log: Log | None) -> t
               f"{t1['accuracy']:.1%} at T=1, {g['accuracy']:.1%} greedy; styles at T=1: {styles}; "
               f"eos {t1['stop_rate']:.0%}; {evaluation['seconds']:.0f}s")
     return model, tokenizer, evaluation
+
+
+def split_problems(task: Task, cfg: PretrainConfig) -> tuple[list[Problem], list[Problem]]:
+    """Returns (held-out problems, training problems). A held-out problem's prompt is never trained on, except
+    for a task with an environment: its rows differ by the environment's draws (the evaluation's nonces come from
+    its own seed) and its prompts are few (probe: one per bar, nearly all of them among 256 held-out problems)."""
+    eval_set = task.problems(cfg.eval_problems, seed=cfg.seed + EVAL_SEED_OFFSET)
+    held_out = set() if is_env_task(task) else {p.prompt for p in eval_set}
+    return eval_set, [p for p in task.problems(cfg.num_train_problems, seed=cfg.seed) if p.prompt not in held_out]
 
 
 def encode_examples(tokenizer, task: Task, problems: list[Problem], rng: random.Random) -> list[tuple]:
