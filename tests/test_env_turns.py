@@ -123,15 +123,17 @@ def _cacheless_greedy(target, prompt, env, row, budget):
 
 @pytest.fixture
 def prefills(monkeypatch):
-    """Records every row of every slot prefill as (the cached entries it starts from, its prompt's length)."""
+    """Records every row of every slot prefill as (the cached entries it starts from, its prompt's length, the
+    drafter entries it starts from)."""
     from respec.engine.slots import SlotTable
 
     seen = []
     prefill = SlotTable.prefill
 
-    def recording(self, target, slots, prompts, *args):
-        seen.extend(zip(args[-1] or [0] * len(prompts), map(len, prompts), strict=True))
-        return prefill(self, target, slots, prompts, *args)
+    def recording(self, target, slots, prompts, params, keys, stops, aux_layers, starts=None, dstarts=None):
+        zeros = [0] * len(prompts)
+        seen.extend(zip(starts or zeros, map(len, prompts), dstarts or zeros, strict=True))
+        return prefill(self, target, slots, prompts, params, keys, stops, aux_layers, starts, dstarts)
 
     monkeypatch.setattr(SlotTable, "prefill", recording)
     return seen
@@ -140,7 +142,8 @@ def prefills(monkeypatch):
 @pytest.mark.parametrize("spec", [SpecConfig(mode="off"), SpecConfig(mode="static", k=3)], ids=["plain", "k3"])
 def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, prefills):
     """Every continuation goes back into the slot that holds its context and prefills only the stop token and the
-    observation; the tokens and logprobs equal full forwards over the whole context."""
+    observation (and its drafter re-reads only what it had not consumed); the tokens and logprobs equal full
+    forwards over the whole context."""
     import torch
 
     drafter = init_drafter(target, seed=1) if spec.mode != "off" else None
@@ -151,9 +154,11 @@ def test_a_continuation_runs_only_its_new_tokens_in_its_old_slot(target, spec, p
             tokens, logprobs = _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)
             assert seq.tokens == tokens
             assert max(abs(a - b) for a, b in zip(seq.logprobs, logprobs, strict=True)) <= 1e-4
-    again = [(start, n) for start, n in prefills if start]
+    again = [(start, n, dstart) for start, n, dstart in prefills if start]
     assert len(again) == sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3 > 0  # one per turn
-    assert all(n - start == 4 for start, n in again)  # the stop token and a 3-token observation
+    assert all(n - start == 4 for start, n, _ in again)  # the stop token and a 3-token observation
+    if drafter is not None:  # its entries before the last step's pairs stay
+        assert all(0 < dstart <= start for start, _, dstart in again)
 
 
 def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, prefills):
@@ -167,5 +172,45 @@ def test_a_continuation_whose_slot_was_taken_prefills_its_whole_context(target, 
         for row, seq in enumerate(out.sequences):
             assert seq.tokens == _cacheless_greedy(target, PROMPTS[row], Env(), row, params.max_new_tokens)[0]
     turns = sum(len(s.tokens) - sum(s.generated) for s in out.sequences) // 3
-    starts = [start for start, _ in prefills]
+    starts = [start for start, *_ in prefills]
     assert len(starts) == len(PROMPTS) + turns and 0 < starts.count(0) - len(PROMPTS) < turns  # some of each
+
+
+def test_a_continuations_drafter_drafts_as_after_rereading_its_whole_history(target, monkeypatch):
+    """The drafter entries a continuation keeps are the ones a drafter that re-reads the whole history computes:
+    every drafting forward of a greedy rollout gives the same logits either way."""
+    import torch
+
+    import respec.engine.generate as gen
+    from respec.engine.slots import SlotTable
+
+    drafter = init_drafter(target, seed=1)
+    params = _params(temperature=0.0)
+    spec = SpecConfig(mode="static", k=3)
+    outputs, prefilling = [], [False]
+    drafter_prefill = gen.drafter_prefill
+
+    def flagged(*args):
+        prefilling[0] = True
+        try:
+            return drafter_prefill(*args)
+        finally:
+            prefilling[0] = False
+
+    monkeypatch.setattr(gen, "drafter_prefill", flagged)
+    hook = drafter.register_forward_hook(lambda m, a, out: None if prefilling[0] else outputs.append(out[1]))
+
+    def run():
+        outputs.clear()
+        with torch.no_grad():
+            seqs = Engine(target, drafter).generate(PROMPTS, params, spec, env=Env()).sequences
+        return [s.tokens for s in seqs], list(outputs)
+
+    kept = run()
+    prefill = SlotTable.prefill
+    monkeypatch.setattr(SlotTable, "prefill", lambda self, *args: prefill(self, *args[:8]))  # no drafter starts
+    whole = run()
+    hook.remove()
+    assert kept[0] == whole[0] and len(kept[1]) == len(whole[1]) > 0
+    for a, b in zip(kept[1], whole[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

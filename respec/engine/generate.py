@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,6 +91,18 @@ MAX_RUNNING = 256  # default slots (vLLM's max_num_seqs)
 Env = Callable[[int, list[int]], "list[int] | None"]  # (row's stream, its tokens after the prompt) -> observation
 
 
+@dataclass
+class _Held:
+    """A freed slot that still holds a finished request's entries: valid while no request was prefilled into it
+    (`fills`), its drafter entries only under the same drafter (`epoch`)."""
+
+    slot: int
+    fills: int  # the slot's fill count when it was freed
+    dentries: int  # drafter cache entries (consumed history pairs) known valid
+    epoch: int  # the table's drafter epoch then
+    entries: int = 0  # target cache entries a continuation starts from (its context but the last token)
+
+
 class _Request:
     """A request's host-side record: its prompt and parameters, and the tokens it has generated so far."""
 
@@ -101,8 +113,8 @@ class _Request:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.row = None  # generate's row index (continuations of one row share it)
-        self.freed: tuple[int, int] | None = None  # (slot, its fill count) when it finished
-        self.reuse: tuple[int, int, int] | None = None  # a continuation's (slot, entries, fill count) to start from
+        self.freed: _Held | None = None  # the slot it left, when it finished
+        self.reuse: _Held | None = None  # a continuation's old slot, whose entries it starts from
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.tokens), list(self.logprobs), self.finish_reason is not None,
@@ -421,8 +433,7 @@ class Engine:
         cont = self._queue((req.row, row.turns), row.prompt + row.tokens, replace(params, max_new_tokens=room),
                            req.key, row=req.row)
         # Its slot still holds the entries of every token but the last (the stop token, never fed back).
-        slot, fills = req.freed
-        cont.reuse = (slot, len(req.prompt) + len(req.tokens) - 1, fills)
+        cont.reuse = replace(req.freed, entries=len(req.prompt) + len(req.tokens) - 1)
         return cont
 
     # -- checks and setup ------------------------------------------------------------------------------------------
@@ -524,20 +535,25 @@ class Engine:
         the step."""
         tab.flush()  # the batch state goes back to the slots before new requests write theirs
         # A continuation (environment turns) whose old slot still holds its entries runs only its new tokens there.
-        again = [r for r in reqs if r.reuse is not None and tab.holds(r.reuse[0], r.reuse[2])]
-        rest = max((len(r.prompt) - r.reuse[1] for r in again), default=0)
-        again = [r for r in again if r.reuse[1] + rest <= tab.capacity]
-        tab.take_slots([r.reuse[0] for r in again])
+        again = [r for r in reqs if r.reuse is not None and tab.holds(r.reuse.slot, r.reuse.fills)]
+        rest = max((len(r.prompt) - r.reuse.entries for r in again), default=0)
+        again = [r for r in again if r.reuse.entries + rest <= tab.capacity]
+        tab.take_slots([r.reuse.slot for r in again])
+        # The drafter's entries stay valid up to what it had consumed (its history pairs before the stop token are
+        # the continuation's too), under the same drafter.
+        kept = [min(r.reuse.dentries, r.reuse.entries) if r.reuse.epoch == tab.drafter_epoch else 0
+                for r in again]
         fresh = [r for r in reqs if r not in again]
         aux_layers = tuple(self.drafter.aux_layer_ids) if tab.speculative else ()
-        for group, slots, starts in ((again, [r.reuse[0] for r in again], [r.reuse[1] for r in again]),
-                                     (fresh, tab.take(len(fresh)), None)):
+        for group, slots, starts, dstarts in ((again, [r.reuse.slot for r in again],
+                                               [r.reuse.entries for r in again], kept),
+                                              (fresh, tab.take(len(fresh)), None, None)):
             if not group:
                 continue
             for req, s in zip(group, slots, strict=True):
                 req.slot, tab.owner[s] = s, req
             tab.prefill(self.target, slots, [r.prompt for r in group], [r.params for r in group],
-                        [r.key for r in group], [r.stops for r in group], aux_layers, starts)
+                        [r.key for r in group], [r.stops for r in group], aux_layers, starts, dstarts)
 
     def _sync_drafter(self, tab: SlotTable) -> None:
         """Adopts a drafter swapped in by set_drafter since the last step: a fresh drafter cache, and every
@@ -614,7 +630,9 @@ class Engine:
                 req.finish_reason = "stop" if row[3] else "length"
                 del self._requests[req.request_id]
                 tab.release(s)
-                req.slot, req.freed = None, (s, tab.fills[s])
+                # Before this step's update, the host mirrors give the drafter entries consumed before it.
+                req.slot, req.freed = None, _Held(s, tab.fills[s], tab.host_len[s] - tab.host_pend[s],
+                                                  tab.drafter_epoch)
             else:
                 tab.host_len[s] += acc + 1 if k else 1
                 tab.host_pend[s] = acc + 1 if k else 1 if flushed else tab.host_pend[s] + 1

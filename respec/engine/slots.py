@@ -321,19 +321,22 @@ class SlotTable:
     # -- filling slots ---------------------------------------------------------------------------------------------
     def prefill(self, target, slots: list[int], prompts: list[list[int]], params: list[SamplingParams],
                 keys: list[int], stops: list[list[int]], aux_layers: tuple[int, ...],
-                starts: list[int] | None = None) -> None:
+                starts: list[int] | None = None, dstarts: list[int] | None = None) -> None:
         """Runs `prompts` through `target` (right-padded, one forward) into `slots`, samples each one's first token
         (at position len(prompt), from stream keys[i]) and writes the slots' state; with a drafter the prompt
         becomes the drafter's backlog. A request whose first token ends it is marked done for the next step.
 
         `starts[i]` > 0: slot i already holds the target's entries (and the drafter's history pairs) of the
         prompt's first starts[i] tokens, from the request that held it before (`holds`): only the rest is run,
-        attending to them. The caller keeps starts[i] + the longest rest within the capacity."""
+        attending to them. The caller keeps starts[i] + the longest rest within the capacity. `dstarts[i]` <=
+        starts[i]: the slot's drafter cache holds the entries of those first pairs too, so the drafter's backlog
+        is only the rest."""
         dev, B = self.device, len(prompts)
         lens = [len(p) for p in prompts]
         starts = starts or [0] * B
-        for s, p, n in zip(slots, params, lens, strict=True):
-            self.params[s], self.host_len[s], self.host_pend[s] = p, n, n
+        dstarts = dstarts or [0] * B
+        for s, p, n, d in zip(slots, params, lens, dstarts, strict=True):
+            self.params[s], self.host_len[s], self.host_pend[s] = p, n, n - d
             self.fills[s] += 1
             self.fresh.add(s)
             if self.speculative:
@@ -371,8 +374,9 @@ class SlotTable:
             # History pair t is (target feature at t, token t + 1): the prompt shifted left, the first token last.
             tokens = ids.roll(-1, dims=1).scatter(1, last[:, None], first[:, None])
             self.write_history(index, contiguous, start, tokens, aux)
-            self.dlengths.index_fill_(0, index, 0)
-            self.pend.index_copy_(0, index, lengths)
+            dstart = torch.tensor(dstarts, device=dev)
+            self.dlengths.index_copy_(0, index, dstart)
+            self.pend.index_copy_(0, index, lengths - dstart)
 
     # -- the batch of a step ---------------------------------------------------------------------------------------
     def batch_for(self, live_slots: list[int]) -> Batch:
