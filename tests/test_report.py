@@ -153,3 +153,12 @@ def test_links_into_the_results_page_name_its_sections():
     files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
     links = [(f.name, a) for f in files for a in re.findall(r"results\.md#([\w-]+)", f.read_text())]
     assert links and all(a in anchors for _, a in links), [x for x in links if x[1] not in anchors]
+
+
+def test_the_multi_turn_rollout_section_renders_only_with_its_json(results):
+    assert "environment turns" not in render_results(results)
+    (results / "rollout_probe.json").write_text(json.dumps(rollout_json()))
+    page = render_results(results)
+    at = page.index("## The same rollout with environment turns")
+    assert "| **adaptive (ours)** | 1.25 | 1.60x | 1.30 |" in page[at:]
+    assert "- data: [docs/results/rollout_probe.json](results/rollout_probe.json)" in page[at:]
