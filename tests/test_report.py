@@ -162,3 +162,12 @@ def test_the_multi_turn_rollout_section_renders_only_with_its_json(results):
     at = page.index("## The same rollout with environment turns")
     assert "| **adaptive (ours)** | 1.25 | 1.60x | 1.30 |" in page[at:]
     assert "- data: [docs/results/rollout_probe.json](results/rollout_probe.json)" in page[at:]
+
+
+def test_the_multi_turn_experiment_section_renders_only_with_its_json(results):
+    assert "ReSpec end to end with environment turns" not in render_results(results)
+    (results / "experiment_probe.json").write_text(json.dumps(experiment_json()))
+    page = render_results(results)
+    at = page.index("## ReSpec end to end with environment turns")
+    assert "from 3.40 to 2.60 tokens per verify step (-24%)" in page[at:]
+    assert "- data: [docs/results/experiment_probe.json](results/experiment_probe.json)" in page[at:]
