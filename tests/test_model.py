@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from respec.engine.checkpoint import load_model, save_model
 from respec.engine.kvcache import KVCache
-from respec.engine.model import Cached, ModelConfig, cache_masks, cached_attention, init_model
+from respec.engine.model import Cached, ModelConfig, cache_masks, cached_attention, init_model, length_groups
 from respec.errors import CheckpointError
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -96,9 +96,15 @@ def test_aux_hidden_states_are_transformers_hidden_states(pair):
     assert (aux - torch.cat([ref[0], ref[1], ref[2]], -1)).abs().max() <= 1e-5
 
 
+def test_length_groups_cover_every_real_row_once_within_the_share_of_their_longest():
+    groups = length_groups([25, 9, 0, 17, 24, 19, 8], "cpu")
+    assert [(rows.tolist(), n) for rows, n in groups] == [([0, 4, 5], 25), ([3], 17), ([1, 6], 9)]
+
+
 def test_packed_forward_equals_padded_forward(pair):
-    """seq_lens runs the layers on the real tokens only (the trainer's forward): same hidden states, aux features
-    and gradients at the real tokens as the padded forward, zeros at the padding; and transformers' logits."""
+    """seq_lens runs the layers on the real tokens only (the trainer's forward), attention per group of similar
+    lengths: same hidden states, aux features and gradients at the real tokens as the padded forward, zeros at the
+    padding; and transformers' logits."""
     hf, ours, _ = pair
     ids = torch.randint(0, 97, (3, 25), generator=torch.Generator().manual_seed(5))
     seq_lens = torch.tensor([25, 9, 17])

@@ -173,12 +173,27 @@ class Packing:
     index: torch.Tensor  # [N] flat positions b * T + t of the real tokens, in row-major order
     batch: int
     length: int
+    # Rows of similar lengths, each group with its longest row's length: attention runs per group over that many
+    # positions, not over the batch's longest row (a long-tailed batch would pad most rows' attention 10x).
+    groups: tuple[tuple[torch.Tensor, int], ...] = ()
 
     @classmethod
     def of(cls, seq_lens: torch.Tensor, length: int) -> Packing:
         """Returns the packing of rows whose first seq_lens[b] of `length` tokens are real."""
         real = torch.arange(length, device=seq_lens.device)[None] < seq_lens[:, None]  # [B, T]
-        return cls(real.flatten().nonzero().squeeze(1), len(seq_lens), length)
+        return cls(real.flatten().nonzero().squeeze(1), len(seq_lens), length,
+                   length_groups(seq_lens.tolist(), seq_lens.device))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Returns causal attention [B, H, T, D] of padded q [B, H, T, D], k, v [B, Hkv, T, D], run per length
+        group over its own length (zeros past it, at positions that are all padding)."""
+        if len(self.groups) == 1 and self.groups[0][1] == self.length:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out = q.new_zeros(q.shape)
+        for rows, n in self.groups:
+            out[rows, :, :n] = F.scaled_dot_product_attention(q[rows, :, :n], k[rows, :, :n], v[rows, :, :n],
+                                                              is_causal=True, enable_gqa=gqa)
+        return out
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """Returns x [B, T, ...] at the real tokens [N, ...]."""
@@ -188,6 +203,25 @@ class Packing:
         """Returns packed x [N, ...] scattered back to [B, T, ...], zeros at the padding."""
         full = x.new_zeros(self.batch * self.length, *x.shape[1:])
         return full.index_copy(0, self.index, x).unflatten(0, (self.batch, self.length))
+
+
+GROUP_SHARE = 0.75  # a length group holds the rows at least this share of its longest row's length
+
+
+def length_groups(seq_lens: list[int], device: torch.device | str) -> tuple[tuple[torch.Tensor, int], ...]:
+    """Returns (rows, length) groups covering every row with a real token: rows sorted by length, a group is the
+    longest row left and every row at least GROUP_SHARE of its length (padding at most 1 / GROUP_SHARE^2 of a
+    row's own attention work)."""
+    order = sorted((n, b) for b, n in enumerate(seq_lens) if n > 0)[::-1]
+    groups, at = [], 0
+    while at < len(order):
+        n = order[at][0]
+        end = at
+        while end < len(order) and order[end][0] >= GROUP_SHARE * n:
+            end += 1
+        groups.append((torch.tensor(sorted(b for _, b in order[at:end]), device=device), n))
+        at = end
+    return tuple(groups)
 
 
 class RMSNorm(nn.Module):
@@ -291,7 +325,9 @@ class Attention(nn.Module):
         if packing is not None:  # attention needs rows: the padding gets zero q/k/v, after every real token
             qk, v = packing.pad(qk), packing.pad(v)
         q, k, v = self.heads_first(qk, v)
-        if cached is None:
+        if packing is not None:
+            out = packing.attention(q, k, v, self.n_kv != self.n_heads)
+        elif cached is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
             out = cached_attention(q, k, v, cached)
