@@ -12,7 +12,17 @@ from respec.engine.drafter import init_drafter
 from respec.engine.generate import Engine, SpecConfig, StepStats
 from respec.engine.model import ModelConfig, init_model
 from respec.engine.sampling import SamplingParams
-from respec.engine.tuner import CostModel, Tuner, TunerConfig, cost_key, expected_emitted, load_or_profile
+from respec.engine.tuner import (
+    CostModel,
+    Tuner,
+    TunerConfig,
+    cost_key,
+    expected_emitted,
+    load_or_profile,
+    nondecreasing,
+    smooth_across_batches,
+    smooth_verify_costs,
+)
 from respec.errors import ConfigError
 
 GRID = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -501,3 +511,21 @@ def test_adaptive_needs_a_drafter(target):
         Engine(target).generate([[1, 2]], SamplingParams(max_new_tokens=4), SpecConfig(mode="adaptive"))
     with pytest.raises(ConfigError, match="drafter"):
         Tuner.for_engine(Engine(target), 4)
+
+
+def test_nondecreasing_pools_adjacent_violators_to_their_mean():
+    assert nondecreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert nondecreasing([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert nondecreasing([1.0, 2.0]) == [1.0, 2.0]
+
+
+def test_a_batch_size_whose_drafts_look_cheaper_than_at_both_neighbours_is_smoothed():
+    # Relative costs of k = 1, 2: 1.5, 2.0 at batch 16; a disturbed 1.1, 1.2 at batch 32; 1.7, 2.4 at batch 64.
+    rows = [[4.0, 6.0, 8.0], [6.0, 6.6, 7.2], [10.0, 17.0, 24.0]]
+    smoothed = smooth_across_batches(rows)
+    assert [row[0] for row in smoothed] == [4.0, 6.0, 10.0]  # plain costs as measured
+    ratios = [[t / row[0] for t in row] for row in smoothed]
+    assert ratios[0][1] == ratios[1][1] == pytest.approx(1.3) and ratios[2][1] == pytest.approx(1.7)
+    assert all(a[k] <= b[k] + 1e-12 for a, b in zip(ratios, ratios[1:], strict=False) for k in range(3))
+    assert smooth_across_batches([[2.0, 3.0], [4.0, 7.0]]) == [[2.0, 3.0], [4.0, 7.0]]  # already monotone
+    assert smooth_verify_costs([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]

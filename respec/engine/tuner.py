@@ -51,7 +51,8 @@ from respec.errors import ConfigError
 if TYPE_CHECKING:
     from respec.engine.generate import Engine, StepStats
 
-COST_FORMAT = 7  # bump when profiling or the steps change, so cached cost models are re-measured (7: slot gathers)
+COST_FORMAT = 8  # bump when profiling or the steps change, so cached cost models are re-measured (8: costs
+# relative to plain made nondecreasing in the batch size)
 
 
 @dataclass(frozen=True)
@@ -416,7 +417,8 @@ def profile_costs(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
                 raise
             warnings.warn(f"compiled decode steps failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2)
     paths = tuple(measured)
-    smoothed = {path: [smooth_verify_costs(row) for row in rows] for path, rows in measured.items()}
+    smoothed = {path: smooth_across_batches([smooth_verify_costs(row) for row in rows])
+                for path, rows in measured.items()}
     steps, compiled = [], []
     for i in range(len(batches)):
         best = [min(paths, key=lambda p, k=k: smoothed[p][i][k]) for k in range(k_max + 1)]
@@ -436,6 +438,28 @@ def smooth_verify_costs(seconds: list[float]) -> list[float]:
     mx, my = sum(n for n, _ in pts) / len(pts), sum(t for _, t in pts) / len(pts)
     slope = max(sum((n - mx) * (t - my) for n, t in pts) / sum((n - mx) ** 2 for n, _ in pts), 0.0)
     return [seconds[0]] + [max(my + slope * (n - mx), seconds[0]) for n, _ in pts]
+
+
+def smooth_across_batches(rows: list[list[float]]) -> list[list[float]]:
+    """Returns step costs t[batch][k] whose costs relative to plain, t(b, k) / t(b, 0), never fall as the batch
+    grows (the least-squares nondecreasing fit over the batch sizes, per k; plain costs as given). Verifying k + 1
+    tokens per row costs relatively more as a step moves from overhead bound to compute bound, so a batch size
+    whose speculative steps look cheaper than at both neighbours was disturbed while it was profiled; left alone,
+    it makes the tuner pick a k there that no neighbouring batch size would."""
+    plain = [row[0] for row in rows]
+    ratios = [nondecreasing([row[k] / row[0] for row in rows]) for k in range(len(rows[0]))]
+    return [[t0 * ratios[k][i] for k in range(len(rows[0]))] for i, t0 in enumerate(plain)]
+
+
+def nondecreasing(values: list[float]) -> list[float]:
+    """Returns the nondecreasing sequence closest to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 def load_or_profile(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
