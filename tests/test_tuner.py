@@ -528,4 +528,4 @@ def test_a_batch_size_whose_drafts_look_cheaper_than_at_both_neighbours_is_smoot
     assert ratios[0][1] == ratios[1][1] == pytest.approx(1.3) and ratios[2][1] == pytest.approx(1.7)
     assert all(a[k] <= b[k] + 1e-12 for a, b in zip(ratios, ratios[1:], strict=False) for k in range(3))
     assert smooth_across_batches([[2.0, 3.0], [4.0, 7.0]]) == [[2.0, 3.0], [4.0, 7.0]]  # already monotone
-    assert smooth_verify_costs([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert smooth_verify_costs([4.5, 4.0, 5.0]) == [4.5, 4.5, 5.0]  # along k: a line, never below plain
