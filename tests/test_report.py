@@ -155,19 +155,15 @@ def test_links_into_the_results_page_name_its_sections():
     assert links and all(a in anchors for _, a in links), [x for x in links if x[1] not in anchors]
 
 
-def test_the_multi_turn_rollout_section_renders_only_with_its_json(results):
-    assert "environment turns" not in render_results(results)
-    (results / "rollout_probe.json").write_text(json.dumps(rollout_json()))
+@pytest.mark.parametrize("file, data, heading, line", [
+    ("rollout_probe.json", rollout_json, "The same rollout with environment turns",
+     "| **adaptive (ours)** | 1.25 | 1.60x | 1.30 |"),
+    ("experiment_probe.json", experiment_json, "ReSpec end to end with environment turns",
+     "from 3.40 to 2.60 tokens per verify step (-24%)"),
+], ids=["rollout", "experiment"])
+def test_a_multi_turn_section_renders_only_with_its_json(results, file, data, heading, line):
+    assert heading not in render_results(results)
+    (results / file).write_text(json.dumps(data()))
     page = render_results(results)
-    at = page.index("## The same rollout with environment turns")
-    assert "| **adaptive (ours)** | 1.25 | 1.60x | 1.30 |" in page[at:]
-    assert "- data: [docs/results/rollout_probe.json](results/rollout_probe.json)" in page[at:]
-
-
-def test_the_multi_turn_experiment_section_renders_only_with_its_json(results):
-    assert "ReSpec end to end with environment turns" not in render_results(results)
-    (results / "experiment_probe.json").write_text(json.dumps(experiment_json()))
-    page = render_results(results)
-    at = page.index("## ReSpec end to end with environment turns")
-    assert "from 3.40 to 2.60 tokens per verify step (-24%)" in page[at:]
-    assert "- data: [docs/results/experiment_probe.json](results/experiment_probe.json)" in page[at:]
+    at = page.index(f"## {heading}")
+    assert line in page[at:] and f"- data: [docs/results/{file}](results/{file})" in page[at:]
