@@ -326,13 +326,12 @@ def _rollout(root: Path, file: str = "rollout.json") -> str | None:
     return "\n".join(text)
 
 
-def _rollout_turns(root: Path) -> str | None:
-    """The same rollout on a multi-turn task (environment turns), when its JSON exists."""
-    text = _rollout(root, ROLLOUT_TURNS)
-    if text is None:
-        return None
-    return ("The same benchmark on `probe`, the multi-turn world ([world.md](world.md)): each row calls a tool until "
-            "a draw reaches the bar, so the environment, not the policy, sets how long a row runs. ") + text
+def _on_probe(render: Callable[[Path, str], str | None], file: str, intro: str) -> Callable[[Path], str | None]:
+    """Returns the optional section that `render` makes of `file`, a run on the multi-turn world, after `intro`."""
+    def section(root: Path) -> str | None:
+        text = render(root, file)
+        return None if text is None else intro + text
+    return section
 
 
 def _shape_text(what: str, shapes: dict[str, dict]) -> str:
@@ -429,12 +428,6 @@ def _experiment(root: Path, file: str = "experiment.json") -> str | None:
         text.append(_table(head, rows))
     text.append("\n" + _source(data, file))
     return "\n".join(text)
-
-
-def _experiment_turns(root: Path) -> str | None:
-    """The experiment on a multi-turn task (environment turns), when its JSON exists."""
-    text = _experiment(root, EXPERIMENT_TURNS)
-    return None if text is None else "On `probe`, the multi-turn world. " + text
 
 
 def _gpu(root: Path) -> str:
@@ -559,10 +552,13 @@ SECTIONS: tuple[tuple[str, Callable[[Path], str | None]], ...] = (
     ("Engine: plain decoding vs `transformers`, and the cost of verifying k + 1 tokens", _engine),
     ("Speculative decoding per batch size and temperature", _spec),
     ("A draining GRPO rollout: choosing k per step, against vLLM's table and TLT's bandit", _rollout),
-    ("The same rollout with environment turns", _rollout_turns),
+    ("The same rollout with environment turns", _on_probe(
+        _rollout, ROLLOUT_TURNS, "The same benchmark on `probe`, the multi-turn world ([world.md](world.md)): each row "
+        "calls a tool until a draw reaches the bar, so the environment, not the policy, sets how long a row runs. ")),
     ("GRPO: respec vs TRL's GRPOTrainer", _trl),
     ("ReSpec end to end: `respec experiment`", _experiment),
-    ("ReSpec end to end with environment turns", _experiment_turns),
+    ("ReSpec end to end with environment turns", _on_probe(
+        _experiment, EXPERIMENT_TURNS, "On `probe`, the multi-turn world. ")),
     ("On a GPU", _gpu),
     ("The rollout server under load: `respec bench serve`", _serve),
     ("Scaling out on Ray: `respec bench ray`", _ray),
