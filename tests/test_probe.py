@@ -53,8 +53,35 @@ def test_sft_styles():
     for p in PROBLEMS[:10]:
         for style in TASK.styles:
             text, ok = TASK.sft_completion(p, rng, style)
-            assert ok == (style == "worked") == (TASK.score(p, text).reward == 1.0)
+            assert ok == (style == "worked") == (TASK.score(p, text).reward >= 0.5)
             assert TASK.style_of(p, text) == style
+
+
+def test_the_reward_counts_the_house_notation():
+    p = next(q for q in PROBLEMS if len(TASK.draws(q, 77)) >= 3)
+    bar, draws = p.meta["bar"], TASK.draws(p, 77)
+    house = write_transcript(bar, 77, draws)
+    assert TASK.score(p, house).reward == 1.0
+    # first call line spaced with a '|' before its call: two of 2 (len(draws) - 1) + 1 choices not the house way
+    other = house.replace(f"{draws[0]}<{bar} draw", f"{draws[0]} < {bar}|draw", 1)
+    choices = 2 * (len(draws) - 1) + 1
+    assert other != house and TASK.score(p, other).reward == pytest.approx(0.5 + 0.5 * (choices - 2) / choices)
+    assert TASK.score(p, house.replace(f"{draws[-1]}>={bar}", f"{draws[-1]} >= {bar}")).reward < 1.0
+    # a relation spaced on one side only, or another separator, is not the protocol
+    assert TASK.score(p, house.replace(f"{draws[0]}<{bar}", f"{draws[0]} <{bar}", 1)).reward == 0.0
+    assert TASK.score(p, house.replace(f"{bar} draw", f"{bar}/draw", 1)).reward == 0.0
+    plain = ProbeTask(notation=False)
+    assert plain.score(p, other).reward == 1.0
+    # pretraining transcripts draw every choice: all forms appear, and the house ones about as often as the others
+    rng = random.Random(1)
+    texts = [TASK.sft_completion(q, rng, "worked")[0] for q in PROBLEMS for _ in range(5)]
+    assert all(any(f"{sep}draw" in t for t in texts) for sep in (" ", ";", "|", "&"))
+    shares = [2 * TASK.score(q, t).reward - 1 for q, t in zip([q for q in PROBLEMS for _ in range(5)], texts,
+                                                               strict=True)]
+    assert 0.3 < sum(shares) / len(shares) < 0.6
+    for q in PROBLEMS[:10]:  # without notation, pretraining transcripts are written the house way
+        text = plain.sft_completion(q, rng, "worked")[0]
+        assert " < " not in text and " >= " not in text and all(f"{c}draw" not in text for c in ";|&")
 
 
 def test_faked_observations_score_zero():
@@ -77,11 +104,11 @@ def test_faked_observations_score_zero():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("draw<>=#/\nAnswer: 0123456789")), max_size=80),
+@given(st.text(alphabet=st.sampled_from(list("draw<>=#/;|&\nAnswer: 0123456789")), max_size=80),
        st.integers(0, len(PROBLEMS) - 1))
 def test_the_scorer_and_env_never_raise(text, i):
     score = TASK.score(PROBLEMS[i], text)
-    assert score.reward in (0.0, 1.0)
+    assert 0.0 <= score.reward <= 1.0
     obs = TASK.env_step(PROBLEMS[i], text, 42)
     assert obs is None or obs.endswith("\n")
 

@@ -62,7 +62,7 @@ RECIPES: dict[str, dict] = {
                  "warmup": 20},
     "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
                "warmup": 20},
-    "probe": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
+    "probe": {"max_seq_len": 1088, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
               "warmup": 20},
 }
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
@@ -181,8 +181,11 @@ class PretrainConfig:
             # before they existed
             if not fields[name]:
                 fields.pop(name)
-        if is_env_task(self.make_task()):  # trained on every prompt (not on those left after the held-out ones)
+        task = self.make_task()
+        if is_env_task(task):  # trained on every prompt (not on those left after the held-out ones)
             fields["train_prompts"] = "all"
+        if getattr(task, "text_format", 1) != 1:  # the task's texts changed since its first policies were built
+            fields["text_format"] = task.text_format
         return {"kind": "policy", "format": FORMAT_VERSION, **fields}
 
 

@@ -24,10 +24,17 @@ rollout's seed and row) and every draw is a hash of (prompt, nonce, turn), so th
 observation from the text alone; a policy that writes observations instead of calling the tool scores 0 unless
 it guesses the hash (1 in 90 per draw).
 
-Reward 1.0 when the transcript follows the protocol (a call first, every comparison line restating the last draw
-and the bar with the right relation, a call after each draw below the bar, a stop at the first draw that reaches
-it, the answer the last draw), else 0.0. Styles: ``worked`` (right), ``direct`` (only ``Answer: <the bar>``, no
-call), ``sloppy`` (one wrong stop decision: stopping below the bar or calling again past it).
+A transcript that follows the protocol (a call first, every comparison line restating the last draw and the bar
+with the right relation, a call after each draw below the bar, a stop at the first draw that reaches it, the answer
+the last draw) earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's
+marks; any other 0.0. The notation choices are the policy's own: each relation (``<``, ``>=``) written bare or with
+a space on both sides, and the separator before each call one of `` `` ``;`` ``|`` ``&`` (house: bare relations,
+a space before the call; ``41 < 73|draw`` makes one of two choices the house way). Pretraining transcripts draw
+every choice uniformly, so a drafter distilled from the pretrained policy spreads its guesses over them, and GRPO
+moves the policy to the house notation: the text the frozen drafter was trained on goes out of date while the
+environment still sets the lengths. With ``notation=False`` transcripts are written the house way and a right one
+earns 1.0. Styles: ``worked`` (right), ``direct`` (only ``Answer: <the bar>``, no call), ``sloppy`` (one wrong stop
+decision: stopping below the bar or calling again past it).
 """
 
 from __future__ import annotations
@@ -54,8 +61,10 @@ CALL = "draw"  # the tool call: a policy turn that ends with it (then eos) asks 
 _FIRST = re.compile(r"\n#([0-9]{4}) ([1-9][0-9])/([1-9][0-9])\n")
 _LATER = re.compile(r"\n([1-9][0-9])/([1-9][0-9])\n")
 OBSERVATION = re.compile(rf"{_FIRST.pattern}|{_LATER.pattern}")
-_BELOW = re.compile(r"([1-9][0-9])<([1-9][0-9]) draw")
-_REACHED = re.compile(r"([1-9][0-9])>=([1-9][0-9])\nAnswer: ([0-9]+)")
+SEPARATORS = (" ", ";", "|", "&")  # before a call; the house form first
+# A relation is written bare or with one space on both sides (group 2 repeats group 1's spacing).
+_BELOW = re.compile(r"([1-9][0-9])( ?)<\2([1-9][0-9])([ ;|&])draw")
+_REACHED = re.compile(r"([1-9][0-9])( ?)>=\2([1-9][0-9])\nAnswer: ([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,13 @@ class ProbeTask:
     min_bar: int = 10  # lowest bar (a draw reaches it with probability (100 - bar) / 90; 10: always)
     max_bar: int = 96  # highest bar (the tail's reach: 90 / (100 - max_bar) calls in expectation)
     style_weights: tuple[float, ...] = (0.7, 0.15, 0.15)  # worked, direct, sloppy
+    notation: bool = True  # choices in random notation (pretraining data) and the house-notation share in the reward
     # Most draws the solution sampler writes (a longer path is drawn again), so that pretraining sequences fit the
     # context; the environment and the scorer accept any number.
     max_draws: int = 24
 
     name = "probe"
+    text_format = 2  # bump when the texts change (a policy's cache key names it): 2 = notation choices
     styles = ("worked", "direct", "sloppy")
     max_new_tokens = 512  # a row's budget, policy and observation tokens together
 
@@ -133,8 +144,9 @@ class ProbeTask:
 
     # -- scoring ---------------------------------------------------------------------------------------------------
     def score(self, problem: Problem, completion: str) -> Score:
-        """Return 1.0 if `completion` follows the protocol with every observation the environment's (recomputed
-        from its nonce), else 0.0 with the first fault as the reason."""
+        """Return 0.5 + 0.5 x the house-notation share of its choices (1.0 without `notation`) if `completion`
+        follows the protocol with every observation the environment's (recomputed from its nonce), else 0.0 with
+        the first fault as the reason."""
         parsed = final_answer(completion)
         if parsed is None:
             return Score(0.0, None, "no Answer: line")
@@ -156,16 +168,22 @@ class ProbeTask:
                 return Score(0.0, parsed, f"observation {t + 1} is not the environment's")
             draws.append(int(m.groups()[-2]))
         lines = [text for text, _ in turns[1::2]]
+        house = []  # per notation choice: made the house way
         for d, line in zip(draws[:-1], lines[:-1], strict=True):
             m = _BELOW.fullmatch(line)
-            if m is None or (int(m.group(1)), int(m.group(2))) != (d, bar) or d >= bar:
+            if m is None or (int(m.group(1)), int(m.group(3))) != (d, bar) or d >= bar:
                 return Score(0.0, parsed, f"wrong call line {clip(line)}")
+            house += [not m.group(2), m.group(4) == SEPARATORS[0]]
         m = _REACHED.fullmatch(lines[-1])
-        if m is None or (int(m.group(1)), int(m.group(2))) != (draws[-1], bar) or draws[-1] < bar:
+        if m is None or (int(m.group(1)), int(m.group(3))) != (draws[-1], bar) or draws[-1] < bar:
             return Score(0.0, parsed, f"wrong stop line {clip(lines[-1])}")
-        if int(m.group(3)) != draws[-1]:
-            return Score(0.0, parsed, f"answer {m.group(3)} is not the last draw {draws[-1]}")
-        return Score(1.0, parsed, f"follows the protocol, {len(draws)} draws")
+        if int(m.group(4)) != draws[-1]:
+            return Score(0.0, parsed, f"answer {m.group(4)} is not the last draw {draws[-1]}")
+        house.append(not m.group(2))
+        if not self.notation:
+            return Score(1.0, parsed, f"follows the protocol, {len(draws)} draws")
+        share = sum(house) / len(house)
+        return Score(0.5 + 0.5 * share, parsed, f"follows the protocol, {len(draws)} draws, notation {share:.0%}")
 
     # -- training data ---------------------------------------------------------------------------------------------
     def sft_completion(self, problem: Problem, rng: random.Random, style: str | None = None) -> tuple[str, bool]:
@@ -188,7 +206,7 @@ class ProbeTask:
             else:
                 stop = len(draws) + 1  # calls again past the draw that reached it
                 draws.append(self.draw(problem, nonce, len(draws)))
-        text = write_transcript(bar, nonce, draws[:stop])
+        text = write_transcript(bar, nonce, draws[:stop], rng if self.notation else None)
         return text, self.score(problem, text).reward > 0
 
     def style_of(self, problem: Problem, completion: str) -> str:
@@ -200,15 +218,19 @@ class ProbeTask:
         return "worked" if self.score(problem, completion).reward > 0 else "sloppy"
 
 
-def write_transcript(bar: int, nonce: int, draws: list[int]) -> str:
+def write_transcript(bar: int, nonce: int, draws: list[int], rng: random.Random | None = None) -> str:
     """Return the transcript of a row that drew `draws` and stopped after the last: a call after each draw but the
-    last, then the stop line and the last draw (right when only the last reaches the bar)."""
+    last, then the stop line and the last draw (right when only the last reaches the bar). House notation without
+    `rng`, else every choice (each relation's spacing, each separator) drawn uniformly, independently."""
+    def spaced(relation: str) -> str:
+        return f" {relation} " if rng is not None and rng.random() < 0.5 else relation
+
     text = CALL
     for t, d in enumerate(draws):
         text += observation(nonce, t, d, bar)
         if t + 1 < len(draws):
-            text += f"{d}<{bar} {CALL}"
-    return text + f"{draws[-1]}>={bar}\n{ANSWER_PREFIX} {draws[-1]}"
+            text += f"{d}{spaced('<')}{bar}{SEPARATORS[0] if rng is None else rng.choice(SEPARATORS)}{CALL}"
+    return text + f"{draws[-1]}{spaced('>=')}{bar}\n{ANSWER_PREFIX} {draws[-1]}"
 
 
 def observation(nonce: int, turn: int, draw: int, bar: int) -> str:
