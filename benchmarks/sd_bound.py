@@ -11,19 +11,19 @@ verify, whatever the drafter. Beside them, the bound of the engine's decode step
 profile of plain and k-draft steps, faster path per k, without the generate loop around it): tokens per step x
 t(1, 0) / t(1, k).
 
-    python benchmarks/sd_bound.py --compile auto --json runs/sd_bound.json
+    python benchmarks/sd_bound.py --compile auto --json docs/results/sd_bound.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from respec.bench.engine import machine_info
+from respec.bench.engine import machine_info, write_results
+from respec.bench.plot import plot_sd_bound
 from respec.engine.checkpoint import load_model
 from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, SpecConfig
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=Path("runs/sd_bound.json"))
+    ap.add_argument("--json", type=Path, default=Path("runs/sd_bound.json"), help="writes JSON + PNG")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     policy_dir, drafter_dir = resolve_models(args.policy, args.drafter, args.task)
@@ -146,10 +146,7 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json")
         + f" --json {args.json}", "machine": machine_info(str(device)), "policy": str(policy_dir),
         "drafter": str(drafter_dir), "rows": rows}
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(args.json)
-    print(f"wrote {args.json}")
+    print("wrote", *write_results(data, args.json, plot_sd_bound))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,19 @@ def test_a_multi_turn_section_renders_only_with_its_json(results, file, data, he
     page = render_results(results)
     at = page.index(f"## {heading}")
     assert line in page[at:] and f"- data: [docs/results/{file}](results/{file})" in page[at:]
+
+
+def test_the_batch_1_bound_renders_inside_the_spec_section_only_with_its_json(results):
+    assert "What bounds it at batch 1" not in render_results(results)
+    rows = [{"mode": "plain", "speedup": 1.0, "tokens_per_step": 1.0, "step_ms": 2.5, "target_ms": 2.0,
+             "drafter_ms": 0.0, "other_ms": 0.5},
+            {"mode": "k=4", "speedup": 1.4, "tokens_per_step": 4.0, "step_ms": 7.0, "target_ms": 4.0,
+             "drafter_ms": 2.0, "other_ms": 1.0, "profiled_step_ratio": 2.1, "profiled_bound": 1.9,
+             "free_drafter_bound": 2.0, "drafter_call_vs_plain_step": 0.25}]
+    (results / "sd_bound.json").write_text(json.dumps({"command": "python benchmarks/sd_bound.py", "machine": MACHINE,
+                                                       "rows": rows}))
+    page = render_results(results)
+    spec_at, bound_at = page.index("## Speculative decoding per batch size"), page.index("### What bounds it at batch 1")
+    assert spec_at < bound_at < page.index("## ", bound_at)
+    assert "| k=4 | 1.40x | 4.00 | 7.00 | 4.00 | 2.00 | 1.00 | 2.10 | 1.90x | 2.00x |" in page
+    assert "the best bound is 1.90x (k = 4)" in page and "- data: [docs/results/sd_bound.json]" in page

@@ -58,6 +58,30 @@ def plot_metrics(path: str | os.PathLike, png: str | os.PathLike | None = None) 
     return save_figure(fig, Path(png) if png is not None else path.with_suffix(".png"))
 
 
+def plot_sd_bound(data: dict, png: str | os.PathLike) -> Path:
+    """Returns the PNG of `benchmarks/sd_bound.py`: each mode's decode step split into target, drafter and the
+    rest, with its speedup over plain decoding and the bounds."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    rows = data["rows"]
+    xs = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for part in ("target", "drafter", "other"):
+        heights = [r[f"{part}_ms"] for r in rows]
+        ax.bar(list(xs), heights, 0.6, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    for x, r, top in zip(xs, rows, bottom, strict=True):
+        label = f"{r['speedup']:.2f}x, {r['tokens_per_step']:.2f} tok"
+        if "profiled_bound" in r:
+            label += f"\nbound {r['profiled_bound']:.2f}x"
+        ax.annotate(label, (x, top), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), [r["mode"] for r in rows])
+    ax.set_ylabel("ms per decode step, batch 1")
+    ax.set_title("What a speculative step costs (speedup vs plain, tokens per step)")
+    ax.legend()
+    return save_figure(fig, Path(png))
+
+
 def plot_bench_engine(data: dict, png: str | os.PathLike) -> Path:
     """Returns the PNG of `bench_engine` results: tokens/s ours vs transformers, and verify cost vs n."""
     fig = Figure(figsize=(11, 4), layout="constrained")
