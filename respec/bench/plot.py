@@ -76,6 +76,7 @@ def plot_sd_bound(data: dict, png: str | os.PathLike) -> Path:
             label += f"\nbound {r['profiled_bound']:.2f}x"
         ax.annotate(label, (x, top), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), [r["mode"] for r in rows])
+    ax.set_ylim(0, 1.18 * max(bottom))  # room for the labels
     ax.set_ylabel("ms per decode step, batch 1")
     ax.set_title("What a speculative step costs (speedup vs plain, tokens per step)")
     ax.legend()

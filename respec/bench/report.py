@@ -317,7 +317,7 @@ def _sd_bound(root: Path) -> str | None:
         "those steps. Free drafter = tokens per step x plain step / (step - drafter part).\n",
         _table(["mode", "speedup", "tokens/step", "step ms", "target ms", "drafter ms", "other ms", "step ratio",
                 "bound", "free drafter"], rows),
-        f"\nOne drafter call costs {call:.2f} of a plain step; the best bound is {best['profiled_bound']:.2f}x "
+        f"One drafter call costs {call:.2f} of a plain step; the best bound is {best['profiled_bound']:.2f}x "
         f"(k = {best['mode'].removeprefix('k=')}).\n",
         _source(data, SD_BOUND)])
 
