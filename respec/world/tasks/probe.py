@@ -29,7 +29,7 @@ with the right relation, a call after each draw below the bar, a stop at the fir
 the last draw) earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's
 marks; any other 0.0. The notation choices are the policy's own: each relation (``<``, ``>=``) written bare or with
 a space on both sides, and the separator before each call one of `` `` ``;`` ``|`` ``&`` (house: bare relations,
-a space before the call; ``41 < 73|draw`` makes one of two choices the house way). Pretraining transcripts draw
+a space before the call; ``41 < 73 draw`` makes one of its two choices the house way). Pretraining transcripts draw
 every choice uniformly, so a drafter distilled from the pretrained policy spreads its guesses over them, and GRPO
 moves the policy to the house notation: the text the frozen drafter was trained on goes out of date while the
 environment still sets the lengths. With ``notation=False`` transcripts are written the house way and a right one
