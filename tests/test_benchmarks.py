@@ -149,3 +149,36 @@ def test_update_contention_times_the_update_beside_a_load(tiny_world, tmp_path, 
     for ids, lens in batches:
         assert lens.shape == (4,) and ids.shape == (4, int(lens.max()))
         assert ((lens >= 17) & (lens <= 81)).all() and ((ids >= 3) & (ids < vocab)).all()
+
+
+def test_sd_bound_splits_each_step_and_prices_its_bound(tiny_world, tmp_path, monkeypatch, capsys):
+    sd_bound = load_script("sd_bound")
+    policy, drafter = tiny_world
+    out = tmp_path / "sd_bound.json"
+    monkeypatch.setattr(sys, "argv", ["sd_bound.py", "--policy", str(policy), "--drafter", str(drafter),
+                                      "--prompts", "2", "--ks", "1,2", "--max-new-tokens", "6", "--repeats", "1",
+                                      "--compile", "off", "--json", str(out)])
+    sd_bound.main()
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert data["command"].startswith("python benchmarks/sd_bound.py ") and "--ks 1,2" in data["command"]
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert list(rows) == ["plain", "k=1", "k=2"]
+    plain = rows["plain"]
+    assert plain["drafter_calls"] == 0 and plain["target_calls"] >= plain["steps"]
+    for r in rows.values():
+        # the parts split the step, and the ratios follow from the counts and seconds they summarise
+        assert r["target_ms"] + r["drafter_ms"] + r["other_ms"] == pytest.approx(r["step_ms"])
+        assert r["step_ms"] == approx(1e3 * r["seconds"] / r["steps"])
+        assert r["tokens_per_step"] == approx(r["tokens"] / r["steps"])
+        assert r["speedup"] == approx(r["tokens"] / r["seconds"] / (plain["tokens"] / plain["seconds"]))
+    for k in (1, 2):
+        r = rows[f"k={k}"]
+        # a step with k drafts runs k drafter calls (k - 1 chained, one catch-up) and one verify; each prompt one
+        # drafter prefill
+        assert r["drafter_calls"] == k * r["steps"] + 2 and r["target_calls"] >= r["steps"]
+        assert r["profiled_bound"] == approx(r["tokens_per_step"] / r["profiled_step_ratio"])
+        assert r["free_drafter_bound"] == approx(
+            r["tokens_per_step"] * plain["step_ms"] / (r["step_ms"] - r["drafter_ms"]))
+    printed = capsys.readouterr().out
+    assert f"{rows['k=2']['speedup']:.2f}x" in printed and "one drafter call" in printed
