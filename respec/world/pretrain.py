@@ -55,7 +55,8 @@ EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training sk
 # in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
 # not yet copying the operands. redraw: the same start and batching, 800 steps (its traces are new text to the
 # arithmetic policy: the range in the prompt, the bar, the stop decision). probe: the same (tool calls and
-# observations are new text too; the observations are never trained on).
+# observations are new text too; the observations are never trained on), with a context of 1,088 positions (its
+# longest training transcript, spaced notation and all, plus its 512-token budget).
 RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
 RECIPES: dict[str, dict] = {
     "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
