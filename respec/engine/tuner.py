@@ -452,14 +452,10 @@ def smooth_across_batches(rows: list[list[float]]) -> list[list[float]]:
 
 
 def nondecreasing(values: list[float]) -> list[float]:
-    """Returns the nondecreasing sequence closest to `values` in least squares (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [mean, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(int(n))]
+    """Returns the nondecreasing sequence closest to `values` in least squares (scipy's isotonic regression)."""
+    from scipy.optimize import isotonic_regression
+
+    return [float(x) for x in isotonic_regression(values).x]
 
 
 def load_or_profile(engine: Engine, k_max: int, config: TunerConfig) -> CostModel:
