@@ -350,7 +350,8 @@ def bench_rollout_cmd(
     prompts: int = typer.Option(16, help="distinct prompts P"),
     samples: int = typer.Option(8, help="samples per prompt G (the rollout batch is P x G)"),
     temperature: float = typer.Option(1.0),
-    max_new_tokens: int = typer.Option(128, help="new tokens per row (chainsum's answers need its 384)"),
+    max_new_tokens: int | None = typer.Option(None, help="new tokens per row (default: the task's budget, probe 512, "
+                                              "arithmetic 96)"),
     ks: str = typer.Option("1,2,3,4,6,8", help="static draft lengths; the largest is every chooser's k_max"),
     repeats: int = typer.Option(3, help="timed rollouts per mode after a warm-up round; the median is kept"),
     threads: int | None = typer.Option(1, help="torch CPU threads"),
@@ -415,7 +416,7 @@ def bench_ray_cmd(
 
 @app.command()
 def pretrain(
-    task: str = typer.Option(DEFAULT_TASK, help="synthetic task: arithmetic | chainsum | countdown | redraw | probe"),
+    task: str = typer.Option(DEFAULT_TASK, help="synthetic task: probe | arithmetic | chainsum | countdown | redraw"),
     out: Path | None = typer.Option(None, help="output directory (default: the cache, reused when complete)"),
     steps: int | None = typer.Option(None, help="optimiser steps (default: PretrainConfig's)"),
     seed: int = typer.Option(0),
@@ -446,8 +447,8 @@ def train(
     resume: Path | None = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
     model: Path | None = typer.Option(None, help="policy directory with its tokenizer (default: the embedded one)"),
     drafter: Path | None = typer.Option(None, help="EAGLE-3 drafter of --model (needed unless --spec off)"),
-    task: str | None = typer.Option(None, help="arithmetic | chainsum | countdown | jsonl | redraw | probe (default: the "
-                                    "config's, arithmetic; chainsum and redraw need --set rollout.max_new_tokens=384, probe 512)"),
+    task: str | None = typer.Option(None, help="probe | arithmetic | chainsum | countdown | jsonl | redraw (default: "
+                                    "the config's, probe); rollout.max_new_tokens defaults to the task's budget"),
     data: Path | None = typer.Option(None, help="GSM8K-style .jsonl or verl .parquet file (implies --task jsonl)"),
     spec: str | None = typer.Option(None, help="speculative decoding of rollouts: off | static | adaptive"),
 ) -> None:

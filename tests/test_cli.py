@@ -150,11 +150,13 @@ def test_demo_benchmarks_then_trains_no_sd_against_respec(monkeypatch, capsys, t
 
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(defaults, "resolve_models", lambda policy, drafter, task, log=None, threads=1: tiny_world)
-    # The demo's grid and RL step at a smaller size: shorter answers, 32-row rollouts, 16 held-out problems.
+    # The demo's grid and RL step at a smaller size: shorter answers, 32-row rollouts, 16 held-out problems (of the
+    # default task, whose environment answers the tiny policy's calls).
     monkeypatch.setattr(respec.bench.spec, "SpecBenchConfig",
                         partial(respec.bench.spec.SpecBenchConfig, max_new_tokens=16, min_prompts=8))
     data = respec.rl.config.DataConfig(prompts_per_step=4, eval_problems=16)
     monkeypatch.setattr(respec.rl.config, "TrainConfig", partial(respec.rl.config.TrainConfig, data=data))
+    monkeypatch.setattr(respec.rl.config, "RolloutConfig", partial(respec.rl.config.RolloutConfig, max_new_tokens=24))
     code, out, err = run_cli(monkeypatch, capsys, "demo", "--json", str(tmp_path / "demo" / "spec.json"),
                              "--train-steps", "2")
     assert code == 0, err

@@ -269,4 +269,4 @@ def test_held_out_prompts_are_not_trained_on_unless_the_environment_sets_the_row
     assert len(train) == 2000 and {p.prompt for p in held} <= {p.prompt for p in train}
     assert cfg.cache_key()["train_prompts"] == "all" and "train_prompts" not in PretrainConfig().cache_key()
     # probe's texts changed after its first policies were built: its key names the text format, others' do not
-    assert cfg.cache_key()["text_format"] == 2 and "text_format" not in PretrainConfig().cache_key()
+    assert cfg.cache_key()["text_format"] == 3 and "text_format" not in PretrainConfig().cache_key()

@@ -16,7 +16,7 @@ from respec.rl.rollout import Rollout
 from respec.world.env import TaskEnv, encode_transcript, is_env_task
 from respec.world.pretrain import collate, encode_examples
 from respec.world.tasks import get_task, task_budget
-from respec.world.tasks.probe import CALL, ProbeTask, write_transcript
+from respec.world.tasks.probe import BELOW, CALL, CALLS, REACHED, SEPARATORS, ProbeTask, write_transcript
 from respec.world.tokenizer import load_tokenizer
 
 TASK = ProbeTask()
@@ -62,26 +62,46 @@ def test_the_reward_counts_the_house_notation():
     bar, draws = p.meta["bar"], TASK.draws(p, 77)
     house = write_transcript(bar, 77, draws)
     assert TASK.score(p, house).reward == 1.0
-    # first call line spaced with a '|' before its call: two of 2 (len(draws) - 1) + 1 choices not the house way
-    other = house.replace(f"{draws[0]}<{bar} draw", f"{draws[0]} < {bar}|draw", 1)
-    choices = 2 * (len(draws) - 1) + 1
-    assert other != house and TASK.score(p, other).reward == pytest.approx(0.5 + 0.5 * (choices - 2) / choices)
-    assert TASK.score(p, house.replace(f"{draws[-1]}>={bar}", f"{draws[-1]} >= {bar}")).reward < 1.0
-    # a relation spaced on one side only, or another separator, is not the protocol
+    choices = 1 + 4 * (len(draws) - 1) + 2  # the first call; per call line word, mark, spacing, separator; stop line
+    # the first call line spaced, `lt`, a '|' before `roll`: four of its choices not the house way
+    other = house.replace(f"{draws[0]}<{bar} draw", f"{draws[0]} lt {bar}|roll", 1)
+    assert other != house and TASK.score(p, other).reward == pytest.approx(0.5 + 0.5 * (choices - 4) / choices)
+    for word in CALLS[1:]:  # the first call's word
+        assert TASK.score(p, word + house[len(CALL):]).reward == pytest.approx(0.5 + 0.5 * (choices - 1) / choices)
+    for mark in REACHED:
+        for spaced in (mark, f" {mark} "):
+            stop = house.replace(f"{draws[-1]}>={bar}", f"{draws[-1]}{spaced}{bar}")
+            wrong = (mark != REACHED[0]) + (spaced != mark)
+            assert TASK.score(p, stop).reward == pytest.approx(0.5 + 0.5 * (choices - wrong) / choices)
+    for mark in BELOW[1:]:
+        assert TASK.score(p, house.replace(f"{draws[0]}<", f"{draws[0]}{mark}", 1)).reward < 1.0
+    # a relation spaced on one side only, another separator, a mark of the other relation: not the protocol
     assert TASK.score(p, house.replace(f"{draws[0]}<{bar}", f"{draws[0]} <{bar}", 1)).reward == 0.0
     assert TASK.score(p, house.replace(f"{bar} draw", f"{bar}/draw", 1)).reward == 0.0
+    assert TASK.score(p, house.replace(f"{draws[0]}<{bar}", f"{draws[0]}ge{bar}", 1)).reward == 0.0
+    assert TASK.score(p, house.replace(f"{draws[-1]}>={bar}", f"{draws[-1]}lt{bar}")).reward == 0.0
     plain = ProbeTask(notation=False)
     assert plain.score(p, other).reward == 1.0
-    # pretraining transcripts draw every choice: all forms appear, and the house ones about as often as the others
+    # pretraining transcripts draw every choice: all forms appear, and the house ones about as often as uniform
+    # choices make them (a quarter of the words, marks and separators, half of the spacings)
     rng = random.Random(1)
     texts = [TASK.sft_completion(q, rng, "worked")[0] for q in PROBLEMS for _ in range(5)]
-    assert all(any(f"{sep}draw" in t for t in texts) for sep in (" ", ";", "|", "&"))
+    assert all(any(f"{sep}{word}" in t for t in texts) for sep in SEPARATORS for word in CALLS)
+    assert all(any(mark in t for t in texts) for mark in BELOW + REACHED)
     shares = [2 * TASK.score(q, t).reward - 1 for q, t in zip([q for q in PROBLEMS for _ in range(5)], texts,
                                                                strict=True)]
-    assert 0.3 < sum(shares) / len(shares) < 0.6
+    assert 0.2 < sum(shares) / len(shares) < 0.45
     for q in PROBLEMS[:10]:  # without notation, pretraining transcripts are written the house way
         text = plain.sft_completion(q, rng, "worked")[0]
-        assert " < " not in text and " >= " not in text and all(f"{c}draw" not in text for c in ";|&")
+        assert plain.score(q, text).reward == 1.0 and TASK.score(q, text).reward == 1.0
+
+
+def test_every_call_word_asks_the_environment():
+    p = PROBLEMS[0]
+    for word in CALLS:
+        assert TASK.env_step(p, word, 5) == TASK.env_step(p, CALL, 5) is not None
+        assert TASK.env_step(p, f"{CALL}\n#0005 41/{p.meta['bar']}\n41 below {p.meta['bar']};{word}", 5) is not None
+    assert TASK.env_step(p, "drawn", 5) is None and TASK.env_step(p, "Answer: 41", 5) is None
 
 
 def test_faked_observations_score_zero():
@@ -104,7 +124,7 @@ def test_faked_observations_score_zero():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("draw<>=#/;|&\nAnswer: 0123456789")), max_size=80),
+@given(st.text(alphabet=st.sampled_from(list("drawolpicknextbeunhsg<>=#/;|&\nAnswer: 0123456789")), max_size=80),
        st.integers(0, len(PROBLEMS) - 1))
 def test_the_scorer_and_env_never_raise(text, i):
     score = TASK.score(PROBLEMS[i], text)

@@ -34,6 +34,7 @@ from respec.bench.policies import BanditPolicy, TablePolicy, sd_threshold_from_t
 from respec.engine.generate import Engine, KChooser, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.errors import ConfigError
+from respec.world.env import TaskEnv
 from respec.world.tasks import DEFAULT_TASK
 
 MODES = ("plain", "static", "adaptive", "table", "bandit")
@@ -82,20 +83,21 @@ class SpecBenchConfig:
         object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
 
 
-def _timed(engine: Engine, batches: list[list[list[int]]], params: SamplingParams, spec: SpecConfig,
-           repeats: int, chooser: KChooser | None = None) -> dict:
-    """Returns the fastest of `repeats` passes over every batch in turn (same seeds, so greedy passes of a fixed
-    k are identical): tokens, seconds, tokens_per_s, mean_emitted_per_step (per row per verify step, 1.0 without
-    one), mean_k (over decode steps), and tokens_per_s_median over the passes."""
+def _timed(engine: Engine, batches: list[tuple[list[list[int]], TaskEnv | None]], params: SamplingParams,
+           spec: SpecConfig, repeats: int, chooser: KChooser | None = None) -> dict:
+    """Returns the fastest of `repeats` passes over every (prompts, environment) batch in turn (same seeds, so
+    greedy passes of a fixed k are identical): tokens, seconds, tokens_per_s, mean_emitted_per_step (per row per
+    verify step, 1.0 without one), mean_k (over decode steps), and tokens_per_s_median over the passes. Tokens
+    count what the policy generated, not an environment's observations."""
     passes = []
     for _ in range(repeats):
         tokens = steps = k_sum = spec_rows = spec_emitted = 0
         t0 = time.perf_counter()
-        for prompts in batches:
+        for prompts, env in batches:
             if isinstance(chooser, BanditPolicy):
                 chooser.reset_gate()  # each generate call is a rollout: FastRL closes its SD gate between them
-            out = engine.generate(prompts, params, spec, chooser=chooser)
-            tokens += out.num_tokens
+            out = engine.generate(prompts, params, spec, chooser=chooser, env=env)
+            tokens += out.num_generated
             steps += len(out.stats)
             k_sum += sum(s.k for s in out.stats)
             spec_rows += sum(s.batch for s in out.stats if s.k > 0)
@@ -118,6 +120,7 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
     from respec.engine.drafter import load_drafter
     from respec.engine.tuner import Tuner
     from respec.world.defaults import resolve_models
+    from respec.world.env import task_env
     from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
     cfg = cfg or SpecBenchConfig()
@@ -132,6 +135,7 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
         # averages over at least `min_prompts` prompts instead of timing one short answer.
         n_prompts = max(max(cfg.batch_sizes), cfg.min_prompts)
         prompts = task_prompts(policy_dir, cfg.task, n_prompts, HELD_OUT_SEED)
+        env = task_env(policy_dir, cfg.task, n_prompts, HELD_OUT_SEED, cfg.seed)  # a multi-turn task's turns
         engine.generate(prompts[:4], SamplingParams(max_new_tokens=8), SpecConfig(mode="static", k=2))  # warm-up
         # The tuner's cost profile is measured (or loaded) here, outside every timed region.
         profiled = engine.default_tuner(k_max) if "adaptive" in cfg.modes else None
@@ -146,7 +150,8 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                 chooser: KChooser | None = None, **extra) -> None:
             log(f"spec: batch {batch} T={temperature:g} {mode}" + (f" k={k}" if k else ""), len(cells) / total)
             calls = max(1, cfg.min_prompts // batch)  # generate calls of `batch` prompts each
-            batches = [prompts[i * batch:(i + 1) * batch] for i in range(calls)]
+            batches = [(prompts[i * batch:(i + 1) * batch], None if env is None else env.rows(i * batch, (i + 1) * batch))
+                       for i in range(calls)]
             params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
             if mode in ("plain", "plain_again"):  # plain runs first in each phase; later cells compare with the latest

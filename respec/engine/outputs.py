@@ -96,6 +96,11 @@ class GenerationResult:
         return sum(len(s.tokens) for s in self.sequences)
 
     @property
+    def num_generated(self) -> int:
+        """Tokens the model sampled: num_tokens less an environment's observation tokens."""
+        return sum(sum(s.generated) for s in self.sequences)
+
+    @property
     def seconds(self) -> float:
         return self.prefill_seconds + sum(s.seconds for s in self.stats)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from respec.engine.compile import COMPILE_MODES
 from respec.errors import ConfigError
 from respec.rl.grpo import ADV_SCALES, KL_KINDS, LOSS_AGGS
+from respec.world.tasks import DEFAULT_TASK
 
 SPEC_MODES = ("off", "static", "adaptive")  # the engine's modes that make sense for rollouts (not "replay")
 DTYPES = ("fp32", "bf16")
@@ -125,7 +126,8 @@ class RolloutConfig:
 
     group_size: int = 8  # G samples per prompt (verl rollout.n, TRL num_generations)
     temperature: float = 1.0  # sampling temperature; logprobs are log softmax(logits / T) (verl rollout.temperature)
-    max_new_tokens: int = 96  # completion budget (verl data.max_response_length, TRL max_completion_length)
+    max_new_tokens: int | None = None  # completion budget (verl data.max_response_length, TRL
+    # max_completion_length); None = the data task's (`respec.world.tasks.task_budget`: probe 512, arithmetic 96)
     spec: str = "adaptive"  # speculative decoding: "off" | "static" (k drafts every step) | "adaptive" (the tuner)
     k: int = 4  # draft tokens per step in static mode
     k_max: int = 8  # the largest k the tuner may pick in adaptive mode
@@ -143,7 +145,8 @@ class RolloutConfig:
                               "advantage compares the samples of one prompt with each other")
         _finite(s, "temperature", self.temperature, 0.0, False,
                 " (GRPO needs sampled rollouts; greedy evaluation is done separately)")
-        _positive_int(s, "max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens is not None:
+            _positive_int(s, "max_new_tokens", self.max_new_tokens)
         if self.spec not in SPEC_MODES:
             raise ConfigError(f"rollout.spec must be one of {', '.join(SPEC_MODES)}, got {self.spec!r}")
         self.spec_config()  # k and k_max in the engine's range
@@ -167,8 +170,8 @@ class RolloutConfig:
 class DataConfig:
     """Where prompts and rewards come from (verl data.*)."""
 
-    task: str = "arithmetic"  # a task of respec.world.tasks: arithmetic | chainsum | countdown | jsonl | redraw | probe
-    # (chainsum and redraw need rollout.max_new_tokens=384 and probe 512, their budgets: respec.world.tasks.task_budget)
+    task: str = DEFAULT_TASK  # a task of respec.world.tasks: probe (the default) | arithmetic | chainsum | countdown |
+    # jsonl | redraw; rollout.max_new_tokens defaults to its budget (respec.world.tasks.task_budget)
     task_options: dict = field(default_factory=dict)  # the generated task's parameters, e.g. {min_operands: 1,
     # alpha: 2.0} for chainsum (respec.world.tasks); empty = its defaults
     path: str | None = None  # the .jsonl (or verl .parquet) file of task "jsonl" (GSM8K / MATH style: question, answer fields)
@@ -279,6 +282,10 @@ class TrainConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
+        if self.rollout.max_new_tokens is None:  # the task's budget
+            from respec.world.tasks import task_budget
+
+            object.__setattr__(self, "rollout", replace(self.rollout, max_new_tokens=task_budget(self.data.task)))
         P, G, mini = self.data.prompts_per_step, self.rollout.group_size, self.algorithm.ppo_mini_batch_size
         if P % mini:
             divisors = [d for d in range(1, P + 1) if P % d == 0]
@@ -302,12 +309,27 @@ class TrainConfig:
         return asdict(self)
 
     def with_overrides(self, overrides: dict[str, str]) -> TrainConfig:
-        """Returns this config with `{"section.key": "value"}` overrides applied (values parsed as YAML)."""
+        """Returns this config with `{"section.key": "value"}` overrides applied (values parsed as YAML). A
+        completion budget that is this config's task budget follows an overridden data.task unless
+        rollout.max_new_tokens is overridden too."""
+        from respec.world.tasks import task_budget
+
         tree = self.to_dict()
-        for key, text in overrides.items():
-            section, name = _split_key(key)
+        if "data.task" in overrides and "rollout.max_new_tokens" not in overrides \
+                and self.rollout.max_new_tokens == task_budget(self.data.task):
+            tree["rollout"]["max_new_tokens"] = None
+        return from_dict(_overridden(tree, overrides))
+
+
+def _overridden(tree: dict, overrides: dict[str, str]) -> dict:
+    """Returns the nested config tree with `{"section.key": "value"}` overrides applied."""
+    for key, text in overrides.items():
+        section, name = _split_key(key)
+        if tree.get(section) is None:
+            tree[section] = {}
+        if isinstance(tree[section], dict):  # else from_dict names the section that is not a mapping
             tree[section][name] = _parse_value(key, text, _field_type(section, name))
-        return from_dict(tree)
+    return tree
 
 
 SECTIONS = {"trainer": TrainerConfig, "algorithm": AlgorithmConfig, "rollout": RolloutConfig, "data": DataConfig,
@@ -405,8 +427,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a run config is a mapping of sections ({', '.join(SECTIONS)})")
-    config = from_dict(tree)
-    return config.with_overrides(overrides) if overrides else config
+    return from_dict(_overridden(tree, overrides or {}))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -26,6 +26,11 @@ class TaskEnv:
         obs = self.task.env_step(problem, text, self.task.nonce(self.seed, row))
         return None if obs is None else self.tokenizer.encode(obs, add_special_tokens=False)
 
+    def rows(self, start: int, stop: int) -> TaskEnv:
+        """Returns the environment of rows start..stop-1 as rows 0.. of a generate call of their own (their nonces
+        those of rows 0.. under the same seed)."""
+        return TaskEnv(self.task, self.problems[start:stop], self.tokenizer, self.seed)
+
 
 def is_env_task(task) -> bool:
     """Return whether `task` has an environment (multi-turn rollouts)."""

@@ -4,12 +4,12 @@ generated solutions, saved as an ordinary HF checkpoint directory (config.json, 
 The policy is shaped for the demo rather than for accuracy:
 - deep and narrow (12 layers of width 128), so a one-layer EAGLE-3 drafter costs a small fraction of a target
   forward even at batch 1 on a CPU, where per-layer overhead dominates;
-- trained on a *mixture* of solution styles (arithmetic: worked 50%, direct 25%, sloppy 15%, checked 10%) of
-  which only worked and checked are reliably right, each worked line in a random notation per mark (the
-  arithmetic task's docstring), so its reward at temperature 1 is low and RL can visibly move both its style
-  mix and its notation;
-- trained briefly (800 steps: ~10 minutes with 2 threads on an idle 2-core machine as `respec demo` runs it, the
-  layers skipping each batch's padding); the result is cached under $RESPEC_CACHE keyed by the config, and a
+- trained on a *mixture* of solution styles (probe, the default world: worked 70%, direct 15%, sloppy 15%;
+  arithmetic: worked 50%, direct 25%, sloppy 15%, checked 10%) of which only the worked ones are reliably right,
+  every notation choice drawn at random (the tasks' docstrings), so its reward at temperature 1 is low and RL can
+  visibly move both its style mix and its notation;
+- trained briefly (800 steps on an idle 2-core machine with 2 threads as `respec demo` runs it, the layers skipping
+  each batch's padding); the result is cached under $RESPEC_CACHE keyed by the config, and a
   cache entry is trusted only once its completion marker exists.
 
 What the built policy scores on held-out problems is written to its directory (`eval.json`).
@@ -54,17 +54,18 @@ EVAL_SEED_OFFSET = 1_000_003  # eval problems come from seed + this; training sk
 # several hundred positions, 3x slower); and a start from the arithmetic policy, which already adds column by column
 # in the same notation and copies operands from the prompt: from scratch, 800 steps left the policy at 0% right,
 # not yet copying the operands. redraw: the same start and batching, 800 steps (its traces are new text to the
-# arithmetic policy: the range in the prompt, the bar, the stop decision). probe: the same (tool calls and
-# observations are new text too; the observations are never trained on), with a context of 1,088 positions (its
-# longest training transcript, spaced notation and all, plus its 512-token budget).
+# arithmetic policy: the range in the prompt, the bar, the stop decision). probe (the default world): from scratch
+# in 800 steps (it copies two-digit numbers from a few tokens back and compares them; a start from the arithmetic
+# policy cost that policy's build too, beyond the demo's budget), length-grouped, a context of 1,088 positions
+# (its longest training transcript, spaced notation and all, plus its 512-token budget), and a vocabulary of 192
+# so that each of its notation's words and spaced marks is one token (a choice the policy makes in one token).
 RECIPES_BASES = ("arithmetic", "countdown")  # tasks a policy may start from (their own recipes start from scratch)
 RECIPES: dict[str, dict] = {
     "chainsum": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 400, "lr": 1e-3,
                  "warmup": 20},
     "redraw": {"max_seq_len": 1024, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
                "warmup": 20},
-    "probe": {"max_seq_len": 1088, "length_grouping": 50, "init_from": "arithmetic", "steps": 800, "lr": 1e-3,
-              "warmup": 20},
+    "probe": {"max_seq_len": 1088, "length_grouping": 50, "vocab_size": 192},
 }
 TOKENIZER_PROBLEMS = 2000  # problems whose prompts and completions (every style) train the tokenizer
 
@@ -74,7 +75,7 @@ class PretrainConfig:
     """How the default policy is built; every field but num_threads enters the cache key."""
 
     task: str = "arithmetic"  # a synthetic task (one with sft_completion): "arithmetic" | "chainsum" | "countdown" | "redraw"
-    # | "probe"
+    # | "probe"; the field defaults are arithmetic's recipe, `for_task` gives another task's (probe: the default world)
     hidden_size: int = 128  # model width
     num_layers: int = 12  # decoder layers; >= 8 so a one-layer drafter is cheap relative to the target
     num_heads: int = 4  # attention heads (head_dim = hidden_size // num_heads)

@@ -34,7 +34,7 @@ __all__ = [
     "task_budget",
 ]
 
-DEFAULT_TASK = "arithmetic"  # the embedded world's task: what commands train and measure when given none
+DEFAULT_TASK = "probe"  # the embedded world's task: what commands train and measure when given none
 DEFAULT_BUDGET = 96  # new tokens per completion of a task that names no budget of its own
 
 

@@ -27,9 +27,11 @@ it guesses the hash (1 in 90 per draw).
 A transcript that follows the protocol (a call first, every comparison line restating the last draw and the bar
 with the right relation, a call after each draw below the bar, a stop at the first draw that reaches it, the answer
 the last draw) earns 0.5 + 0.5 x the share of its notation choices made the house way, as the arithmetic task's
-marks; any other 0.0. The notation choices are the policy's own: each relation (``<``, ``>=``) written bare or with
-a space on both sides, and the separator before each call one of `` `` ``;`` ``|`` ``&`` (house: bare relations,
-a space before the call; ``41 < 73 draw`` makes one of its two choices the house way). Pretraining transcripts draw
+marks; any other 0.0. The notation choices are the policy's own, each made independently: the word of each call
+(`CALLS`: ``draw`` ``roll`` ``pick`` ``next``), the mark of each relation (`BELOW`: ``<`` ``lt`` ``below``
+``under``; `REACHED`: ``>=`` ``ge`` ``hits`` ``reaches``), each relation bare or with a space on both sides, and
+the separator before each call (`SEPARATORS`: `` `` ``;`` ``|`` ``&``); the house way is the first of each, bare
+(``41<73 draw``; ``41 lt 73;roll`` makes one of its four choices the house way). Pretraining transcripts draw
 every choice uniformly, so a drafter distilled from the pretrained policy spreads its guesses over them, and GRPO
 moves the policy to the house notation: the text the frozen drafter was trained on goes out of date while the
 environment still sets the lengths. With ``notation=False`` transcripts are written the house way and a right one
@@ -55,16 +57,26 @@ from respec.world.tasks.base import (
     resolve_style,
 )
 
-CALL = "draw"  # the tool call: a policy turn that ends with it (then eos) asks the environment for a draw
+CALLS = ("draw", "roll", "pick", "next")  # the tool call's words, the house one first: a policy turn that ends with
+# one (then eos) asks the environment for a draw
+CALL = CALLS[0]
 # The first observation: nonce, draw and bar; every later one: draw and bar. The bar is echoed so that every number
 # the policy writes is copied from a few tokens back (a small policy copied the prompt's bar badly).
 _FIRST = re.compile(r"\n#([0-9]{4}) ([1-9][0-9])/([1-9][0-9])\n")
 _LATER = re.compile(r"\n([1-9][0-9])/([1-9][0-9])\n")
 OBSERVATION = re.compile(rf"{_FIRST.pattern}|{_LATER.pattern}")
 SEPARATORS = (" ", ";", "|", "&")  # before a call; the house form first
-# A relation is written bare or with one space on both sides (group 2 repeats group 1's spacing).
-_BELOW = re.compile(r"([1-9][0-9])( ?)<\2([1-9][0-9])([ ;|&])draw")
-_REACHED = re.compile(r"([1-9][0-9])( ?)>=\2([1-9][0-9])\nAnswer: ([0-9]+)")
+BELOW = ("<", "lt", "below", "under")  # a draw below the bar; the house mark first
+REACHED = (">=", "ge", "hits", "reaches")  # a draw that reaches the bar; the house mark first
+
+
+def _either(words: tuple[str, ...]) -> str:
+    return "(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
+
+# A relation is written bare or with one space on both sides (the group after the mark repeats the spacing).
+_BELOW = re.compile(rf"([1-9][0-9])( ?){_either(BELOW)}\2([1-9][0-9])([ ;|&]){_either(CALLS)}")
+_REACHED = re.compile(rf"([1-9][0-9])( ?){_either(REACHED)}\2([1-9][0-9])\nAnswer: ([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,8 @@ class ProbeTask:
     max_draws: int = 24
 
     name = "probe"
-    text_format = 2  # bump when the texts change (a policy's cache key names it): 2 = notation choices
+    text_format = 3  # bump when the texts change (a policy's cache key names it): 2 = spacing and separators, 3 =
+    # call words and relation marks too
     styles = ("worked", "direct", "sloppy")
     max_new_tokens = 512  # a row's budget, policy and observation tokens together
 
@@ -123,7 +136,7 @@ class ProbeTask:
     def env_step(self, problem: Problem, transcript: str, nonce: int) -> str | None:
         """Return the observation that answers `transcript` (the completion so far, observations included), or None
         when its last policy turn is not a tool call (the row ends)."""
-        if not transcript.endswith(CALL):
+        if not transcript.endswith(CALLS):
             return None
         turn = len(OBSERVATION.findall(transcript))
         return observation(nonce, turn, self.draw(problem, nonce, turn), problem.meta["bar"])
@@ -152,7 +165,7 @@ class ProbeTask:
             return Score(0.0, None, "no Answer: line")
         bar = problem.meta["bar"]
         pieces = self.segments(completion)
-        if not pieces or pieces[0] != (CALL, False):
+        if not pieces or pieces[0][1] or pieces[0][0] not in CALLS:
             return Score(0.0, parsed, "no tool call first")
         turns = pieces[1:]
         if len(turns) % 2 or any(obs != (i % 2 == 0) for i, (_, obs) in enumerate(turns)):
@@ -168,18 +181,18 @@ class ProbeTask:
                 return Score(0.0, parsed, f"observation {t + 1} is not the environment's")
             draws.append(int(m.groups()[-2]))
         lines = [text for text, _ in turns[1::2]]
-        house = []  # per notation choice: made the house way
+        house = [pieces[0][0] == CALL]  # per notation choice: made the house way
         for d, line in zip(draws[:-1], lines[:-1], strict=True):
             m = _BELOW.fullmatch(line)
-            if m is None or (int(m.group(1)), int(m.group(3))) != (d, bar) or d >= bar:
+            if m is None or (int(m.group(1)), int(m.group(4))) != (d, bar) or d >= bar:
                 return Score(0.0, parsed, f"wrong call line {clip(line)}")
-            house += [not m.group(2), m.group(4) == SEPARATORS[0]]
+            house += [not m.group(2), m.group(3) == BELOW[0], m.group(5) == SEPARATORS[0], m.group(6) == CALL]
         m = _REACHED.fullmatch(lines[-1])
-        if m is None or (int(m.group(1)), int(m.group(3))) != (draws[-1], bar) or draws[-1] < bar:
+        if m is None or (int(m.group(1)), int(m.group(4))) != (draws[-1], bar) or draws[-1] < bar:
             return Score(0.0, parsed, f"wrong stop line {clip(lines[-1])}")
-        if int(m.group(4)) != draws[-1]:
-            return Score(0.0, parsed, f"answer {m.group(4)} is not the last draw {draws[-1]}")
-        house.append(not m.group(2))
+        if int(m.group(5)) != draws[-1]:
+            return Score(0.0, parsed, f"answer {m.group(5)} is not the last draw {draws[-1]}")
+        house += [not m.group(2), m.group(3) == REACHED[0]]
         if not self.notation:
             return Score(1.0, parsed, f"follows the protocol, {len(draws)} draws")
         share = sum(house) / len(house)
@@ -221,16 +234,21 @@ class ProbeTask:
 def write_transcript(bar: int, nonce: int, draws: list[int], rng: random.Random | None = None) -> str:
     """Return the transcript of a row that drew `draws` and stopped after the last: a call after each draw but the
     last, then the stop line and the last draw (right when only the last reaches the bar). House notation without
-    `rng`, else every choice (each relation's spacing, each separator) drawn uniformly, independently."""
-    def spaced(relation: str) -> str:
-        return f" {relation} " if rng is not None and rng.random() < 0.5 else relation
+    `rng`, else every choice (each call's word, each relation's mark and spacing, each separator) drawn uniformly,
+    independently."""
+    def pick(words: tuple[str, ...]) -> str:
+        return words[0] if rng is None else rng.choice(words)
 
-    text = CALL
+    def relation(marks: tuple[str, ...]) -> str:
+        mark = pick(marks)
+        return f" {mark} " if rng is not None and rng.random() < 0.5 else mark
+
+    text = pick(CALLS)
     for t, d in enumerate(draws):
         text += observation(nonce, t, d, bar)
         if t + 1 < len(draws):
-            text += f"{d}{spaced('<')}{bar}{SEPARATORS[0] if rng is None else rng.choice(SEPARATORS)}{CALL}"
-    return text + f"{draws[-1]}{spaced('>=')}{bar}\n{ANSWER_PREFIX} {draws[-1]}"
+            text += f"{d}{relation(BELOW)}{bar}{pick(SEPARATORS)}{pick(CALLS)}"
+    return text + f"{draws[-1]}{relation(REACHED)}{bar}\n{ANSWER_PREFIX} {draws[-1]}"
 
 
 def observation(nonce: int, turn: int, draw: int, bar: int) -> str:
