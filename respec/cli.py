@@ -297,7 +297,8 @@ def bench_spec_cmd(
 def bench_serve_cmd(
     policy: Path | None = typer.Option(None, help="policy directory (default: build/reuse the embedded policy)"),
     drafter: Path | None = typer.Option(None, help="drafter directory (default: build/reuse the default drafter)"),
-    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts"),
+    task: str = typer.Option("arithmetic", help="task whose held-out problems are the prompts (a single-turn one: "
+                             "the server's clients play no environment)"),
     clients: str = typer.Option("1,16,64", help="concurrency levels: clients sending at once"),
     requests_per_client: int = typer.Option(4, help="requests each client sends back to back per level"),
     max_new_tokens: int = typer.Option(96),
@@ -392,12 +393,12 @@ def bench_ray_cmd(
     the rollout as a thread and as a Ray actor."""
     import json
 
-    from respec.bench.ray import bench_config, bench_learner, bench_scale, load_average
+    from respec.bench.ray import TASK, bench_config, bench_learner, bench_scale, load_average
     from respec.engine.checkpoint import atomic_write_text
     from respec.world.defaults import resolve_models
 
     with _progress() as log:
-        policy_dir, drafter_dir = resolve_models(policy, drafter, log=log)
+        policy_dir, drafter_dir = resolve_models(policy, drafter, TASK, log=log)
         config = bench_config(str(policy_dir), str(drafter_dir), prompts, samples, max_new_tokens, k)
         start = load_average()
         scale = bench_scale(config, out, steps, workers, log=log)

@@ -156,17 +156,32 @@ def test_links_into_the_results_page_name_its_sections():
 
 
 @pytest.mark.parametrize("file, data, heading, line", [
-    ("rollout_probe.json", rollout_json, "The same rollout with environment turns",
+    ("rollout_arithmetic.json", rollout_json, "The same rollout on the single-turn world",
      "| **adaptive (ours)** | 1.25 | 1.60x | 1.30 |"),
-    ("experiment_probe.json", experiment_json, "ReSpec end to end with environment turns",
+    ("experiment_arithmetic.json", experiment_json, "ReSpec end to end on the single-turn world",
      "from 3.40 to 2.60 tokens per verify step (-24%)"),
 ], ids=["rollout", "experiment"])
-def test_a_multi_turn_section_renders_only_with_its_json(results, file, data, heading, line):
+def test_a_single_turn_section_renders_only_with_its_json(results, file, data, heading, line):
     assert heading not in render_results(results)
-    (results / file).write_text(json.dumps(data()))
+    recorded = {**data(), "command": data()["command"] + " --task arithmetic"}
+    (results / file).write_text(json.dumps(recorded))
     page = render_results(results)
     at = page.index(f"## {heading}")
     assert line in page[at:] and f"- data: [docs/results/{file}](results/{file})" in page[at:]
+    assert page[at:].split("\n", 2)[2].startswith("On `arithmetic`, the single-turn world")
+
+
+def test_each_measured_section_names_its_world(results):
+    page = render_results(results)  # the fixture's rollout and experiment name no task: the default world's
+    for heading in ("A draining GRPO rollout", "ReSpec end to end: `respec experiment`"):
+        assert page[page.index(f"## {heading}"):].split("\n", 2)[2].startswith("On `probe`, the default world")
+    spec = {**spec_json(), "config": {"max_new_tokens": 64, "task": "arithmetic"}}
+    (results / "spec.json").write_text(json.dumps(spec))
+    page = render_results(results)
+    assert page[page.index("## Speculative decoding"):].split("\n", 2)[2].startswith("On `arithmetic`")
+    (results / "rollout.json").write_text(json.dumps({**rollout_json(), "config": {**rollout_json()["config"],
+                                                                                   "task": "countdown"}}))
+    assert "On `countdown`. " in render_results(results)
 
 
 def test_the_batch_1_bound_renders_inside_the_spec_section_only_with_its_json(results):

@@ -47,6 +47,9 @@ from respec.rl.trainer import Trainer
 Log = Callable[[str], None]
 PHASES = ("rollout_s", "update_s", "push_s", "learner_s", "step_s", "ray_overhead_s")
 BOUND_TIMEOUT_S = 600.0  # a shard process that does not answer in this time has failed
+# The task the benchmark trains on: a single-turn one, as its fixed rollouts (`fixed_rollout`, `shard_bound`) are
+# generate calls without an environment.
+TASK = "arithmetic"
 SAME = ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm")  # compared per step
 
 
@@ -56,7 +59,7 @@ def bench_config(policy: str, drafter: str, prompts: int, group: int, max_new_to
         trainer=TrainerConfig(model=policy, steps=1000, eval_every=0, eval_before_train=False, save_every=0),
         algorithm=AlgorithmConfig(ppo_mini_batch_size=4),
         rollout=RolloutConfig(group_size=group, max_new_tokens=max_new_tokens, spec="static", k=k, drafter=drafter),
-        data=DataConfig(prompts_per_step=prompts, eval_problems=8))
+        data=DataConfig(task=TASK, prompts_per_step=prompts, eval_problems=8))
 
 
 def _run_threads(bench: Callable[..., dict]) -> Callable[..., dict]:

@@ -15,7 +15,10 @@ large k), so every single static choice loses somewhere.
   interpolated between measured buckets), the oracle takes the best tokens-per-second j at every step: time =
   prefill + sum over steps of the step's tokens at the oracle's rate. Each static rollout drains at its own
   pace (which sets the batch at which tokens are made), so the oracle is evaluated on every static rollout and
-  the best is reported. A bound under the measured costs: a chooser can beat it only by their noise.
+  the best is reported, plus that rollout's measured time outside its steps (environment turns, the generate
+  call's own work). A bound under the measured costs: a chooser can beat it only by their noise.
+Every mode's seconds are the wall time of its generate call (a step's time includes booking its tokens, which a
+plain step pays for one token per row); CPU seconds beside them.
 Choosers keep their state across repeats (one untimed warm-up pass first), as they would across RL steps.
 `bench_rollout` reports progress through `log(message, fraction)` and prints nothing (`rollout_tables` renders
 the results for the CLI).
@@ -211,9 +214,11 @@ def bench_rollout(cfg: RolloutBenchConfig | None = None, json_path: str | os.Pat
         machine = machine_info(cfg.device)
     static_runs = {k: runs[f"static_{k}"] for k in static}
     costs = step_costs(static_runs)
-    # The oracle's schedule applied to each static trajectory (its rows drain at that k's pace); the best one.
-    oracle_by_k = {k: statistics.median(oracle(run, costs)[0] for run in static_runs[k]) for k in cfg.ks}
-    med = lambda rs: statistics.median(r.seconds for r in rs)  # noqa: E731
+    # The oracle's schedule applied to each static trajectory (its rows drain at that k's pace); the best one. Its
+    # steps are priced; the run's time outside them (environment turns, the call's own work) is added as measured.
+    oracle_by_k = {k: statistics.median(oracle(run, costs)[0] + run.wall_seconds - run.seconds
+                                        for run in static_runs[k]) for k in cfg.ks}
+    med = lambda rs: statistics.median(r.wall_seconds for r in rs)  # noqa: E731
     cpu = lambda rs: statistics.median(r.cpu_seconds for r in rs)  # noqa: E731
     data = {
         "command": command or "python API: bench_rollout(...)",
@@ -294,11 +299,12 @@ def worked_lengths(task, tokenizer, problems: list, prompts: int, samples: int, 
 
 
 def _timed(engine: Engine, prompts, params, spec, chooser=None, env=None) -> GenerationResult:
-    """Returns the rollout with `cpu_seconds` set: this process's CPU time over the call. With one torch thread
-    on a CPU that is the work done, unaffected by other processes taking the core (wall time is not)."""
-    c0 = time.process_time()
+    """Returns the rollout with `wall_seconds` (the generate call's, environment turns included: what a trainer
+    waits) and `cpu_seconds` set: this process's CPU time over the call. With one torch thread on a CPU that is the
+    work done, unaffected by other processes taking the core (wall time is not)."""
+    c0, w0 = time.process_time(), time.perf_counter()
     out = engine.generate(prompts, params, spec, chooser=chooser, env=env)
-    out.cpu_seconds = time.process_time() - c0
+    out.wall_seconds, out.cpu_seconds = time.perf_counter() - w0, time.process_time() - c0
     return out
 
 

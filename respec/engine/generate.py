@@ -523,8 +523,8 @@ class Engine:
             b = tab.batch_for(tab.active())
             host, flushed = self._decode(tab, b, k, self._runs_compiled(b.size, k))
             version = self.drafter_version if k else None  # read before a waiting swap can land
-        t3 = time.perf_counter()
         accepted, advanced = self._book(tab, b, k, host, flushed)
+        t3 = time.perf_counter()  # booking is part of the step: a plain step pays it for one token per row
         run.record(StepStats(batch, k, accepted, sum(accepted) + batch, (t1 - t0) + (t3 - t2), predicted, version),
                    t2 - t1)
         return advanced

@@ -66,7 +66,8 @@ class StepStats:
     k: int
     accepted: list[int]  # per live row (in slot order), leading drafts accepted (all 0 when k = 0)
     emitted: int  # tokens produced by the step over all rows (before stop/budget truncation)
-    seconds: float  # measured wall time of the step, one host sync included (not the prefill of new requests)
+    seconds: float  # measured wall time of the step, one host sync and the booking of its tokens included (not the
+    # prefill of new requests)
     predicted_seconds: float | None = None  # the chooser's prediction for this (batch, k), if it made one
     drafter_version: int | None = None  # the drafter that drafted (Engine.set_drafter's version)
 
