@@ -106,7 +106,7 @@ def main() -> None:
     if args.policy is None or args.drafter is None:
         from respec.world.defaults import resolve_models
 
-        policy_dir, drafter_dir = resolve_models(args.policy, args.drafter, threads=None)
+        policy_dir, drafter_dir = resolve_models(args.policy, args.drafter, "arithmetic", threads=None)
     else:
         policy_dir, drafter_dir = Path(args.policy), Path(args.drafter)
     target = load_model(policy_dir, dtype, args.device)

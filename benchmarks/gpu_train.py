@@ -145,7 +145,7 @@ def main() -> None:
     if args.tokenizer is None:
         from respec.world.defaults import resolve_models
 
-        args.tokenizer = resolve_models(None, None)[0]
+        args.tokenizer = resolve_models(None, None, "arithmetic")[0]
     policy, drafter, params = build_models(args.shape, Path(args.tokenizer), out / "models", args.draft_vocab)
     print(f"policy {args.shape}: {params / 1e6:.1f}M parameters at {policy}", flush=True)
     data = {"command": shlex.join(["python", "benchmarks/gpu_train.py", *sys.argv[1:]]), "shape": args.shape,

@@ -2,7 +2,7 @@
 its target forwards, its drafter forwards and the rest, beside the tokens each step emits.
 
 Runs the engine (policy and drafter of the embedded world, or given directories) over held-out prompts one at a
-time, plain and with static k, interleaved, the fastest of `--repeats` passes per mode. Forward hooks time every
+time (a multi-turn task's each with its environment; tokens are the policy's), plain and with static k, interleaved, the fastest of `--repeats` passes per mode. Forward hooks time every
 target and drafter call (a drafter call: a chained draft, a step's catch-up or a prompt's prefill; the CPU runs
 them synchronously, on a GPU the script synchronises around each call). For
 each k it reports the speedup over plain decoding, tokens per verify step, the step's milliseconds by part, the
@@ -30,6 +30,7 @@ from respec.engine.drafter import load_drafter
 from respec.engine.generate import Engine, SpecConfig
 from respec.engine.sampling import SamplingParams
 from respec.world.defaults import DEFAULT_TASK, resolve_models
+from respec.world.env import task_env
 from respec.world.prompts import HELD_OUT_SEED, task_prompts
 
 
@@ -81,6 +82,7 @@ def main() -> None:
     engine = Engine(target, drafter, compile=args.compile, max_running=1)
     device = engine.device
     prompts = task_prompts(policy_dir, args.task, args.prompts, HELD_OUT_SEED)
+    env = task_env(policy_dir, args.task, args.prompts, HELD_OUT_SEED, 0)  # a multi-turn task's turns, row by row
     ks = [int(k) for k in args.ks.split(",")]
     modes = [("plain", SpecConfig(mode="off"))] + [(f"k={k}", SpecConfig(mode="static", k=k)) for k in ks]
     timers = {"target": CallTimer(target, device), "drafter": CallTimer(drafter, device)}
@@ -94,9 +96,9 @@ def main() -> None:
             t.take()
         tokens = steps = 0
         t0 = time.perf_counter()
-        for p in prompts:
-            out = engine.generate([p], params, spec)
-            tokens += out.num_tokens
+        for i, p in enumerate(prompts):
+            out = engine.generate([p], params, spec, env=None if env is None else env.rows(i, i + 1))
+            tokens += out.num_generated
             steps += len(out.stats)
         seconds = time.perf_counter() - t0
         parts = {name: t.take() for name, t in timers.items()}

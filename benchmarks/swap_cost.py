@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    policy, drafter_dir = resolve_models(args.policy, args.drafter)
+    policy, drafter_dir = resolve_models(args.policy, args.drafter, "arithmetic")
     target = load_model(policy)
     drafter = load_drafter(drafter_dir, target)
     twin = copy.deepcopy(drafter)

@@ -635,10 +635,10 @@ def demo(
     console = _console()
     console.rule("respec demo: the embedded default (policy + EAGLE-3 drafter, cached)")
     # The quick grid (T = 1, as RL samples) keeps a first run (install, policy, drafter, this, the training run)
-    # within ~18 minutes on an idle 2-core machine; `--full` or `make bench` measure the whole grid.
+    # within ~23 minutes on an idle 2-core machine; `--full` or `make bench` measure the whole grid.
     cfg = SpecBenchConfig() if full else SpecBenchConfig(batch_sizes=(1, 16, 64), temperatures=(1.0,),
                                                          ks=(2, 4, 6), repeats=2)
-    console.print(f"cache: {cache_root()} (the first run trains the policy, ~10 min, and the drafter, ~3 min "
+    console.print(f"cache: {cache_root()} (the first run trains the policy, ~9 min, and the drafter, ~4 min "
                   "on 2 idle CPU cores; later runs reuse them)")
     with _progress() as log:
         policy, drafter = resolve_models(cfg.policy, cfg.drafter, cfg.task, log=log, threads=_threads(threads))
@@ -658,7 +658,7 @@ def demo(
     console.rule(f"GRPO, {train_steps} steps: no SD vs ReSpec (adaptive SD + online reward-weighted drafter)")
     # Evaluations every sixth of the run draw the staleness curve: the frozen drafter (measured in the no-SD run,
     # which never uses it) against the learner's, which is published only once a candidate passes the guard, so it
-    # needs some steps to pull ahead. The default length shows both and keeps a first run within ~25 minutes.
+    # needs some steps to pull ahead. The default length shows both and keeps a first run within ~23 minutes.
     base = TrainConfig(trainer=TrainerConfig(model=str(policy), eval_every=max(train_steps // 6, 1)),
                        rollout=RolloutConfig(drafter=str(drafter)))
     runs = json_path.parent / "train"

@@ -116,3 +116,26 @@ def test_bench_spec_cli(models, tmp_path, monkeypatch):
 def test_bench_spec_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SpecBenchConfig(**kwargs)
+
+
+def test_a_multi_turn_task_plays_its_environment_and_counts_the_policys_tokens(sharp_target):
+    from respec.bench.spec import _timed
+    from respec.engine.generate import Engine, SpecConfig
+    from respec.engine.sampling import SamplingParams
+
+    class Env:  # answers each row's first stop with three observation tokens
+        def __init__(self):
+            self.rows = []
+
+        def __call__(self, row, tokens):
+            self.rows.append(row)
+            return [5, 6, 7] if self.rows.count(row) == 1 else None
+
+    engine = Engine(sharp_target(8, max_positions=128))
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, stop_token_ids=(3,), seed=1)
+    prompts = [[1, 2], [4], [2, 5, 6]]
+    env = Env()
+    timed = _timed(engine, [(prompts, env)], params, SpecConfig(mode="off"), repeats=1)
+    again = engine.generate(prompts, params, SpecConfig(mode="off"), env=Env())
+    assert env.rows and timed["tokens"] == again.num_generated
+    assert again.num_generated == again.num_tokens - 3 * sum(not all(s.generated) for s in again.sequences) > 0

@@ -287,6 +287,20 @@ def test_yaml_config_with_overrides(tmp_path):
         load_config(path)
 
 
+def test_the_completion_budget_defaults_to_the_tasks():
+    from respec.world.tasks import DEFAULT_TASK, task_budget
+
+    assert TrainConfig().data.task == DEFAULT_TASK == "probe" and TrainConfig().rollout.max_new_tokens == 512
+    assert load_config(None, {"data.task": "arithmetic"}).rollout.max_new_tokens == task_budget("arithmetic") == 96
+    assert load_config(None, {"data.task": "chainsum"}).rollout.max_new_tokens == 384
+    # a budget that is the task's own follows an overridden task; one set by hand stays
+    assert TrainConfig().with_overrides({"data.task": "arithmetic"}).rollout.max_new_tokens == 96
+    assert load_config(None, {"data.task": "arithmetic", "rollout.max_new_tokens": "40"}).rollout.max_new_tokens == 40
+    hand = TrainConfig(rollout=RolloutConfig(max_new_tokens=200))
+    assert hand.with_overrides({"data.task": "arithmetic"}).rollout.max_new_tokens == 200
+    assert RolloutConfig().max_new_tokens is None  # resolved by the run config that holds it
+
+
 def test_bad_data_file_is_one_error_naming_the_line(world, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"\n')
