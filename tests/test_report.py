@@ -182,6 +182,10 @@ def test_each_measured_section_names_its_world(results):
     (results / "rollout.json").write_text(json.dumps({**rollout_json(), "config": {**rollout_json()["config"],
                                                                                    "task": "countdown"}}))
     assert "On `countdown`. " in render_results(results)
+    (results / "experiment.json").write_text(json.dumps({**experiment_json(), "note": "Other work ran beside it."}))
+    assert "On `probe`, the default world ([world.md](world.md)): each row calls a tool until a draw reaches the " \
+           "bar, so the environment, not the policy, sets how long a row runs. **Note:** Other work ran beside it. " \
+           in render_results(results)
 
 
 def test_the_batch_1_bound_renders_inside_the_spec_section_only_with_its_json(results):

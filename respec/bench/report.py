@@ -365,10 +365,13 @@ def _rollout(root: Path, file: str = "rollout.json") -> str | None:
 
 def _on_world(render: Callable[[Path, str], str | None], file: str) -> Callable[[Path], str | None]:
     """Returns the section that `render` makes of `file` (None: an optional section whose JSON is absent), after a
-    sentence naming the world it was measured on (`_world_of`)."""
+    sentence naming the world it was measured on (`_world_of`) and the JSON's `note`, if it has one (what its
+    command line cannot say, e.g. other work on the machine while it ran)."""
     def section(root: Path) -> str | None:
         text, data = render(root, file), _load(root, file)
-        return text if text is None or data is None else _world_of(data) + text
+        if text is None or data is None:
+            return text
+        return _world_of(data) + (f"**Note:** {data['note']} " if data.get("note") else "") + text
     return section
 
 
