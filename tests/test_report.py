@@ -183,6 +183,7 @@ def test_each_measured_section_names_its_world(results):
                                                                                    "task": "countdown"}}))
     assert "On `countdown`. " in render_results(results)
     (results / "experiment.json").write_text(json.dumps({**experiment_json(), "note": "Other work ran beside it."}))
+    assert "(read its note)" in render_summary(results)
     assert "On `probe`, the default world ([world.md](world.md)): each row calls a tool until a draw reaches the " \
            "bar, so the environment, not the policy, sets how long a row runs. **Note:** Other work ran beside it. " \
            in render_results(results)

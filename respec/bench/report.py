@@ -85,6 +85,7 @@ def render_summary(results_dir: str | Path) -> str:
     rows = []
 
     def add(claim: str, value: str, anchor: str, data: dict) -> None:
+        value += " (read its note)" if data.get("note") else ""
         rows.append([claim, value, f"[details](docs/results.md#{_anchor(anchor)})", _machine_short(data)])
 
     spec = _load(root, "spec.json")
