@@ -150,8 +150,8 @@ def bench_spec(cfg: SpecBenchConfig | None = None, json_path: str | os.PathLike 
                 chooser: KChooser | None = None, **extra) -> None:
             log(f"spec: batch {batch} T={temperature:g} {mode}" + (f" k={k}" if k else ""), len(cells) / total)
             calls = max(1, cfg.min_prompts // batch)  # generate calls of `batch` prompts each
-            batches = [(prompts[i * batch:(i + 1) * batch], None if env is None else env.rows(i * batch, (i + 1) * batch))
-                       for i in range(calls)]
+            batches = [(prompts[i * batch:(i + 1) * batch],
+                        None if env is None else env.rows(i * batch, (i + 1) * batch)) for i in range(calls)]
             params = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             r = _timed(engine, batches, params, spec, cfg.repeats, chooser)
             if mode in ("plain", "plain_again"):  # plain runs first in each phase; later cells compare with the latest
