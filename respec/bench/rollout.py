@@ -47,7 +47,7 @@ from respec.engine.sampling import SamplingParams
 from respec.engine.slots import bucket_size
 from respec.errors import ConfigError
 from respec.rl.rollout_shape import RANGE_LABELS, SMALL_BATCH, drain_shape, rollout_shape
-from respec.world.tasks import DEFAULT_TASK, TASKS, task_budget
+from respec.world.tasks import DEFAULT_TASK, task_budget
 
 BATCH_RANGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # lower bounds of the batch-size ranges of table and oracle
 WORKED_ROLLOUTS = 100  # rollouts of fresh problems priced for the worked-solution shape (`worked_shape`)
@@ -63,7 +63,7 @@ class RolloutBenchConfig:
     prompts: int = 16  # P distinct prompts ...
     samples: int = 8  # ... x G samples each: the rollout batch
     temperature: float = 1.0
-    max_new_tokens: int | None = None  # a row's budget; None = the task's (`task_budget`: probe 512), else 128
+    max_new_tokens: int | None = None  # a row's budget; None = the task's (`task_budget`: probe 512, arithmetic 96)
     ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8)  # static draft lengths; the largest is k_max of every chooser
     repeats: int = 3  # timed rollouts per mode (after one untimed round); the median is reported
     seed: int = 0
@@ -75,7 +75,7 @@ class RolloutBenchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
         if self.max_new_tokens is None:
-            object.__setattr__(self, "max_new_tokens", task_budget(self.task) if self.task in TASKS else 128)
+            object.__setattr__(self, "max_new_tokens", task_budget(self.task))  # an unknown task: ConfigError
         if not self.ks or self.ks[0] < 1 or self.ks[-1] > 16:
             raise ConfigError(f"ks must be draft lengths in [1, 16], got {list(self.ks)}")
         for name in ("prompts", "samples", "max_new_tokens", "repeats"):

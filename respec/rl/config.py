@@ -16,7 +16,7 @@ from pathlib import Path
 from respec.engine.compile import COMPILE_MODES
 from respec.errors import ConfigError
 from respec.rl.grpo import ADV_SCALES, KL_KINDS, LOSS_AGGS
-from respec.world.tasks import DEFAULT_TASK
+from respec.world.tasks import DEFAULT_TASK, task_budget
 
 SPEC_MODES = ("off", "static", "adaptive")  # the engine's modes that make sense for rollouts (not "replay")
 DTYPES = ("fp32", "bf16")
@@ -283,8 +283,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.rollout.max_new_tokens is None:  # the task's budget
-            from respec.world.tasks import task_budget
-
             object.__setattr__(self, "rollout", replace(self.rollout, max_new_tokens=task_budget(self.data.task)))
         P, G, mini = self.data.prompts_per_step, self.rollout.group_size, self.algorithm.ppo_mini_batch_size
         if P % mini:
@@ -312,8 +310,6 @@ class TrainConfig:
         """Returns this config with `{"section.key": "value"}` overrides applied (values parsed as YAML). A
         completion budget that is this config's task budget follows an overridden data.task unless
         rollout.max_new_tokens is overridden too."""
-        from respec.world.tasks import task_budget
-
         tree = self.to_dict()
         if "data.task" in overrides and "rollout.max_new_tokens" not in overrides \
                 and self.rollout.max_new_tokens == task_budget(self.data.task):

@@ -75,7 +75,7 @@ def _either(words: tuple[str, ...]) -> str:
 
 
 # A relation is written bare or with one space on both sides (the group after the mark repeats the spacing).
-_BELOW = re.compile(rf"([1-9][0-9])( ?){_either(BELOW)}\2([1-9][0-9])([ ;|&]){_either(CALLS)}")
+_BELOW = re.compile(rf"([1-9][0-9])( ?){_either(BELOW)}\2([1-9][0-9]){_either(SEPARATORS)}{_either(CALLS)}")
 _REACHED = re.compile(rf"([1-9][0-9])( ?){_either(REACHED)}\2([1-9][0-9])\nAnswer: ([0-9]+)")
 
 
