@@ -556,7 +556,7 @@ def _print_experiment(report: dict, console: Console) -> None:
                       f"{r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f}",
                       f"{r['accept_start']:.2f} -> {r['accept_end']:.2f}")
     console.print(table)
-    from respec.bench.experiment import phase_bound, run_shape, staleness
+    from respec.bench.experiment import decode_split, phase_bound, run_shape, staleness
     from respec.bench.rollout import shape_table
 
     shapes = {name: shape for name, r in report["runs"].items() if (shape := run_shape(r)) is not None}
@@ -573,6 +573,8 @@ def _print_experiment(report: dict, console: Console) -> None:
     if bound is not None:
         console.print(f"no_sd: the rollout is {bound['rollout_share']:.0%} of a step, so a rollout 1.5x faster gives "
                       f"at most {bound['bound']:.2f}x end to end, an instant one {bound['instant_bound']:.2f}x")
+        if "decode_share" in bound:
+            console.print(decode_split(bound))
     for name, checks in report.get("agreement", {}).items():
         reward = checks["critic/score/mean"]
         judged = [b for b in reward["bins"] if b["agree"] is not None]

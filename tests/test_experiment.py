@@ -12,6 +12,8 @@ from respec.bench.experiment import (
     CONFIGS,
     config_for,
     curve_agreement,
+    decode_split,
+    phase_bound,
     report_from_runs,
     run_experiment,
     run_shape,
@@ -64,6 +66,21 @@ def test_summary_of_hand_made_rows():
     assert (s["wall_s"], s["rollout_s"], s["update_s"], s["learner_s"]) == (8.0, 4.0, 4.0, 0.0)
     assert (s["start_accuracy"], s["final_accuracy"], s["accept_start"], s["accept_end"]) == (0.1, 0.4, 3.0, 2.5)
     assert s["steps"] == 4
+
+
+def test_phase_bound_splits_the_no_sd_rollout_into_decode_steps_and_prefills():
+    rows = rows_of([0.1, 0.2], step_s=4.0)  # rollout 2 s of a 4 s step
+    for r in rows[1:]:
+        r.update({"timing/decode_s": 1.5, "timing/prefill_s": 0.4})
+    base = summarize(rows)
+    assert (base["decode_s"], base["prefill_s"]) == (3.0, 0.8)
+    bound = phase_bound({"runs": {"no_sd": base}})
+    assert bound["rollout_share"] == pytest.approx(0.5) and bound["bound"] == pytest.approx(1 / (0.5 + 0.5 / 1.5))
+    assert (bound["decode_share"], bound["prefill_share"]) == (pytest.approx(0.75), pytest.approx(0.2))
+    assert bound["decode_bound"] == pytest.approx(1 / (0.25 + 0.75 / 1.5))  # Amdahl over the rollout's phases
+    assert "75% decode steps and 20% prefills" in decode_split(bound) and "at most 1.33x" in decode_split(bound)
+    old = summarize(rows_of([0.1, 0.2]))  # metrics recorded before the split: no decode keys
+    assert "decode_share" not in phase_bound({"runs": {"no_sd": old}})
 
 
 def test_summary_carries_the_rollout_shape_and_old_rows_give_none():

@@ -278,6 +278,36 @@ def test_untried_positions_inherit_their_neighbour():
     assert abs(a[0] - 0.9) < 0.03 and a[1] == pytest.approx(a[0]) and a[3] == pytest.approx(a[0])
 
 
+def test_one_wide_step_counts_at_most_step_rows():
+    tuner = Tuner(roofline(), 4)
+    tuner.observe(step(tuner.costs, 128, 1, [1] * 128))
+    assert tuner.tried[0] == pytest.approx(TunerConfig().step_rows)  # 128 rows in lockstep count as 32
+    assert tuner.accepted[0] == pytest.approx(TunerConfig().step_rows)
+    narrow = Tuner(roofline(), 4)
+    narrow.observe(step(narrow.costs, 8, 1, [1] * 8))
+    assert narrow.tried[0] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("config, retried", [(TunerConfig(), True),
+                                              (TunerConfig(untried_decay=1.0, step_rows=10**6), False)])
+def test_a_draft_length_ruled_out_by_one_unlucky_wide_step_is_tried_again(config, retried):
+    """A wide step whose rows all rejected their second draft (right after a prefill every row drafts its
+    first, high-entropy token at once) must not keep k at 1 for good: nothing at k = 1 refreshes position 2.
+    Without the per-step cap and the faster fading of untried positions, it does."""
+    costs = CostModel(list(GRID), [[BASE * (1 + 0.25 * k) for k in range(5)] for _ in GRID])  # k = 4 is best
+    tuner, rng = Tuner(costs, 4, config), random.Random(11)
+    feed(tuner, rng, 0.9, steps=30, batch=4)  # the tail of a rollout: a few rows, every draft tried
+    tuner.observe(step(tuner.costs, 128, 3, [1] * 128))  # everyone accepts draft 1 and rejects draft 2
+    chosen = []
+    for _ in range(20):  # the drafter is as good as ever: 0.9 at every position
+        k, _ = tuner.choose(16)
+        stats = step(tuner.costs, 16, k, simulate_rows(rng, 0.9, k, 16))
+        stats.drafter_version = tuner.drafter_version
+        tuner.observe(stats)
+        chosen.append(k)
+    assert (max(chosen) >= 3) == retried, chosen
+
+
 def test_slowdown_is_learnt_online_per_batch_bucket():
     costs = roofline()
     tuner = Tuner(costs, 4)
@@ -349,7 +379,8 @@ def test_k_max_must_fit_the_cost_model():
 @pytest.mark.parametrize("kwargs", [
     {"batch_grid": ()}, {"batch_grid": (0, 4)}, {"context": 0}, {"repeats": 0}, {"probe_every": 0},
     {"prior_accept": 0.0}, {"prior_accept": 1.0}, {"prior_weight": 0.0}, {"decay": 0.0}, {"decay": 1.5},
-    {"swap_decay": 0.0}, {"calibration_window": 0}, {"hysteresis": -0.1},
+    {"swap_decay": 0.0}, {"calibration_window": 0}, {"hysteresis": -0.1}, {"untried_decay": 0.0},
+    {"untried_decay": 1.5}, {"step_rows": 0},
 ])
 def test_tuner_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):

@@ -78,7 +78,8 @@ def summarize(rows: list[dict]) -> dict:
     emitted = [r.get("rollout/mean_emitted_per_step", 1.0) for r in steps]
     edge = max(len(emitted) // 10, 1)
     return {"wall_s": total("timing/step_s"), "rollout_s": total("timing/rollout_s"),
-            "rollout_cpu_s": total("timing/rollout_cpu_s"),
+            "rollout_cpu_s": total("timing/rollout_cpu_s"), "decode_s": total("timing/decode_s"),
+            "prefill_s": total("timing/prefill_s"),
             "update_s": total("timing/update_s"), "learner_s": total("learner/busy_s"),
             "final_accuracy": accuracy[-1]["val/accuracy"] if accuracy else math.nan,
             "start_accuracy": accuracy[0]["val/accuracy"] if accuracy else math.nan,
@@ -332,14 +333,28 @@ def staleness(report: dict) -> dict | None:
 
 def phase_bound(report: dict, rollout_speedup: float = 1.5) -> dict | None:
     """Returns the no-SD phase split and what it allows (Amdahl): the rollout's share of a step, the end-to-end
-    speedup of a rollout `rollout_speedup` times faster, and of an instant rollout; None without a no_sd run."""
+    speedup of a rollout `rollout_speedup` times faster, and of an instant rollout; where the run recorded it,
+    the decode steps' and prefills' shares of the rollout and the rollout speedup when only its decode steps
+    (what SD speeds up) run `rollout_speedup` times faster. None without a no_sd run."""
     base = report["runs"].get("no_sd")
     if base is None or base["wall_s"] <= 0:
         return None
     share = base["rollout_s"] / base["wall_s"]
-    return {"rollout_share": share, "rollout_speedup": rollout_speedup,
-            "bound": 1 / (1 - share + share / rollout_speedup),
-            "instant_bound": 1 / (1 - share) if share < 1 else math.inf}
+    out = {"rollout_share": share, "rollout_speedup": rollout_speedup,
+           "bound": 1 / (1 - share + share / rollout_speedup),
+           "instant_bound": 1 / (1 - share) if share < 1 else math.inf}
+    if base.get("decode_s", 0) > 0 and base["rollout_s"] > 0:  # absent in runs recorded before the split
+        decode = base["decode_s"] / base["rollout_s"]
+        out.update(decode_share=decode, prefill_share=base["prefill_s"] / base["rollout_s"],
+                   decode_bound=1 / (1 - decode + decode / rollout_speedup))
+    return out
+
+
+def decode_split(bound: dict) -> str:
+    """Returns the sentence on the no-SD rollout's decode/prefill split of `phase_bound`'s result."""
+    return (f"Its rollout is {bound['decode_share']:.0%} decode steps and {bound['prefill_share']:.0%} prefills "
+            f"(prompts and environment continuations; the rest is environment turns and scheduling): decode steps "
+            f"{bound['rollout_speedup']:g}x faster make the rollout at most {bound['decode_bound']:.2f}x faster")
 
 
 def write_report(report: dict, json_path: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from respec.bench.experiment import phase_bound, run_shape, staleness
+from respec.bench.experiment import decode_split, phase_bound, run_shape, staleness
 from respec.bench.rollout import bench_shapes
 from respec.bench.spec import best_cells
 from respec.errors import ConfigError
@@ -456,6 +456,8 @@ def _experiment(root: Path, file: str = "experiment.json") -> str | None:
     if bound is not None:
         text.append(f"\nWithout SD the rollout is {bound['rollout_share']:.0%} of a step, so a rollout 1.5x faster "
                     f"gives at most {bound['bound']:.2f}x end to end, an instant one {bound['instant_bound']:.2f}x.")
+        if "decode_share" in bound:
+            text.append(decode_split(bound) + ".")
     stale = staleness(data)
     if stale is not None:
         ratios = ", ".join(f"{n} {v['vs_frozen']:.2f}x" for n, v in stale["learners"].items())

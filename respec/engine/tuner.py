@@ -15,7 +15,11 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
 - a_j: the probability that draft j is accepted given drafts 1..j-1 were, from the per-row accepted counts of
   each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
   decayed counts shrunk towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a
-  position never tried inherits its neighbour's estimate). A drafter swap decays the evidence.
+  position never tried inherits its neighbour's estimate). A drafter swap decays the evidence. A step counts at
+  most `step_rows` rows: its rows share their phase (right after a prefill every row drafts its first,
+  high-entropy tokens at once), so one wide step must not outweigh many narrow ones. Positions beyond the
+  step's k fade faster (`untried_decay`): a draft length judged by a few unlucky steps drifts back to its
+  neighbour's estimate and is tried again, instead of being ruled out for good by evidence nothing refreshes.
 - Hysteresis: the k in use is kept unless another k is predicted `hysteresis` faster, so the choice does not
   flap when the live batch hovers at a break-even point (vLLM issue #49548).
 - Exploration: while k = 0 the acceptance estimate would freeze; every `probe_every` consecutive plain steps the
@@ -66,6 +70,8 @@ class TunerConfig:
     prior_weight: float = 8.0  # pseudo-rows of the prior
     decay: float = 0.95  # per observed step, old acceptance evidence is multiplied by this
     swap_decay: float = 0.1  # a drafter swap multiplies the acceptance evidence by this
+    untried_decay: float = 0.7  # per step, evidence of positions beyond its k is multiplied by this too
+    step_rows: int = 32  # the most rows one step's acceptance evidence counts for
     calibration_window: int = 16  # recent steps per batch bucket whose measured/profiled ratio is kept
     hysteresis: float = 0.05  # switch k only when another is predicted this much faster
     probe_every: int = 16  # after this many consecutive k = 0 steps, one probe step at the best k >= 1
@@ -76,13 +82,13 @@ class TunerConfig:
         object.__setattr__(self, "batch_grid", tuple(sorted(set(int(b) for b in self.batch_grid))))
         if not self.batch_grid or self.batch_grid[0] < 1:
             raise ConfigError(f"batch_grid must hold batch sizes >= 1, got {list(self.batch_grid)}")
-        if self.context < 1 or self.repeats < 1 or self.probe_every < 1:
-            raise ConfigError("context, repeats and probe_every must be >= 1")
+        if self.context < 1 or self.repeats < 1 or self.probe_every < 1 or self.step_rows < 1:
+            raise ConfigError("context, repeats, probe_every and step_rows must be >= 1")
         if not 0 < self.prior_accept < 1 or self.prior_weight <= 0:
             raise ConfigError("prior_accept must be in (0, 1) and prior_weight > 0")
         if self.calibration_window < 1:
             raise ConfigError(f"calibration_window must be >= 1, got {self.calibration_window}")
-        for name in ("decay", "swap_decay"):
+        for name in ("decay", "swap_decay", "untried_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.hysteresis < 0:
@@ -278,18 +284,20 @@ class Tuner:
             self.drafter_version = stats.drafter_version  # a new tuner models the drafter it first sees
         elif stats.drafter_version != self.drafter_version:
             return  # a step drafted by a drafter swapped out since says nothing about the current one
-        d = self.config.decay
-        self.accepted = [v * d for v in self.accepted]
-        self.tried = [v * d for v in self.tried]
+        cfg, tried = self.config, min(k, self.k_max)
+        decay = [cfg.decay if j < tried else cfg.decay * cfg.untried_decay for j in range(self.k_max)]
+        self.accepted = [v * d for v, d in zip(self.accepted, decay, strict=True)]
+        self.tried = [v * d for v, d in zip(self.tried, decay, strict=True)]
+        w = min(1.0, cfg.step_rows / max(len(stats.accepted), 1))  # one step counts at most step_rows rows
         # A row that accepted c drafts tried positions 1..min(c+1, k) and accepted 1..c: count rows by c once.
         rows_with = [0] * (k + 2)  # rows_with[c] = rows that accepted exactly c
         for c in stats.accepted:
             rows_with[min(c, k)] += 1
         at_least = len(stats.accepted)  # rows that accepted >= j drafts, for j = 0, 1, ...
-        for j in range(min(k, self.k_max)):
-            self.tried[j] += at_least  # position j + 1 was tried by rows that accepted >= j
+        for j in range(tried):
+            self.tried[j] += w * at_least  # position j + 1 was tried by rows that accepted >= j
             at_least -= rows_with[j]
-            self.accepted[j] += at_least  # and accepted by rows that accepted >= j + 1
+            self.accepted[j] += w * at_least  # and accepted by rows that accepted >= j + 1
 
     def on_drafter_change(self, version: int | None, keep_evidence: float | None = None) -> None:
         """Decays the acceptance evidence, which described the previous drafter, by `keep_evidence` (default

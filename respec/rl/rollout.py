@@ -120,7 +120,9 @@ class Rollout:
                    "rollout/mean_emitted_per_step": result.mean_emitted_per_step,
                    "rollout/k_mean": result.mean_k,
                    "timing/rollout_s": t_rollout - t0,
-                   "timing/rollout_cpu_s": rollout_cpu}
+                   "timing/rollout_cpu_s": rollout_cpu,
+                   "timing/decode_s": sum(s.seconds for s in result.stats),  # the decode steps' share of it
+                   "timing/prefill_s": result.prefill_seconds}  # and the prefills' (continuations included)
         finished = time.perf_counter()
         metrics["timing/reward_s"] = finished - t_rollout
         return Rollouts(batch, rewards_t, result, metrics, finished)
