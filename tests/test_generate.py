@@ -410,9 +410,10 @@ def test_stop_tokens_budgets_and_compaction(target, drafter):
                 assert seq.tokens == ref.tokens and seq.finish_reason == "length"
         batches = [s.batch for s in out.stats]
         assert batches == sorted(batches, reverse=True) and batches[-1] < len(GREEDY_PROMPTS)
-        # The stats count the tokens kept: drafts accepted past a stop token or the budget are not (each row's
+        # `kept` counts the tokens each row kept: not the drafts accepted past its stop token or budget (each row's
         # first token comes from its prefill).
-        assert sum(s.emitted for s in out.stats) + len(GREEDY_PROMPTS) == out.num_tokens
+        assert sum(sum(s.kept) for s in out.stats) + len(GREEDY_PROMPTS) == out.num_tokens
+        assert all(c <= a + 1 for s in out.stats for a, c in zip(s.accepted, s.kept, strict=True))
 
 
 def test_eos_from_config_stops(target):

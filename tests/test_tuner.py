@@ -214,6 +214,23 @@ def test_probe_after_probe_every_plain_steps():
     assert [once.choose(8)[0] > 0 for _ in range(6)] == [False, True, True] * 2
 
 
+@pytest.mark.parametrize("margin, plain", [(0.25, True), (0.0, False)])
+def test_plain_probes_find_a_plain_step_cheaper_than_profiled(margin, plain):
+    """Plain steps really take 0.8x their profile and speculation is predicted only 7% faster: plain probes
+    measure plain decoding and the tuner turns to it; without them one plain step is all c_plain ever sees."""
+    costs = CostModel(list(GRID), [[BASE * (1 + 0.5 * k) for k in range(5)] for _ in GRID])
+    tuner, rng = Tuner(costs, 4, TunerConfig(plain_probe_margin=margin)), random.Random(12)
+    chosen = []
+    for _ in range(200):
+        k, _ = tuner.choose(32)
+        real = costs.step_s(32, k) * (0.8 if k == 0 else 1.0)
+        stats = StepStats(32, k, simulate_rows(rng, 0.6, k, 32) if k else [0] * 32, 0, real)
+        stats.drafter_version = tuner.drafter_version
+        tuner.observe(stats)
+        chosen.append(k)
+    assert (chosen[-40:].count(0) > 30) == plain, chosen[-40:]
+
+
 def test_a_new_tuner_learns_from_the_engines_drafter_whatever_its_version():
     tuner, rng = Tuner(roofline(), 4), random.Random(8)
     for _ in range(30):
@@ -276,6 +293,13 @@ def test_untried_positions_inherit_their_neighbour():
     feed(tuner, random.Random(7), 0.9, steps=100, batch=32, k=1)
     a = tuner.acceptance()
     assert abs(a[0] - 0.9) < 0.03 and a[1] == pytest.approx(a[0]) and a[3] == pytest.approx(a[0])
+
+
+def test_drafts_past_a_stop_count_as_rejected():
+    """Rows that accepted all 4 drafts but kept 2 tokens (a stop token second) tried position 2 and lost it."""
+    tuner = Tuner(roofline(), 4)
+    tuner.observe(StepStats(8, 4, [4] * 8, 40, tuner.costs.step_s(8, 4), kept=[2] * 8))
+    assert tuner.tried == pytest.approx([8, 8, 0, 0]) and tuner.accepted == pytest.approx([8, 0, 0, 0])
 
 
 def test_one_wide_step_counts_at_most_step_rows():
@@ -380,7 +404,7 @@ def test_k_max_must_fit_the_cost_model():
     {"batch_grid": ()}, {"batch_grid": (0, 4)}, {"context": 0}, {"repeats": 0}, {"probe_every": 0},
     {"prior_accept": 0.0}, {"prior_accept": 1.0}, {"prior_weight": 0.0}, {"decay": 0.0}, {"decay": 1.5},
     {"swap_decay": 0.0}, {"calibration_window": 0}, {"hysteresis": -0.1}, {"untried_decay": 0.0},
-    {"untried_decay": 1.5}, {"step_rows": 0},
+    {"untried_decay": 1.5}, {"step_rows": 0}, {"plain_probe_margin": -0.1},
 ])
 def test_tuner_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):

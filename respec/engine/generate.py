@@ -525,7 +525,8 @@ class Engine:
             version = self.drafter_version if k else None  # read before a waiting swap can land
         accepted, kept, advanced = self._book(tab, b, k, host, flushed)
         t3 = time.perf_counter()  # booking is part of the step: a plain step pays it for one token per row
-        run.record(StepStats(batch, k, accepted, kept, (t1 - t0) + (t3 - t2), predicted, version),
+        run.record(StepStats(batch, k, accepted, sum(accepted) + batch, (t1 - t0) + (t3 - t2), predicted, version,
+                             kept),
                    t2 - t1)
         return advanced
 
@@ -607,22 +608,20 @@ class Engine:
         return torch.cat(out).tolist(), flushed  # the step's one host sync
 
     def _book(self, tab: SlotTable, b: Batch, k: int, host: list[float],
-              flushed: bool) -> tuple[list[int], int, list[_Request]]:
+              flushed: bool) -> tuple[list[int], list[int], list[_Request]]:
         """Appends each live row's new tokens to its request, finishes and frees the rows that ended, and moves
-        the host mirrors; returns (accepted drafts each live row kept, tokens kept over all rows, the requests
-        that advanced)."""
+        the host mirrors; returns (accepted drafts per live row, tokens each kept, the requests that advanced)."""
         n = k + 1
         w = 4 + 2 * n
         fresh = iter(host[b.size * w:])
-        accepted, advanced, kept = [], [], 0
+        accepted, advanced, kept = [], [], []
         for i in b.live:
             s = b.slots[i]
             req = tab.owner[s]
             row = host[i * w: (i + 1) * w]
             acc, count = int(row[0]), int(row[1])
-            # A row that ended within the step keeps count tokens: drafts accepted past its stop are discarded.
-            accepted.append(min(acc, max(count - 1, 0)) if row[2] else acc)
-            kept += count
+            accepted.append(acc)
+            kept.append(count)  # fewer than acc + 1 where the row ended within the step
             if s in tab.fresh:
                 req.tokens.append(int(next(fresh)))
                 req.logprobs.append(next(fresh))

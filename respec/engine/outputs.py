@@ -64,14 +64,14 @@ class StepStats:
 
     batch: int
     k: int
-    accepted: list[int]  # per live row (in slot order), leading drafts accepted and kept (all 0 when k = 0): a
-    # row that ends within the step counts only the drafts before its stop token or budget, since those after it
-    # are discarded (a tuner that counted them would draft past every stop, for nothing)
-    emitted: int  # tokens the step kept over all rows (sum(accepted) + batch, less rows that ended before it)
+    accepted: list[int]  # per live row (in slot order), leading drafts accepted (all 0 when k = 0)
+    emitted: int  # tokens produced by the step over all rows (before stop/budget truncation)
     seconds: float  # measured wall time of the step, one host sync and the booking of its tokens included (not the
     # prefill of new requests)
     predicted_seconds: float | None = None  # the chooser's prediction for this (batch, k), if it made one
     drafter_version: int | None = None  # the drafter that drafted (Engine.set_drafter's version)
+    kept: list[int] | None = None  # per live row, the tokens it kept: accepted + 1, or fewer where its stop token
+    # or budget ended it within the step (what followed is discarded); None = as accepted + 1
 
 
 class KChooser(Protocol):

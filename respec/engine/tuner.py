@@ -12,8 +12,8 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
 - c_plain(B), c_spec(B): what the profile misses (longer contexts than profiled, other processes on the
   machine), learnt online as the median measured / profiled ratio of recent steps in each
   power-of-two batch bucket (robust to a preempted step); an unvisited bucket borrows its nearest neighbour's.
-- a_j: the probability that draft j is accepted given drafts 1..j-1 were, from the per-row accepted counts of
-  each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
+- a_j: the probability that draft j is accepted and kept given drafts 1..j-1 were (a draft past the row's stop
+  token is discarded, so it counts as rejected), from the per-row accepted counts of each step (a row with c accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially
   decayed counts shrunk towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a
   position never tried inherits its neighbour's estimate). A drafter swap decays the evidence. A step counts at
   most `step_rows` rows: its rows share their phase (right after a prefill every row drafts its first,
@@ -28,6 +28,10 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
   c_spec; the second step's is what a steady speculative step costs.
   The first time it would speculate (or decode plainly) in a batch bucket where that kind of step was never
   measured, it takes one step of the other kind there too, so both costs are measured rather than borrowed.
+  Symmetrically, every `probe_every` consecutive speculative steps it takes one plain step where plain
+  decoding is predicted within `plain_probe_margin` of the chosen k: c_plain is otherwise learnt from a single
+  step and the profile's plain cost stands, and a profile that overprices plain steps by more than the predicted
+  gain keeps the tuner speculating where it loses.
 Decisions depend on measured times, so adaptive runs are reproducible in distribution only; the engine logs
 every step's k (GenerationResult.trace) and `SpecConfig(mode="replay")` reproduces a run token for token.
 """
@@ -74,7 +78,9 @@ class TunerConfig:
     step_rows: int = 32  # the most rows one step's acceptance evidence counts for
     calibration_window: int = 16  # recent steps per batch bucket whose measured/profiled ratio is kept
     hysteresis: float = 0.05  # switch k only when another is predicted this much faster
-    probe_every: int = 16  # after this many consecutive k = 0 steps, one probe step at the best k >= 1
+    probe_every: int = 16  # after this many consecutive k = 0 steps, one probe step at the best k >= 1 (and
+    # after this many k >= 1 steps, one plain step where plain is predicted within plain_probe_margin)
+    plain_probe_margin: float = 0.25  # 0 = no plain probes
     use_disk_cache: bool = True  # keep profiled costs in cache_dir
     cache_dir: str | None = None  # None = $RESPEC_CACHE/tuner (default ~/.cache/respec/tuner)
 
@@ -91,8 +97,9 @@ class TunerConfig:
         for name in ("decay", "swap_decay", "untried_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        if self.hysteresis < 0:
-            raise ConfigError(f"hysteresis must be >= 0, got {self.hysteresis}")
+        for name in ("hysteresis", "plain_probe_margin"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -207,6 +214,7 @@ class Tuner:
         self.calibration = _Calibration(self.config.calibration_window)
         self.current_k: int | None = None
         self.plain_run = 0  # consecutive k = 0 decisions
+        self.spec_run = 0  # consecutive k >= 1 decisions
         self.drafter_version: int | None = None
         self.last_k: int | None = None  # the k of the last observed step
         self.probe_k: int | None = None  # set while a probe's second step is due
@@ -255,18 +263,21 @@ class Tuner:
             k = self.current_k
         self.current_k = k
         if k == 0:
-            self.plain_run += 1
+            self.plain_run, self.spec_run = self.plain_run + 1, 0
             unmeasured = bool(self.calibration.stats) and not self.calibration.has(True, batch)
             if limit >= 1 and (self.plain_run > self.config.probe_every or unmeasured):
                 self.plain_run = 0
                 k = max(range(1, limit + 1), key=lambda j: (rates[j], -j))  # probe; current_k stays 0
                 self.probe_k = k  # two steps: only the second times a steady speculative step
         else:
-            self.plain_run = 0
+            self.plain_run, self.spec_run = 0, self.spec_run + 1
             if self.calibration.stats and not self.calibration.has(False, batch):
                 # Plain decoding has never been measured at this batch size: its cost is only borrowed, and a
                 # speculative choice would never correct it. One plain step measures it.
-                k = 0
+                k, self.spec_run = 0, 0
+            elif self.spec_run > self.config.probe_every and \
+                    rates[k] < rates[0] * (1 + self.config.plain_probe_margin):
+                k, self.spec_run = 0, 0  # a plain probe: keeps c_plain measured where the choice is close
         return k, self.predict_s(batch, k)
 
     def observe(self, stats: StepStats) -> None:
@@ -291,9 +302,13 @@ class Tuner:
         w = min(1.0, cfg.step_rows / max(len(stats.accepted), 1))  # one step counts at most step_rows rows
         # A row that accepted c drafts tried positions 1..min(c+1, k) and accepted 1..c: count rows by c once.
         rows_with = [0] * (k + 2)  # rows_with[c] = rows that accepted exactly c
-        for c in stats.accepted:
+        # Drafts accepted past a row's stop token or budget are discarded: they count as rejected, or the tuner
+        # would draft past every stop of a multi-turn rollout for nothing.
+        accepted = stats.accepted if stats.kept is None else \
+            [min(a, max(c - 1, 0)) for a, c in zip(stats.accepted, stats.kept, strict=True)]
+        for c in accepted:
             rows_with[min(c, k)] += 1
-        at_least = len(stats.accepted)  # rows that accepted >= j drafts, for j = 0, 1, ...
+        at_least = len(accepted)  # rows that accepted >= j drafts, for j = 0, 1, ...
         for j in range(tried):
             self.tried[j] += w * at_least  # position j + 1 was tried by rows that accepted >= j
             at_least -= rows_with[j]
@@ -312,7 +327,7 @@ class Tuner:
     def state_dict(self) -> dict:
         """Returns the learnt state (acceptance and overhead evidence, current k) as plain JSON-able values."""
         return {"accepted": self.accepted, "tried": self.tried, "current_k": self.current_k,
-                "plain_run": self.plain_run, "drafter_version": self.drafter_version, "last_k": self.last_k,
+                "plain_run": self.plain_run, "spec_run": self.spec_run, "drafter_version": self.drafter_version, "last_k": self.last_k,
                 "calibration": [[sp, b, list(v)] for (sp, b), v in self.calibration.stats.items()]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -320,6 +335,7 @@ class Tuner:
             raise ConfigError(f"tuner state is for k_max={len(state['accepted'])}, this tuner has {self.k_max}")
         self.accepted, self.tried = list(state["accepted"]), list(state["tried"])
         self.current_k, self.plain_run = state["current_k"], state["plain_run"]
+        self.spec_run = state.get("spec_run", 0)
         self.drafter_version = state.get("drafter_version")
         self.last_k = state.get("last_k")
         self.calibration.stats = {(bool(sp), int(b)): list(v) for sp, b, v in state["calibration"]}
