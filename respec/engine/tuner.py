@@ -14,8 +14,9 @@ emitted tokens per second for the live batch, from a profiled cost model and a l
   power-of-two batch bucket (robust to a preempted step); an unvisited bucket borrows its nearest neighbour's.
 - a_j: the probability that draft j is accepted and kept given drafts 1..j-1 were (a draft past the row's stop
   token is discarded, so it counts as rejected), from the per-row accepted counts of each step (a row with c
-  accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially decayed counts shrunk towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a
-  position never tried inherits its neighbour's estimate). A drafter swap decays the evidence. A step counts at
+  accepted of k tried positions 1..min(c+1, k) and accepted 1..c), as exponentially decayed counts shrunk
+  towards a prior: position 1 towards `prior_accept`, position j towards a_{j-1} (so a position never tried
+  inherits its neighbour's estimate). A drafter swap decays the evidence. A step counts at
   most `step_rows` rows: its rows share their phase (right after a prefill every row drafts its first,
   high-entropy tokens at once), so one wide step must not outweigh many narrow ones. Positions beyond the
   step's k fade faster (`untried_decay`): a draft length judged by a few unlucky steps drifts back to its
