@@ -328,7 +328,8 @@ class Tuner:
     def state_dict(self) -> dict:
         """Returns the learnt state (acceptance and overhead evidence, current k) as plain JSON-able values."""
         return {"accepted": self.accepted, "tried": self.tried, "current_k": self.current_k,
-                "plain_run": self.plain_run, "spec_run": self.spec_run, "drafter_version": self.drafter_version, "last_k": self.last_k,
+                "plain_run": self.plain_run, "spec_run": self.spec_run, "drafter_version": self.drafter_version,
+                "last_k": self.last_k,
                 "calibration": [[sp, b, list(v)] for (sp, b), v in self.calibration.stats.items()]}
 
     def load_state_dict(self, state: dict) -> None:
