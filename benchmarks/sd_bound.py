@@ -7,8 +7,8 @@ interleaved, the fastest of `--repeats` passes per mode. Forward hooks time ever
 drafter call: a chained draft, a step's catch-up or a prompt's prefill; the CPU runs them synchronously, on a GPU
 the script synchronises around each call). For each k it reports the speedup over plain decoding, tokens per
 verify step, the step's milliseconds by part, the drafter call's cost as a share of a plain step, and the
-speedup the same steps would give with a free drafter (tokens per step x plain step / (step - drafter part)): a goal above that is out of reach without a cheaper
-verify, whatever the drafter. Beside them, the bound of the engine's decode step alone (the tuner's start-up
+speedup the same steps would give with a free drafter (tokens per step x plain step / (step - drafter part)): a
+goal above that is out of reach without a cheaper verify, whatever the drafter. Beside them, the bound of the engine's decode step alone (the tuner's start-up
 profile of plain and k-draft steps, faster path per k, without the generate loop around it): tokens per step x
 t(1, 0) / t(1, k).
 
