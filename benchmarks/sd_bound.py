@@ -1,16 +1,16 @@
 """What bounds speculative decoding at batch 1 on this machine: the cost of a decode step with k drafts, split into
 its target forwards, its drafter forwards and the rest, beside the tokens each step emits.
 
-Runs the engine (policy and drafter of the embedded world, or given directories) over held-out prompts one at a
-time (a multi-turn task's each with its environment; tokens are the policy's), plain and with static k,
-interleaved, the fastest of `--repeats` passes per mode. Forward hooks time every target and drafter call (a
-drafter call: a chained draft, a step's catch-up or a prompt's prefill; the CPU runs them synchronously, on a GPU
-the script synchronises around each call). For each k it reports the speedup over plain decoding, tokens per
-verify step, the step's milliseconds by part, the drafter call's cost as a share of a plain step, and the
-speedup the same steps would give with a free drafter (tokens per step x plain step / (step - drafter part)): a
-goal above that is out of reach without a cheaper verify, whatever the drafter. Beside them, the bound of the engine's decode step alone (the tuner's start-up
-profile of plain and k-draft steps, faster path per k, without the generate loop around it): tokens per step x
-t(1, 0) / t(1, k).
+Runs the engine (policy and drafter of the embedded world, or given directories) over held-out prompts one at a time
+(a multi-turn task's each with its environment; tokens are the policy's), plain and with static k, interleaved, the
+fastest of `--repeats` passes per mode. Forward hooks time every target and drafter call (a drafter call: a chained
+draft, a step's catch-up or a prompt's prefill; the CPU runs them synchronously, on a GPU the script synchronises
+around each call). For each k it reports the speedup over plain decoding, tokens per verify step, the step's
+milliseconds by part, the drafter call's cost as a share of a plain step, and the speedup the same steps would give
+with a free drafter (tokens per step x plain step / (step - drafter part)): a goal above that is out of reach
+without a cheaper verify, whatever the drafter. Beside them, the bound of the engine's decode step alone (the
+tuner's start-up profile of plain and k-draft steps, faster path per k, without the generate loop around it): tokens
+per step x t(1, 0) / t(1, k).
 
     python benchmarks/sd_bound.py --compile auto --json docs/results/sd_bound.json
 """
